@@ -1,0 +1,1 @@
+"""Analyses: studies composed of probes, over one run or many."""

@@ -1,0 +1,116 @@
+"""Activation magnitudes of the residual stream and massive activations (Sun et al. 2024).
+
+Sun, Chen, Kolter, Liu, "Massive Activations in Large Language Models" (COLM 2024),
+code: locuslab/massive-activations. Statistics are taken on the residual stream after
+each block (forward hooks on the decoder layers), never from HF's `hidden_states` tuple,
+whose last entry is after the final norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tokenprobe.probe import Probe
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """Massive-activation criterion of Sun et al. 2024.
+
+    An entry h_l[t, d] is massive when |h_l[t, d]| > `abs_threshold` AND
+    |h_l[t, d]| > `median_ratio` x median(|h_l|), the median over the whole layer tensor of
+    that sequence (all its tokens and dims). Paper defaults: 100 and 1000.
+    """
+
+    abs_threshold: float = 100.0
+    median_ratio: float = 1000.0
+
+
+def lower_median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Median as `torch.median` defines it: the lower of the two middle values for even counts.
+
+    This is the median the authors' code takes (`torch.median` on the absolute activations).
+    """
+    return x.median() if dim is None else x.median(dim=dim).values
+
+
+def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token magnitude statistics of one sequence's residual stream at one layer.
+
+    Args:
+        h: (T, D) residual after a block, real tokens only (no padding).
+
+    Returns:
+        dict of (T,) tensors: `resid_norm` = ||h[t]||_2, `max_abs` = max_d |h[t, d]|,
+        `max_abs_dim` its argmax (int64), `median_abs` = lower median_d |h[t, d]|,
+        `cos_to_first` = cos(h[t], h[0]).
+    """
+    h = h.float()
+    a = h.abs()
+    max_abs, max_dim = a.max(dim=-1)
+    return {
+        "resid_norm": torch.linalg.vector_norm(h, dim=-1),
+        "max_abs": max_abs,
+        "max_abs_dim": max_dim,
+        "median_abs": lower_median(a, dim=-1),
+        "cos_to_first": torch.nn.functional.cosine_similarity(h, h[:1], dim=-1),
+    }
+
+
+def massive_activations(h: torch.Tensor, *, abs_threshold: float = 100.0,
+                        median_ratio: float = 1000.0) -> dict[str, torch.Tensor]:
+    """Entries of one sequence's layer tensor that meet the Sun et al. criterion.
+
+    Args:
+        h: (T, D) residual after a block, real tokens only.
+        abs_threshold: |h| must exceed this (paper: 100).
+        median_ratio: |h| must exceed this multiple of the layer-tensor median of |h| (paper: 1000).
+
+    Returns:
+        dict of (N,) tensors `pos`, `dim`, `value` (signed h), `ratio_to_median` (|h| / median).
+    """
+    h = h.float()
+    a = h.abs()
+    median = lower_median(a)
+    hit = (a > abs_threshold) & (a > median_ratio * median)
+    pos, dim = hit.nonzero(as_tuple=True)
+    return {"pos": pos, "dim": dim, "value": h[pos, dim], "ratio_to_median": a[pos, dim] / median}
+
+
+class ActivationsProbe(Probe):
+    """Hook adapter: residual statistics into `token_layers`, massive entries into `massive`."""
+
+    name = "activations"
+    sites = ("resid_post",)
+
+    def __init__(self, config: ActivationsConfig | None = None) -> None:
+        self.config = config or ActivationsConfig()
+        self._stats: list[dict] = []
+        self._massive: list[dict] = []
+
+    def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
+        for row, (prompt_id, length) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+            h = tensor[row, :length]  # (T, D) real tokens of this prompt
+            stats = {k: v.cpu().numpy() for k, v in residual_stats(h).items()}
+            self._stats.append({"prompt_id": prompt_id, "layer": layer, **stats})
+            found = massive_activations(h, abs_threshold=self.config.abs_threshold,
+                                        median_ratio=self.config.median_ratio)
+            if len(found["pos"]):
+                self._massive.append({"prompt_id": prompt_id, "layer": layer,
+                                      **{k: v.cpu().numpy() for k, v in found.items()}})
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        token_layers = pd.concat([_frame(s, pos=np.arange(len(s["resid_norm"])))
+                                  for s in self._stats], ignore_index=True)
+        massive = (pd.concat([_frame(m) for m in self._massive], ignore_index=True)
+                   if self._massive else None)
+        self._stats, self._massive = [], []
+        return {"token_layers": token_layers, "massive": massive}
+
+
+def _frame(parts: dict, **extra) -> pd.DataFrame:
+    """Broadcast scalar keys over the array columns of one (prompt, layer) block."""
+    return pd.DataFrame({**parts, **extra})

@@ -1,0 +1,221 @@
+"""The `tokenprobe` command line: run probes, list models, query runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    unexpected failure (a bug: please report the traceback)
+  {EXIT_USAGE}    bad input: arguments, empty prompt, unreadable or non-UTF-8 prompt file,
+       prompt longer than the context without --truncate, SQL error, not a run dir
+  {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing)
+  {EXIT_EXISTS}    the output directory already holds a complete run (use --overwrite)
+  {EXIT_INTERRUPTED}  interrupted; finished batches are kept, run the same command to resume"""
+
+
+class UsageError(Exception):
+    """Bad input from the user; exits with EXIT_USAGE."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt file (one per non-blank line) or .jsonl (a string or {"text": ...} per
+    line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"prompt file {path} is not UTF-8 (byte {err.start}: "
+                         f"{raw[err.start:err.start + 1]!r}); re-encode it as UTF-8") from err
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as err:
+                raise UsageError(f"{path}:{n}: not valid JSON ({err})") from err
+            item = item.get("text", item.get("prompt")) if isinstance(item, dict) else item
+            if not isinstance(item, str):
+                raise UsageError(f'{path}:{n}: expected a string or an object with "text"')
+            prompts.append(item)
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import tokenprobe
+    from tokenprobe.probes import make_probes
+    from tokenprobe.store import check_target
+
+    prompts = list(args.prompt or [])
+    for file in args.prompts or []:
+        prompts += read_prompts(Path(file))
+    if not prompts:
+        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise UsageError(f"prompt {i} is empty or whitespace only; give each prompt some text")
+    probes = [p.strip() for p in args.probes.split(",")] if args.probes else None
+    try:
+        make_probes(probes)  # unknown names fail before the model loads
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    check_target(Path(args.out), overwrite=args.overwrite)
+    loaded = tokenprobe.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model = loaded
+    if args.backend != "hf":
+        from tokenprobe import backends
+        model = backends.as_bridge(loaded) if args.backend == "bridge" else backends.as_nnsight(loaded)
+    result = tokenprobe.run(model, prompts, probes, batch_size=args.batch_size,
+                            truncate=args.truncate, out=args.out, overwrite=args.overwrite,
+                            progress=not args.quiet, seed=args.seed)
+    print_summary(result)
+    print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
+    return EXIT_OK
+
+
+def print_summary(result) -> None:
+    import pandas as pd
+
+    from tokenprobe.analyses.massive import massive_summary
+
+    summary = massive_summary(result)
+    print(f"model {result.meta['model']} ({result.meta['n_layers']} blocks), "
+          f"{len(summary)} prompt(s)")
+    for row in summary.itertuples():
+        text = result.prompts.set_index("prompt_id").text[row.prompt_id]
+        head = (text[:48] + "...") if len(text) > 48 else text
+        if pd.isna(row.first_massive_layer):
+            where = "no massive activations"
+        else:
+            where = (f"massive from block {row.first_massive_layer} to {row.last_massive_layer}, "
+                     f"dims [{row.massive_dims}] at positions [{row.massive_positions}], "
+                     f"max |h| {row.max_massive:,.0f}")
+        print(f"  [{row.prompt_id}] {row.n_tokens:4d} tokens  {where}  | {head!r}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tokenprobe.models import REGISTRY, describe
+
+    rows = [describe(name) for name in REGISTRY]
+    cols = ["name", "layers", "heads", "kv_heads", "width", "vocab", "context", "weights"]
+    table = [[str(r.get(c, "?")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from tokenprobe.query import query
+
+    try:
+        frame = query(args.sql, args.runs)
+    except duckdb.Error as err:
+        raise UsageError(f"SQL error: {err}") from err
+    if args.format == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(frame.to_json(orient="records", indent=1))
+    else:
+        print(frame.to_string(index=False, max_rows=args.max_rows))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenprobe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Token-level interpretability: probes reduced inside the forward pass, "
+                    "tidy tables out.", epilog=EXIT_CODES)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES,
+        help="run probes over prompts and save the tables",
+        description="Run probes over prompts on a model and save a run directory (run.json + "
+                    "one Parquet file per table). Finished batches are checkpointed next to "
+                    "--out; an interrupted run resumes when the same command is run again.")
+    run.add_argument("--model", default="smollm2-135m",
+                     help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
+                          "hub id (default: smollm2-135m)")
+    run.add_argument("--probes", help="comma-separated probe names (default: every probe that "
+                                      "needs no second model: activations)")
+    run.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt; repeat for several")
+    run.add_argument("--prompts", action="append", metavar="FILE",
+                     help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
+                          '{"text": ...} per line); repeatable')
+    run.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    run.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
+    run.add_argument("--truncate", action="store_true",
+                     help="cut prompts longer than the model's context instead of refusing them")
+    run.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run.add_argument("--backend", default="hf", choices=["hf", "bridge", "nnsight"],
+                     help="hook through transformers (default), a TransformerLens "
+                          "TransformerBridge, or an nnsight LanguageModel")
+    run.add_argument("--seed", type=int, default=0, help="torch seed, recorded in run.json")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="list registered models and whether weights are present",
+                            description="List registered models: layers, heads, width, vocab, "
+                                        "context, and whether weights are cached.")
+    models.set_defaults(func=cmd_models)
+
+    query = sub.add_parser(
+        "query", help="SQL over run directories (DuckDB)",
+        description="Run DuckDB SQL over one or more run dirs. Each table (prompts, tokens, "
+                    "token_layers, massive, ...) is a view with a leading `run` column.",
+        epilog='example: tokenprobe query "SELECT run, layer, max(value) FROM massive GROUP BY '
+               'ALL" runs/a runs/b')
+    query.add_argument("sql")
+    query.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    query.add_argument("--max-rows", type=int, default=60, help="rows shown in table format")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tokenprobe.models import ModelError
+    from tokenprobe.store import RunExistsError, RunNotFoundError
+    from tokenprobe.tokens import PromptError
+
+    try:
+        return args.func(args)
+    except (UsageError, PromptError, RunNotFoundError) as err:
+        print(f"tokenprobe: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModelError as err:
+        print(f"tokenprobe: error: {err}", file=sys.stderr)
+        return EXIT_MODEL
+    except (RunExistsError, FileExistsError) as err:
+        print(f"tokenprobe: error: {err}", file=sys.stderr)
+        return EXIT_EXISTS
+    except KeyboardInterrupt:
+        print("\ntokenprobe: interrupted; finished batches are kept, run the same command "
+              "again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The probe protocol: what a probe declares, and the batch it sees inside the hooks."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pandas as pd
+import torch
+
+# Sites the runner can hook. `resid_post`: the residual stream after block `layer`, (B, T, D).
+SITES = ("resid_post",)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch of prompts, right-padded.
+
+    Attributes:
+        prompt_ids: the run-wide id of each row.
+        input_ids: (B, T) token ids; pad positions hold the pad id.
+        attention_mask: (B, T) 1 at real tokens, 0 at padding.
+        lengths: number of real tokens of each row.
+    """
+
+    prompt_ids: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+
+
+class Probe:
+    """Base class: a probe reduces hooked tensors to rows and returns tables per batch.
+
+    A subclass sets `name`, `sites` (a subset of `SITES`) and `config` (a frozen dataclass),
+    and implements `observe` (called inside the hook; must reduce and keep only small
+    tensors) and `collect` (turn what `observe` kept into DataFrames, then forget it).
+    """
+
+    name: ClassVar[str]
+    sites: ClassVar[tuple[str, ...]]
+    config: object
+
+    def begin(self, batch: Batch) -> None:
+        """Called before the forward pass of each batch."""
+        self.batch = batch
+
+    def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
+        """Reduce `tensor` (hooked at `site`, block `layer`) inside the hook."""
+        raise NotImplementedError
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        """Tables for the batch just run, keyed by table name; resets per-batch state."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The probe's name and configuration, for run metadata."""
+        return {"name": self.name, **dataclasses.asdict(self.config)}

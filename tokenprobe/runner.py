@@ -1,0 +1,145 @@
+"""The runner: tokenise, batch, forward with hooks, collect per-batch tables, save or return a Run."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from tokenprobe.backends import Backend, resolve
+from tokenprobe.probe import Batch, Probe
+from tokenprobe.probes import make_probes
+from tokenprobe.store import PartWriter, Run
+from tokenprobe.tables import conform, merge_parts
+from tokenprobe.tokens import encode_prompts, pad_batch, token_text
+
+VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
+             "nnsight")
+
+
+def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | None = None, *,
+        tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 8,
+        truncate: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
+        progress: bool = True, seed: int = 0) -> Run:
+    """Run `probes` over `prompts` and return the tables as a `Run`.
+
+    Args:
+        model: a `tokenprobe.load()` result, a transformers causal LM (pass `tokenizer`),
+            a TransformerLens `TransformerBridge` or an nnsight `LanguageModel`.
+        prompts: one text or an iterable of texts; prompt ids are their 0-based order.
+        probes: probe names or instances; None runs every registered probe.
+        tokenizer: overrides the model's tokenizer (required for a bare HF model).
+        batch_size: prompts per forward pass (prompts are grouped by length, right-padded;
+            padding never reaches a table).
+        truncate: cut prompts longer than the model's context instead of refusing them.
+        out: if given, the run is checkpointed per batch into a staging directory beside `out`
+            and published atomically at `out` when complete; an interrupted run resumes.
+        overwrite: allow replacing a complete run at `out`.
+        progress: show a progress bar over prompts.
+        seed: torch seed set before the run and recorded in the metadata.
+
+    Raises:
+        tokenprobe.tokens.PromptError: an empty prompt, or one longer than the context.
+        tokenprobe.store.RunExistsError: `out` holds a complete run and not `overwrite`.
+    """
+    backend = resolve(model, tokenizer)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts:
+        raise ValueError("no prompts given")
+    probe_list = make_probes(probes)
+    encoded = encode_prompts(backend.tokenizer, texts, context_length=backend.context_length,
+                             truncate=truncate)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # less padding
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    meta = _metadata(backend, probe_list, texts, batch_size=batch_size, truncate=truncate,
+                     seed=seed)
+    writer = None
+    if out is not None:
+        request = {k: meta[k] for k in ("model", "weights_fingerprint", "dtype", "probes",
+                                        "prompts_sha256", "batch_size", "truncate", "seed")}
+        writer = PartWriter(Path(out), request, overwrite=overwrite)
+    done = writer.done_batches() if writer else set()
+    torch.manual_seed(seed)
+    parts: list[dict[str, pd.DataFrame]] = []
+    with tqdm(total=len(texts), desc="prompts", unit="prompt", disable=not progress) as bar:
+        for index, members in enumerate(batches):
+            if index not in done:
+                tables = _run_batch(backend, probe_list, members, texts, encoded)
+                writer.write_batch(index, tables) if writer else parts.append(tables)
+            bar.update(len(members))
+    if writer:
+        return writer.finish(meta)
+    names = sorted({name for p in parts for name in p})
+    return Run({n: merge_parts(n, [p.get(n) for p in parts]) for n in names},
+               {**meta, "status": "complete", "tables": names})
+
+
+def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts: list[str],
+               encoded: list[tuple[list[int], bool]]) -> dict[str, pd.DataFrame]:
+    rows = [encoded[i][0] for i in members]
+    pad_id = backend.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (backend.tokenizer.eos_token_id or 0)
+    input_ids, mask = pad_batch(rows, pad_id, backend.device)
+    batch = Batch(members, input_ids, mask, [len(r) for r in rows])
+    for probe in probes:
+        probe.begin(batch)
+
+    def observe(site: str, layer: int, tensor: torch.Tensor) -> None:
+        for probe in probes:
+            if site in probe.sites:
+                probe.observe(site, layer, tensor)
+
+    backend.forward(input_ids, mask, observe)
+    tables = _token_tables(backend.tokenizer, members, texts, encoded)
+    for probe in probes:
+        for name, frame in probe.collect().items():
+            tables[name] = conform(name, frame)
+    return tables
+
+
+def _token_tables(tokenizer: PreTrainedTokenizerBase, members: list[int], texts: list[str],
+                  encoded: list[tuple[list[int], bool]]) -> dict[str, pd.DataFrame]:
+    special = set(tokenizer.all_special_ids)
+    tokens = pd.DataFrame(
+        [(i, pos, tid, token_text(tokenizer, tid), tid in special)
+         for i in members for pos, tid in enumerate(encoded[i][0])],
+        columns=["prompt_id", "pos", "token_id", "token", "is_special"])
+    prompts = pd.DataFrame(
+        [(i, texts[i], len(encoded[i][0]), encoded[i][1], encoded[i][0][0] in special)
+         for i in members],
+        columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
+    return {"tokens": conform("tokens", tokens), "prompts": conform("prompts", prompts)}
+
+
+def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **settings) -> dict:
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    config = backend.hf_model.config
+    return {
+        "model": backend.name,
+        "backend": backend.kind,
+        "weights_fingerprint": backend.fingerprint,
+        "architecture": type(backend.hf_model).__name__,
+        "n_layers": config.num_hidden_layers,
+        "d_model": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "dtype": str(next(backend.hf_model.parameters()).dtype).removeprefix("torch."),
+        "device": str(backend.device),
+        "probes": [p.describe() for p in probes],
+        "n_prompts": len(texts),
+        "prompts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+        "versions": versions,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **settings,
+    }

@@ -1,0 +1,70 @@
+"""Tokenisation for runs: validation, context checks, readable token text, padded batches."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+class PromptError(ValueError):
+    """A prompt cannot be run as given; the message says which and why."""
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode map used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """The text of one token; pieces that are not whole UTF-8 characters become \\xNN escapes."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    table = _byte_decoder()
+    if all(ch in table for ch in piece):  # byte-level BPE piece
+        return bytes(table[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
+    if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return f"\\x{piece[3:-1].lower()}"
+    return piece
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+                   context_length: int | None, truncate: bool) -> list[tuple[list[int], bool]]:
+    """Token ids of each prompt with the tokenizer's default special tokens, and whether it
+    was truncated. Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
+    raise `PromptError`."""
+    out = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"prompt {i} is empty or whitespace only; give each prompt some text")
+        ids = tokenizer(text)["input_ids"]
+        cut = context_length is not None and len(ids) > context_length
+        if cut and not truncate:
+            raise PromptError(
+                f"prompt {i} has {len(ids)} tokens, more than the model's context of "
+                f"{context_length}; shorten it or ask for truncation (--truncate / truncate=True)")
+        out.append((ids[:context_length] if cut else ids, cut))
+    return out
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (B, T) `input_ids` and `attention_mask` tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
