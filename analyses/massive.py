@@ -10,7 +10,8 @@ def massive_summary(run: Run) -> pd.DataFrame:
     """One row per prompt: tokens, first block with a massive activation and what it holds.
 
     Columns: prompt_id, n_tokens, first_massive_layer (NA if none), last_massive_layer,
-    massive_dims (sorted dims over all layers), massive_positions (sorted positions),
+    massive_dims (sorted distinct dims over all layers), massive_positions (sorted distinct
+    positions; both abbreviated past 8 values),
     max_massive (largest |value|).
     """
     prompts = run.prompts[["prompt_id", "n_tokens"]]
@@ -28,5 +29,8 @@ def massive_summary(run: Run) -> pd.DataFrame:
         {"massive_dims": "", "massive_positions": ""})
 
 
-def _joined(values: pd.Series) -> str:
-    return ",".join(str(v) for v in sorted(set(values)))
+def _joined(values: pd.Series, limit: int = 8) -> str:
+    """Sorted distinct values, comma-joined; past `limit`, the first ones and a count."""
+    distinct = sorted(set(values))
+    shown = ",".join(str(v) for v in distinct[:limit])
+    return shown if len(distinct) <= limit else f"{shown},... ({len(distinct)} in all)"

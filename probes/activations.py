@@ -37,6 +37,11 @@ def lower_median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return x.median() if dim is None else x.median(dim=dim).values
 
 
+def _widen(h: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for the reductions (bf16/fp16 residuals are upcast, fp64 kept)."""
+    return h if h.dtype == torch.float64 else h.float()
+
+
 def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token magnitude statistics of one sequence's residual stream at one layer.
 
@@ -48,7 +53,7 @@ def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
         `max_abs_dim` its argmax (int64), `median_abs` = lower median_d |h[t, d]|,
         `cos_to_first` = cos(h[t], h[0]).
     """
-    h = h.float()
+    h = _widen(h)
     a = h.abs()
     max_abs, max_dim = a.max(dim=-1)
     return {
@@ -72,7 +77,7 @@ def massive_activations(h: torch.Tensor, *, abs_threshold: float = 100.0,
     Returns:
         dict of (N,) tensors `pos`, `dim`, `value` (signed h), `ratio_to_median` (|h| / median).
     """
-    h = h.float()
+    h = _widen(h)
     a = h.abs()
     median = lower_median(a)
     hit = (a > abs_threshold) & (a > median_ratio * median)

@@ -114,7 +114,7 @@ def resolve(model: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> Bac
         return Backend("transformer_bridge", model, hf, tokenizer or model.tokenizer,
                        hf.name_or_path or kind, params_fingerprint(hf))
     if kind == "LanguageModel" and type(model).__module__.startswith("nnsight"):
-        hf = model._model
+        hf = model._module
         return Backend("nnsight", model, hf, tokenizer or model.tokenizer,
                        hf.name_or_path or kind, params_fingerprint(hf))
     raise TypeError(f"unsupported model type {type(model).__module__}.{kind}: pass a "
@@ -123,7 +123,13 @@ def resolve(model: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> Bac
 
 
 def as_bridge(loaded: LoadedModel):
-    """A TransformerLens `TransformerBridge` over `loaded` (switches it to eager attention)."""
+    """A TransformerLens `TransformerBridge` over `loaded`.
+
+    Booting switches `loaded.model` to eager attention (TransformerLens needs it for its
+    attention hooks). TransformerLens also gives the bridge a copy of the tokenizer that
+    prepends BOS; pass `tokenizer=loaded.tokenizer` to `tokenprobe.run` to keep the model's own
+    tokenisation (no BOS for SmolLM2, `<bos>` for Gemma 3), as the CLI does.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(

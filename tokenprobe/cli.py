@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.backend != "hf":
         from tokenprobe import backends
         model = backends.as_bridge(loaded) if args.backend == "bridge" else backends.as_nnsight(loaded)
-    result = tokenprobe.run(model, prompts, probes, batch_size=args.batch_size,
+    result = tokenprobe.run(model, prompts, probes, tokenizer=loaded.tokenizer,
+                            batch_size=args.batch_size,
                             truncate=args.truncate, out=args.out, overwrite=args.overwrite,
                             progress=not args.quiet, seed=args.seed)
     print_summary(result)
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--probes", help="comma-separated probe names (default: every probe that "
                                       "needs no second model: activations)")
     run.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a prompt; repeat for several")
+                     help="a prompt; repeat for several (prompt ids: --prompt texts first, "
+                          "then each --prompts file in order)")
     run.add_argument("--prompts", action="append", metavar="FILE",
                      help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
                           '{"text": ...} per line); repeatable')

@@ -35,7 +35,9 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
             a TransformerLens `TransformerBridge` or an nnsight `LanguageModel`.
         prompts: one text or an iterable of texts; prompt ids are their 0-based order.
         probes: probe names or instances; None runs every registered probe.
-        tokenizer: overrides the model's tokenizer (required for a bare HF model).
+        tokenizer: overrides the model's tokenizer (required for a bare HF model). A
+            TransformerBridge's own tokenizer prepends BOS (TransformerLens' convention); pass
+            the HF tokenizer here to keep the model's default special tokens.
         batch_size: prompts per forward pass (prompts are grouped by length, right-padded;
             padding never reaches a table).
         truncate: cut prompts longer than the model's context instead of refusing them.

@@ -1,0 +1,123 @@
+"""The activations probe against hand-computed cases and an independent eager reference."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import PROMPTS, block_outputs
+
+import tokenprobe
+from tokenprobe.probes.activations import (
+    ActivationsConfig,
+    ActivationsProbe,
+    massive_activations,
+    residual_stats,
+)
+
+
+def reference_token_layers(h: torch.Tensor) -> pd.DataFrame:
+    """Plain numpy float64 statistics of a (L, T, D) residual stack, one prompt."""
+    rows = []
+    for layer, hl in enumerate(h.numpy()):
+        a = np.abs(hl)
+        for pos, vec in enumerate(hl):
+            srt = np.sort(a[pos])
+            rows.append({
+                "layer": layer, "pos": pos,
+                "resid_norm": np.sqrt((vec ** 2).sum()),
+                "max_abs": srt[-1],
+                "max_abs_dim": int(np.argmax(a[pos])),
+                "median_abs": srt[(len(srt) - 1) // 2],  # lower median
+                "cos_to_first": vec @ hl[0] / np.sqrt((vec ** 2).sum() * (hl[0] ** 2).sum()),
+            })
+    return pd.DataFrame(rows)
+
+
+def reference_massive(h: torch.Tensor, abs_threshold: float, median_ratio: float) -> set:
+    found = set()
+    for layer, hl in enumerate(h.numpy()):
+        a = np.abs(hl)
+        flat = np.sort(a.ravel())
+        median = flat[(len(flat) - 1) // 2]
+        for pos, dim in zip(*np.nonzero((a > abs_threshold) & (a > median_ratio * median))):
+            found.add((layer, int(pos), int(dim)))
+    return found
+
+
+def test_residual_stats_hand_case():
+    h = torch.tensor([[3.0, -4.0, 0.0, 1.0],
+                      [-6.0, 8.0, 0.0, 2.0]])
+    s = residual_stats(h)
+    torch.testing.assert_close(s["resid_norm"], torch.tensor([26 ** 0.5, 104 ** 0.5]))
+    torch.testing.assert_close(s["max_abs"], torch.tensor([4.0, 8.0]))
+    assert s["max_abs_dim"].tolist() == [1, 1]
+    # |h| sorted: [0, 1, 3, 4] and [0, 2, 6, 8]: the lower median of 4 values is the 2nd.
+    torch.testing.assert_close(s["median_abs"], torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(s["cos_to_first"], torch.tensor([1.0, -48 / (26 ** 0.5 * 104 ** 0.5)]))
+
+
+def test_residual_stats_odd_shape_matches_numpy():
+    torch.manual_seed(0)
+    h = torch.randn(1, 41, 401, dtype=torch.float64) * 3
+    ref = reference_token_layers(h)
+    got = residual_stats(h[0])
+    for col in ["resid_norm", "max_abs", "median_abs", "cos_to_first"]:
+        np.testing.assert_allclose(got[col].numpy(), ref[col].to_numpy(), rtol=1e-6)
+    assert got["max_abs_dim"].tolist() == ref["max_abs_dim"].tolist()
+
+
+def test_massive_criterion_needs_both_conditions():
+    h = torch.full((3, 8), 0.05)
+    h[0, 2] = 150.0     # > 100 and > 1000 x 0.05 = 50: massive
+    h[1, 5] = -120.0    # negative values count by magnitude: massive
+    h[2, 7] = 100.0     # not strictly above 100: not massive
+    found = massive_activations(h)
+    assert list(zip(found["pos"].tolist(), found["dim"].tolist())) == [(0, 2), (1, 5)]
+    torch.testing.assert_close(found["value"], torch.tensor([150.0, -120.0]))
+    torch.testing.assert_close(found["ratio_to_median"], torch.tensor([3000.0, 2400.0]))
+    # The ratio condition alone can veto: raise the median so 150 < 1000 x median.
+    h2 = h.clone()
+    h2[h2 == 0.05] = 1.0
+    assert len(massive_activations(h2)["pos"]) == 0
+    assert len(massive_activations(h2, median_ratio=100.0)["pos"]) == 2
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+def test_probe_equals_eager_reference_with_padding(name, request):
+    loaded = request.getfixturevalue(name)
+    run = tokenprobe.run(loaded, PROMPTS, ["activations"], batch_size=3, progress=False)
+    tl = run.token_layers
+    for prompt_id, text in enumerate(PROMPTS):
+        ids, h = block_outputs(loaded, text)
+        ref = reference_token_layers(h)
+        got = tl[tl.prompt_id == prompt_id].reset_index(drop=True)
+        assert len(got) == len(ref) == loaded.model.config.num_hidden_layers * len(ids)
+        assert got.pos.max() == len(ids) - 1  # padding positions never appear
+        for col in ["resid_norm", "max_abs", "median_abs", "cos_to_first"]:
+            np.testing.assert_allclose(got[col], ref[col], rtol=1e-4, atol=1e-6, err_msg=col)
+        assert (got.max_abs_dim == ref.max_abs_dim).all()
+        tokens = run.tokens[run.tokens.prompt_id == prompt_id]
+        assert tokens.token_id.tolist() == ids
+
+
+def test_massive_table_equals_reference_with_low_thresholds(tiny_llama):
+    config = ActivationsConfig(abs_threshold=0.5, median_ratio=4.0)
+    run = tokenprobe.run(tiny_llama, PROMPTS, [ActivationsProbe(config)], progress=False)
+    m = run.massive
+    assert len(m) > 0
+    for prompt_id, text in enumerate(PROMPTS):
+        _, h = block_outputs(tiny_llama, text)
+        expected = reference_massive(h, 0.5, 4.0)
+        mine = m[m.prompt_id == prompt_id]
+        assert set(zip(mine.layer, mine.pos, mine.dim)) == expected
+        for row in mine.itertuples():
+            np.testing.assert_allclose(row.value, h[row.layer, row.pos, row.dim], rtol=1e-5)
+
+
+def test_bos_model_records_special_first_token(tiny_gemma3, tiny_llama):
+    gemma = tokenprobe.run(tiny_gemma3, PROMPTS[:1], progress=False)
+    llama = tokenprobe.run(tiny_llama, PROMPTS[:1], progress=False)
+    assert gemma.prompts.first_is_special.tolist() == [True]
+    assert gemma.tokens.iloc[0].token == "<bos>" and gemma.tokens.iloc[0].is_special
+    assert llama.prompts.first_is_special.tolist() == [False]

@@ -1,0 +1,86 @@
+"""The command line: runs, summaries, queries, listings and exit codes for each failure."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tokenprobe
+from tokenprobe import cli
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_writes_a_run_and_prints_a_summary(capsys, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "line one\nline two"}) + "\n" + json.dumps("second") + "\n")
+    code, out, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--prompts", str(prompts),
+                           "--prompt", "third", "--out", str(tmp_path / "r"), "--quiet")
+    assert code == cli.EXIT_OK
+    run = tokenprobe.open_run(tmp_path / "r")
+    # --prompt texts come first, then each --prompts file in order
+    assert run.prompts.text.tolist() == ["third", "line one\nline two", "second"]
+    assert "3 prompt(s)" in out and "no massive activations" in out
+    assert f"run saved to {tmp_path / 'r'}" in out
+
+
+@pytest.mark.parametrize("backend", ["bridge", "nnsight"])
+def test_run_through_other_backends(capsys, tmp_path, backend):
+    code, _, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "abc", "--backend",
+                         backend, "--out", str(tmp_path / "r"), "--quiet")
+    assert code == cli.EXIT_OK
+    run = tokenprobe.open_run(tmp_path / "r")
+    assert run.meta["backend"] == {"bridge": "transformer_bridge", "nnsight": "nnsight"}[backend]
+    assert run.tokens.token.tolist() == ["a", "b", "c"]
+
+
+def test_error_exit_codes(capsys, tmp_path):
+    out = str(tmp_path / "r")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café\n".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    cases = [
+        (["--model", "no-such-model", "--prompt", "x"], cli.EXIT_MODEL, "unknown model"),
+        (["--prompt", "   "], cli.EXIT_USAGE, "empty or whitespace"),
+        (["--prompts", str(tmp_path / "missing.txt")], cli.EXIT_USAGE, "cannot read prompt file"),
+        (["--prompts", str(bad)], cli.EXIT_USAGE, "is not UTF-8"),
+        (["--prompts", str(blank)], cli.EXIT_USAGE, "holds no prompts"),
+        (["--probes", "nope", "--prompt", "x"], cli.EXIT_USAGE, "unknown probe 'nope'"),
+        ([], cli.EXIT_USAGE, "give prompts"),
+    ]
+    for args, code, message in cases:
+        got, _, err = run_cli(capsys, "run", "--model", "tiny-llama", *args, "--out", out)
+        assert (got, message in err) == (code, True), (args, err)
+    assert run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "x", "--out", out)[0] == 0
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "y", "--out", out)
+    assert code == cli.EXIT_EXISTS and "already holds a complete run" in err
+    assert tokenprobe.open_run(out).prompts.text.tolist() == ["x"]
+
+
+def test_query_and_models(capsys, tmp_path):
+    run_cli(capsys, "run", "--model", "tiny-gemma3", "--prompt", "hey", "--out",
+            str(tmp_path / "r"), "--quiet")
+    code, out, _ = run_cli(capsys, "query", "SELECT token FROM tokens ORDER BY pos",
+                           str(tmp_path / "r"), "--format", "csv")
+    assert code == 0 and out.split() == ["token", "<bos>", "h", "e", "y"]
+    code, _, err = run_cli(capsys, "query", "SELECT nope FROM tokens", str(tmp_path / "r"))
+    assert code == cli.EXIT_USAGE and "SQL error" in err
+    code, _, err = run_cli(capsys, "query", "SELECT 1", str(tmp_path))
+    assert code == cli.EXIT_USAGE and "not a complete tokenprobe run" in err
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out
+    assert [line.split()[1:6] for line in out.splitlines() if line.startswith("tiny-llama")] == [
+        ["3", "4", "2", "64", "259"]]
+
+
+def test_installed_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "run", "--help"],
+                          capture_output=True, text=True, check=True)
+    assert "--prompts FILE" in done.stdout and "exit codes" in done.stdout
