@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from tokenprobe.probe import Probe
 from tokenprobe.probes.activations import ActivationsConfig, ActivationsProbe
+from tokenprobe.probes.sinks import SinksConfig, SinksProbe
 
 # Probes that need only the model being probed (the CLI's default set).
-REGISTRY: dict[str, type[Probe]] = {"activations": ActivationsProbe}
+REGISTRY: dict[str, type[Probe]] = {"activations": ActivationsProbe, "sinks": SinksProbe}
 
 
 def make_probes(probes: list[str | Probe] | None) -> list[Probe]:
@@ -25,4 +26,5 @@ def make_probes(probes: list[str | Probe] | None) -> list[Probe]:
     return out
 
 
-__all__ = ["REGISTRY", "make_probes", "ActivationsConfig", "ActivationsProbe"]
+__all__ = ["REGISTRY", "make_probes", "ActivationsConfig", "ActivationsProbe", "SinksConfig",
+           "SinksProbe"]

@@ -37,7 +37,7 @@ class Recording(ActivationsProbe):
 
 
 def test_save_open_round_trip(tiny_llama, tmp_path):
-    run = tokenprobe.run(tiny_llama, PROMPTS[:2], progress=False)
+    run = tokenprobe.run(tiny_llama, PROMPTS[:2], ["activations"], progress=False)
     run.save(tmp_path / "r")
     back = tokenprobe.open_run(tmp_path / "r")
     assert sorted(back.tables) == ["massive", "prompts", "token_layers", "tokens"]
@@ -75,7 +75,7 @@ def test_interrupted_run_publishes_nothing_then_resumes(tiny_llama, tmp_path):
                              progress=False)
     assert sorted(recorder.seen) == [4, 5, 6]  # the two finished batches were not rerun
     assert not staging_dir(target).exists()
-    whole = tokenprobe.run(tiny_llama, PROMPTS, batch_size=2, progress=False)
+    whole = tokenprobe.run(tiny_llama, PROMPTS, ["activations"], batch_size=2, progress=False)
     for name in whole.tables:
         pd.testing.assert_frame_equal(resumed.tables[name], whole.tables[name])
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokenprobe.attention import observing
 from tokenprobe.models import LoadedModel, params_fingerprint
 
 Observe = Callable[[str, int, torch.Tensor], None]
@@ -72,11 +73,24 @@ class Backend:
         return next(self.hf_model.parameters()).device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                observe: Observe) -> None:
-        """Run one batch, calling `observe` inside the framework's hooks."""
+                observe: Observe, attention: dict | None = None) -> None:
+        """Run one batch, calling `observe` inside the framework's hooks.
+
+        `attention` (k_pos, impl, block) routes attention through tokenprobe's attention
+        function so that the `attention` site is observed too; transformers entry point only.
+        """
+        if attention is not None and self.kind != "hf":
+            raise ValueError(
+                "probes on the attention site (sinks) run through the transformers entry point: "
+                "pass the tokenprobe.load() result or the HF model, not a "
+                f"{type(self.handle).__name__}")
         with torch.inference_mode():
             if self.kind == "hf":
-                with block_hooks(self.hf_model, observe):
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(block_hooks(self.hf_model, observe))
+                    if attention is not None:
+                        stack.enter_context(observing(
+                            self.hf_model, observe, attention_mask.sum(-1), **attention))
                     self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False, logits_to_keep=1)
             elif self.kind == "transformer_bridge":

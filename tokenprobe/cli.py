@@ -70,9 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"prompt {i} is empty or whitespace only; give each prompt some text")
     probes = [p.strip() for p in args.probes.split(",")] if args.probes else None
     try:
-        make_probes(probes)  # unknown names fail before the model loads
+        chosen = make_probes(probes)  # unknown names fail before the model loads
     except ValueError as err:
         raise UsageError(str(err)) from err
+    needs_hf = [p.name for p in chosen if "attention" in p.sites]
+    if probes and needs_hf and args.backend != "hf":
+        raise UsageError(f"probe(s) {', '.join(needs_hf)} read attention inside the transformers "
+                         f"attention call and cannot run with --backend {args.backend}; drop "
+                         "--backend or those probes")
     check_target(Path(args.out), overwrite=args.overwrite)
     loaded = tokenprobe.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model = loaded
@@ -156,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
                           "hub id (default: smollm2-135m)")
     run.add_argument("--probes", help="comma-separated probe names (default: every probe that "
-                                      "needs no second model: activations)")
+                                      "needs no second model: activations,sinks; with "
+                                      "--backend bridge|nnsight: activations)")
     run.add_argument("--prompt", action="append", metavar="TEXT",
                      help="a prompt; repeat for several (prompt ids: --prompt texts first, "
                           "then each --prompts file in order)")

@@ -8,8 +8,12 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-# Sites the runner can hook. `resid_post`: the residual stream after block `layer`, (B, T, D).
-SITES = ("resid_post",)
+# Sites the runner can hook.
+# `resid_post`: the residual stream after block `layer`, a (B, T, D) tensor.
+# `attention`: statistics computed inside the attention call of layer `layer` (see
+#   tokenprobe.attention): a dict of sink_mass (B, H), attn_entropy (B, H), received (B, S) and
+#   value_norm (B, H, S). Needs the transformers entry point.
+SITES = ("resid_post", "attention")
 
 
 @dataclass(frozen=True)
@@ -21,12 +25,14 @@ class Batch:
         input_ids: (B, T) token ids; pad positions hold the pad id.
         attention_mask: (B, T) 1 at real tokens, 0 at padding.
         lengths: number of real tokens of each row.
+        token_texts: readable text of each real token of each row.
     """
 
     prompt_ids: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     lengths: list[int]
+    token_texts: list[list[str]]
 
 
 class Probe:
@@ -45,13 +51,18 @@ class Probe:
         """Called before the forward pass of each batch."""
         self.batch = batch
 
-    def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
-        """Reduce `tensor` (hooked at `site`, block `layer`) inside the hook."""
+    def observe(self, site: str, layer: int, tensor) -> None:
+        """Reduce `tensor` (hooked at `site`, block `layer`; a dict for `attention`) inside the
+        hook."""
         raise NotImplementedError
 
     def collect(self) -> dict[str, pd.DataFrame]:
         """Tables for the batch just run, keyed by table name; resets per-batch state."""
         raise NotImplementedError
+
+    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
+        """Run-level figures from the finished tables, stored in run.json (none by default)."""
+        return {}
 
     def describe(self) -> dict:
         """The probe's name and configuration, for run metadata."""

@@ -17,7 +17,7 @@ from tokenprobe.backends import Backend, resolve
 from tokenprobe.probe import Batch, Probe
 from tokenprobe.probes import make_probes
 from tokenprobe.store import PartWriter, Run
-from tokenprobe.tables import conform, merge_parts
+from tokenprobe.tables import conform, join, merge_parts
 from tokenprobe.tokens import encode_prompts, pad_batch, token_text
 
 VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
@@ -34,7 +34,8 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
         model: a `tokenprobe.load()` result, a transformers causal LM (pass `tokenizer`),
             a TransformerLens `TransformerBridge` or an nnsight `LanguageModel`.
         prompts: one text or an iterable of texts; prompt ids are their 0-based order.
-        probes: probe names or instances; None runs every registered probe.
+        probes: probe names or instances; None runs every registered probe (through
+            TransformerBridge or nnsight: every probe that needs no attention statistics).
         tokenizer: overrides the model's tokenizer (required for a bare HF model). A
             TransformerBridge's own tokenizer prepends BOS (TransformerLens' convention); pass
             the HF tokenizer here to keep the model's default special tokens.
@@ -56,6 +57,8 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
     if not texts:
         raise ValueError("no prompts given")
     probe_list = make_probes(probes)
+    if probes is None and backend.kind != "hf":  # attention-site probes need transformers
+        probe_list = [p for p in probe_list if "attention" not in p.sites]
     encoded = encode_prompts(backend.tokenizer, texts, context_length=backend.context_length,
                              truncate=truncate)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # less padding
@@ -76,11 +79,13 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
                 tables = _run_batch(backend, probe_list, members, texts, encoded)
                 writer.write_batch(index, tables) if writer else parts.append(tables)
             bar.update(len(members))
+    summarize = lambda tables: {p.name: p.summary(tables) for p in probe_list if p.summary(tables)}
     if writer:
-        return writer.finish(meta)
+        return writer.finish(meta, summarize)
     names = sorted({name for p in parts for name in p})
-    return Run({n: merge_parts(n, [p.get(n) for p in parts]) for n in names},
-               {**meta, "status": "complete", "tables": names})
+    tables = {n: merge_parts(n, [p.get(n) for p in parts]) for n in names}
+    return Run(tables, {**meta, "summary": summarize(tables), "status": "complete",
+                        "tables": names})
 
 
 def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts: list[str],
@@ -89,20 +94,23 @@ def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts:
     pad_id = backend.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (backend.tokenizer.eos_token_id or 0)
     input_ids, mask = pad_batch(rows, pad_id, backend.device)
-    batch = Batch(members, input_ids, mask, [len(r) for r in rows])
+    tables = _token_tables(backend.tokenizer, members, texts, encoded)
+    token_texts = [tables["tokens"].token[tables["tokens"].prompt_id == i].tolist() for i in members]
+    batch = Batch(members, input_ids, mask, [len(r) for r in rows], token_texts)
     for probe in probes:
         probe.begin(batch)
 
-    def observe(site: str, layer: int, tensor: torch.Tensor) -> None:
+    def observe(site: str, layer: int, tensor: Any) -> None:
         for probe in probes:
             if site in probe.sites:
                 probe.observe(site, layer, tensor)
 
-    backend.forward(input_ids, mask, observe)
-    tables = _token_tables(backend.tokenizer, members, texts, encoded)
+    attention = next(({"k_pos": p.config.k_pos, "impl": p.config.impl, "block": p.config.block}
+                      for p in probes if "attention" in p.sites), None)
+    backend.forward(input_ids, mask, observe, attention)
     for probe in probes:
         for name, frame in probe.collect().items():
-            tables[name] = conform(name, frame)
+            tables[name] = join(name, tables.get(name), conform(name, frame))
     return tables
 
 

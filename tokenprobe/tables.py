@@ -20,6 +20,20 @@ token_layers (grain: prompt x layer x position; residual after block `layer`, 0-
     max_abs_dim  int64    argmax_d |h_l[t, d]|
     median_abs   float64  lower median_d |h_l[t, d]| (torch.median convention)
     cos_to_first float64  cos(h_l[t], h_l[0]); 1 at pos 0
+    attn_received float64 mean over heads and queries i >= pos of A[l, h, i, pos]  (sinks probe)
+
+heads (grain: prompt x layer x head; sinks probe)
+    sink_mass        float64  Gu et al. alpha_k = (1/(T-k)) sum_{i>=k} A[i, k], k = SinksConfig.k_pos
+    attn_entropy     float64  mean over queries of -sum_j A[i, j] log A[i, j] (nats)
+    value_drain_sink float64  ||W_O^(h) v_k^(h)|| at the sink position k          (Guo et al.)
+    value_drain_rest float64  mean over the other tokens of ||W_O^(h) v_t^(h)||
+
+sinks (grain: prompt x position, flagged tokens only; sinks probe, Wong et al.)
+    token          string  the token's text
+    kind           string  primary / secondary / noise
+    creation_layer int64   first layer where |cos(h_l[t], h_l[primary])| > 0.9
+    lifetime       int64   number of such layers
+    max_cos        float64 max |cos| to the primary over the searched layers (1 for the primary)
 
 massive (grain: prompt x layer x position x dim; only entries meeting the criterion)
     value            float64  signed h_l[t, d]
@@ -36,7 +50,13 @@ SCHEMAS: dict[str, dict[str, str]] = {
                "is_special": "bool"},
     "token_layers": {"prompt_id": "int64", "layer": "int64", "pos": "int64",
                      "resid_norm": "float64", "max_abs": "float64", "max_abs_dim": "int64",
-                     "median_abs": "float64", "cos_to_first": "float64"},
+                     "median_abs": "float64", "cos_to_first": "float64",
+                     "attn_received": "float64"},
+    "heads": {"prompt_id": "int64", "layer": "int64", "head": "int64", "sink_mass": "float64",
+              "attn_entropy": "float64", "value_drain_sink": "float64",
+              "value_drain_rest": "float64"},
+    "sinks": {"prompt_id": "int64", "pos": "int64", "token": "string", "kind": "string",
+              "creation_layer": "int64", "lifetime": "int64", "max_cos": "float64"},
     "massive": {"prompt_id": "int64", "layer": "int64", "pos": "int64", "dim": "int64",
                 "value": "float64", "ratio_to_median": "float64"},
 }
@@ -46,22 +66,40 @@ KEYS: dict[str, list[str]] = {
     "tokens": ["prompt_id", "pos"],
     "token_layers": ["prompt_id", "layer", "pos"],
     "massive": ["prompt_id", "layer", "pos", "dim"],
+    "heads": ["prompt_id", "layer", "head"],
+    "sinks": ["prompt_id", "pos"],
 }
 
 
 def conform(name: str, frame: pd.DataFrame | None) -> pd.DataFrame:
-    """Return `frame` with the declared columns of table `name`, in order, with their dtypes.
+    """Return `frame` with declared columns of table `name`, in declared order and dtypes.
 
-    None gives an empty table with the schema. Missing or extra columns raise ValueError:
-    a probe that writes a table must write all of it.
+    A table may hold a subset of its schema's columns (tables such as `token_layers` gain
+    columns from several probes) but always all of its keys. None gives an empty table with
+    every column. Undeclared columns or missing keys raise ValueError.
     """
     schema = SCHEMAS[name]
     if frame is None:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
-    if set(frame.columns) != set(schema):
-        raise ValueError(f"table {name!r}: columns {sorted(frame.columns)} do not match the "
-                         f"schema {list(schema)}")
-    return frame[list(schema)].astype(schema)
+    extra = set(frame.columns) - set(schema)
+    missing = set(KEYS[name]) - set(frame.columns)
+    if extra or missing:
+        raise ValueError(f"table {name!r}: undeclared columns {sorted(extra)}, missing keys "
+                         f"{sorted(missing)} (schema: {list(schema)})")
+    columns = [c for c in schema if c in frame.columns]
+    return frame[columns].astype({c: schema[c] for c in columns})
+
+
+def join(name: str, left: pd.DataFrame | None, right: pd.DataFrame) -> pd.DataFrame:
+    """Combine two probes' parts of the same table on its keys (outer join)."""
+    if left is None:
+        return right
+    shared = (set(left.columns) & set(right.columns)) - set(KEYS[name])
+    if shared:
+        raise ValueError(f"table {name!r}: columns {sorted(shared)} written by two probes")
+    if not len(left) or not len(right):  # e.g. an empty `massive`
+        return conform(name, pd.concat([left, right], ignore_index=True))
+    return conform(name, left.merge(right, on=KEYS[name], how="outer"))
 
 
 def merge_parts(name: str, parts: list[pd.DataFrame]) -> pd.DataFrame:

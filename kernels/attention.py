@@ -1,0 +1,161 @@
+"""Attention with per-head statistics, a block of queries at a time, never holding [H, T, T].
+
+One op, `attention_with_stats`: the attention output the model needs plus, from the same
+probabilities, the statistics the sinks probe reports (definitions: shared/methods.md):
+
+- `sink_mass` (B, H): Gu et al. 2024 alpha_k = (1/(T-k)) sum_{i>=k} A[i, k] over real queries;
+- `attn_entropy` (B, H): mean over real queries of -sum_j A[i, j] log A[i, j] (nats);
+- `received` (B, S): sum over heads and real queries of A[i, j] (the caller divides by
+  H (T - j) for `attn_received`);
+- optionally ZeroTuning (Han et al., FeijiangHan/ZeroTuning) on chosen heads:
+  a'_{i0} = gamma a_{i0}, every row renormalised, a'_{ij} = a_{ij} / (1 + (gamma - 1) a_{i0});
+  a row with nothing left to renormalise (gamma = 0 and a_{i0} = 1) is left unchanged.
+
+Implementations (`impl`): "reference" materialises the full masked score matrix in float64
+(tests only); "torch" streams query blocks (CPU path, CUDA fallback); "auto" picks "torch".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+IMPLS = ("auto", "torch", "reference")
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """(B, KVH, G*Bq, Dh) x (B, KVH, S, Dh) -> (B, KVH, G*Bq, S) scaled, soft-capped scores."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _softmax_zero_tuned(s: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """Row softmax of masked scores (B, H, Bq, S), with ZeroTuning on key 0 if `gamma` is given.
+
+    gamma a_{i0} renormalised over the row equals a softmax whose key-0 score is shifted by
+    log(gamma): same formula, without the cancellation in 1 + (gamma - 1) a_{i0} when a_{i0}
+    is close to 1. Rows left with no allowed key (gamma = 0 on a row attending only to key 0)
+    are left unchanged. Fully masked rows (padding queries) give zeros.
+    """
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if gamma is None:
+        return p
+    shifted = s.clone()
+    shifted[..., 0] = shifted[..., 0] + torch.log(gamma.to(s.dtype)).view(1, -1, 1)
+    tuned = torch.softmax(shifted, dim=-1)
+    return torch.where(tuned.isnan(), p, tuned)
+
+
+def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None, lengths: torch.Tensor, *, scaling: float,
+                         softcap: float | None = None, k_pos: int = 0,
+                         gamma: torch.Tensor | None = None, block: int = 256,
+                         impl: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal attention output and statistics.
+
+    Args:
+        q: (B, H, T, Dh) post-RoPE queries.
+        k, v: (B, KVH, S, Dh) post-RoPE keys and values, H a multiple of KVH (GQA), S == T.
+        mask: (B, 1, T, S) bool, True where query i may attend to key j (causal, padding,
+            sliding window as the model built it), or None for plain causal attention.
+        lengths: (B,) number of real (unpadded, right-padded) tokens per row.
+        scaling: multiplier of q.k (e.g. Dh ** -0.5).
+        softcap: attention logit soft-capping (Gemma 2), None for none.
+        k_pos: key position whose received mass is `sink_mass`.
+        gamma: (H,) ZeroTuning factor per head (1 = unchanged), or None.
+        block: queries per block (torch impl).
+        impl: "auto", "torch" or "reference".
+
+    Returns:
+        out (B, T, H, Dh) in q's dtype, and stats: sink_mass (B, H), attn_entropy (B, H),
+        received (B, S), all float32 (float64 for the reference).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
+                          k_pos=k_pos, gamma=gamma)
+    return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
+                      gamma=gamma, block=block)
+
+
+def _row_stats(p: torch.Tensor, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Row entropy -sum p log p of (.., Bq, S) probabilities, 0 log 0 = 0."""
+    logp = torch.where(allowed & (p > 0), torch.log(p.clamp_min(1e-45)), torch.zeros_like(p))
+    return -(p * logp).sum(-1)
+
+
+def _allowed(mask: torch.Tensor | None, rows: torch.Tensor, cols: int, b: int) -> torch.Tensor:
+    """(B or 1, 1, Bq, cols) bool: which keys each query of the block may attend to."""
+    if mask is not None:
+        return mask[:, :, rows, :cols]
+    return (torch.arange(cols, device=rows.device)[None, :] <= rows[:, None])[None, None]
+
+
+def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block):
+    bsz, heads, t, dh = q.shape
+    kvh = k.shape[1]
+    groups = heads // kvh
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kw, vw = k.to(work), v.to(work)
+    out = torch.empty(bsz, t, heads, dh, dtype=q.dtype, device=q.device)
+    sink = torch.zeros(bsz, heads, dtype=work, device=q.device)
+    ent = torch.zeros(bsz, heads, dtype=work, device=q.device)
+    received = torch.zeros(bsz, t, dtype=work, device=q.device)
+    qpos_valid = torch.arange(t, device=q.device)[None, :] < lengths[:, None]  # (B, T)
+    for a in range(0, t, block):
+        b = min(a + block, t)
+        rows = torch.arange(a, b, device=q.device)
+        cols = b  # causal: keys after the block's last query are never allowed
+        qb = q[:, :, a:b].to(work).reshape(bsz, kvh, groups * (b - a), dh)  # (B, KVH, G*Bq, Dh)
+        s = _scores(qb, kw[:, :, :cols], scaling, softcap).view(bsz, heads, b - a, cols)
+        allowed = _allowed(mask, rows, cols, bsz)
+        s = s.masked_fill(~allowed, -math.inf)
+        p = _softmax_zero_tuned(s, gamma)
+        o = torch.matmul(p.view(bsz, kvh, groups * (b - a), cols), vw[:, :, :cols])
+        out[:, a:b] = o.view(bsz, heads, b - a, dh).transpose(1, 2).to(q.dtype)
+        valid = qpos_valid[:, a:b].to(work)  # (B, Bq)
+        ent += (_row_stats(p, s, allowed) * valid[:, None]).sum(-1)
+        if k_pos < cols:
+            rows_ge = (rows >= k_pos).to(work)[None, None] * valid[:, None]
+            sink += (p[..., k_pos] * rows_ge).sum(-1)
+        received[:, :cols] += torch.einsum("bhqs,bq->bs", p, valid)
+    n = lengths.to(work)
+    stats = {"sink_mass": sink / (n - k_pos).clamp_min(1)[:, None],
+             "attn_entropy": ent / n[:, None], "received": received}
+    return out, stats
+
+
+def _reference(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma):
+    """Everything materialised in float64: explicit softmax over the full masked score matrix."""
+    bsz, heads, t, dh = q.shape
+    groups = heads // k.shape[1]
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    k64, v64 = k64.repeat_interleave(groups, dim=1), v64.repeat_interleave(groups, dim=1)
+    s = torch.matmul(q64, k64.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    allowed = (mask if mask is not None else
+               torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None])
+    s = s.masked_fill(~allowed, -math.inf)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    p = (e / e.sum(-1, keepdim=True)).nan_to_num(0.0)  # (B, H, T, S)
+    if gamma is not None:
+        g = gamma.double().view(1, -1, 1, 1)
+        scaled = p.clone()
+        scaled[..., 0:1] = g * p[..., 0:1]
+        total = scaled.sum(-1, keepdim=True)
+        p = torch.where(total > 0, scaled / total.clamp_min(1e-300), p)  # explicit renormalisation
+    out = torch.matmul(p, v64).transpose(1, 2).to(q.dtype)
+    stats = {k_: torch.zeros(bsz, heads, dtype=torch.float64) for k_ in ("sink_mass", "attn_entropy")}
+    stats["received"] = torch.zeros(bsz, t, dtype=torch.float64)
+    for i in range(bsz):
+        n = int(lengths[i])
+        pi = p[i, :, :n, :n]  # real queries and keys only
+        plogp = torch.where(pi > 0, pi * torch.log(pi), torch.zeros_like(pi))
+        stats["attn_entropy"][i] = -plogp.sum(-1).mean(-1)
+        stats["sink_mass"][i] = pi[:, k_pos:, k_pos].sum(-1) / (n - k_pos)
+        stats["received"][i, :n] = pi.sum(dim=(0, 1))
+    return out, stats

@@ -1,0 +1,178 @@
+"""Attention sinks: sink mass, attention entropy, value drains, attention received, secondary sinks.
+
+Sources (definitions and defaults: shared/methods.md):
+- Gu et al. 2024, "When Attention Sink Emerges in Language Models" (sail-sg/Attention-Sink,
+  `compute_attention_sink`): alpha_k = (1/(T-k)) sum_{i>=k} A[i, k]; Sink_k^eps = 100 x share of
+  (prompt, layer, head) with alpha_k > eps, eps = 0.3. It depends on T: always report T.
+- Guo et al., "Active-Dormant Attention Heads" (GuoTianYu2000/Active-Dormant-Attention):
+  value-state drain ||W_O^(h) v_t^(h)||.
+- Wong et al., "On the Existence and Behaviour of Secondary Attention Sinks"
+  (JeffreyWong20/Secondary-Attention-Sinks, `hidden_state_norm_detection` and
+  `sink_labeling_machine`): secondary sinks by cosine to the primary sink's residual. As in
+  their code, only layers in the primary's norm-growth range [start, end) are searched, the
+  primary's lifetime is end - start, and only tokens after the primary are candidates. Their
+  code reads HF's `hidden_states[1:]`, whose last entry is after the final norm; tokenprobe uses
+  the residual after each block throughout.
+
+Attention statistics are computed inside the model's attention call (tokenprobe.attention), a
+block of queries at a time; residual statistics inside the block hooks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tokenprobe.probe import Probe
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    """Sinks probe settings.
+
+    Attributes:
+        k_pos: key position whose received attention is `sink_mass` (Gu et al.: k = 0).
+        eps: sink-rate threshold on alpha_k (Gu et al.: 0.3).
+        candidates: positions that may hold the primary sink (Wong et al.: 0 and 1).
+        cos_threshold: |cos| to the primary's residual that flags a sink (Wong et al.: 0.9).
+        primary_margin: lifetime >= L - primary_margin labels a primary sink (Wong et al.: 15).
+        secondary_min: secondary sinks live more than this many layers (Wong et al.: 4).
+            With the defaults, models of 20 layers or fewer have no secondary band: lower
+            `primary_margin` for them (e.g. round(L / 2)).
+        block: queries per block in the attention statistics.
+        impl: attention-statistics implementation ("auto", "torch", "reference").
+    """
+
+    k_pos: int = 0
+    eps: float = 0.3
+    candidates: tuple[int, ...] = (0, 1)
+    cos_threshold: float = 0.9
+    primary_margin: int = 15
+    secondary_min: int = 4
+    block: int = 256
+    impl: str = "auto"
+
+
+def sink_levels_of(norms: np.ndarray) -> tuple[int, int]:
+    """Wong et al.'s layer range of the primary sink from its residual norm per layer.
+
+    Args:
+        norms: (L,) ||h_l[primary]||.
+
+    Returns:
+        (start, end): start = argmax(d) + 1, end = start + argmin(d[start:]) + 1 with
+        d = diff(norms); end = L when nothing is left after start.
+    """
+    d = np.diff(norms)
+    start = int(np.argmax(d)) + 1
+    rest = d[start:]
+    end = start + int(np.argmin(rest)) + 1 if len(rest) else len(norms)
+    return start, end
+
+
+def secondary_sinks(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *,
+                    cos_threshold: float = 0.9, primary_margin: int = 15,
+                    secondary_min: int = 4) -> pd.DataFrame:
+    """Primary and secondary sinks of one prompt (Wong et al.).
+
+    Args:
+        norms: (L, C) residual norm of each candidate position at each layer.
+        cos: (L, C, T) cosine of every token's residual to each candidate's, per layer.
+        candidates: the C candidate positions.
+
+    Returns:
+        one row per flagged token: pos, kind (primary / secondary / noise), creation_layer,
+        lifetime (flagged layers), max_cos (max |cos| to the primary over the searched layers).
+    """
+    n_layers = norms.shape[0]
+    c = int(np.argmax(norms.mean(axis=0)))
+    primary = candidates[c]
+    start, end = sink_levels_of(norms[:, c])
+    absolute = np.abs(cos[start:end, c, :])  # (layers searched, T)
+    flags = absolute > cos_threshold
+    rows = [(primary, start, end - start, 1.0)]
+    for pos in range(primary + 1, cos.shape[-1]):
+        layers = np.nonzero(flags[:, pos])[0]
+        if len(layers):
+            rows.append((pos, start + int(layers[0]), len(layers), float(absolute[:, pos].max())))
+    frame = pd.DataFrame(rows, columns=["pos", "creation_layer", "lifetime", "max_cos"])
+    bar = n_layers - primary_margin
+    frame.insert(1, "kind", np.where(frame.lifetime >= bar, "primary",
+                                     np.where(frame.lifetime > secondary_min, "secondary", "noise")))
+    return frame
+
+
+class SinksProbe(Probe):
+    """Hook adapter: attention statistics into `heads` and `token_layers.attn_received`,
+    residual cosines into `sinks`."""
+
+    name = "sinks"
+    sites = ("attention", "resid_post")
+
+    def __init__(self, config: SinksConfig | None = None) -> None:
+        self.config = config or SinksConfig()
+        self._heads: list[dict] = []
+        self._received: list[dict] = []
+        self._norms: dict[int, list[np.ndarray]] = {}
+        self._cos: dict[int, list[np.ndarray]] = {}
+
+    def observe(self, site: str, layer: int, payload) -> None:
+        if site == "attention":
+            self._attention(layer, payload)
+        else:
+            self._residual(layer, payload)
+
+    def _attention(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
+        k = self.config.k_pos
+        heads = stats["sink_mass"].shape[1]
+        for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+            vn = stats["value_norm"][row, :, :n]  # (H, T)
+            rest = torch.cat([vn[:, :k], vn[:, k + 1:]], dim=1)
+            self._heads.append({
+                "prompt_id": prompt_id, "layer": layer, "head": np.arange(heads),
+                "sink_mass": stats["sink_mass"][row].cpu().numpy(),
+                "attn_entropy": stats["attn_entropy"][row].cpu().numpy(),
+                "value_drain_sink": (vn[:, k] if k < n else torch.full((heads,), float("nan"))).cpu().numpy(),
+                "value_drain_rest": (rest.mean(-1) if rest.shape[1] else torch.full((heads,), float("nan"))).cpu().numpy(),
+            })
+            denom = heads * (n - torch.arange(n, device=vn.device))
+            self._received.append({"prompt_id": prompt_id, "layer": layer, "pos": np.arange(n),
+                                   "attn_received": (stats["received"][row, :n] / denom).cpu().numpy()})
+
+    def _residual(self, layer: int, h: torch.Tensor) -> None:
+        for row, n in enumerate(self.batch.lengths):
+            cands = [c for c in self.config.candidates if c < n]
+            x = h[row, :n].float()  # (T, D)
+            ref = x[cands]  # (C, D)
+            cos = torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1)  # (C, T)
+            self._norms.setdefault(row, []).append(torch.linalg.vector_norm(ref, dim=-1).cpu().numpy())
+            self._cos.setdefault(row, []).append(cos.cpu().numpy())
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        sinks = []
+        for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+            cands = [c for c in self.config.candidates if c < n]
+            found = secondary_sinks(np.stack(self._norms[row]), np.stack(self._cos[row]), cands,
+                                    cos_threshold=self.config.cos_threshold,
+                                    primary_margin=self.config.primary_margin,
+                                    secondary_min=self.config.secondary_min)
+            found.insert(0, "prompt_id", prompt_id)
+            found.insert(2, "token", [self.batch.token_texts[row][p] for p in found.pos])
+            sinks.append(found)
+        tables = {"heads": pd.concat([pd.DataFrame(r) for r in self._heads], ignore_index=True),
+                  "token_layers": pd.concat([pd.DataFrame(r) for r in self._received],
+                                            ignore_index=True),
+                  "sinks": pd.concat(sinks, ignore_index=True)}
+        self._heads, self._received, self._norms, self._cos = [], [], {}, {}
+        return tables
+
+    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
+        """Gu et al.'s sink rate over the run, with the prompt lengths it depends on."""
+        heads = tables["heads"]
+        lengths = tables["prompts"].n_tokens
+        return {"sink_rate": float(100 * (heads.sink_mass > self.config.eps).mean()),
+                "eps": self.config.eps, "k_pos": self.config.k_pos,
+                "T_min": int(lengths.min()), "T_max": int(lengths.max()),
+                "T_mean": float(lengths.mean())}

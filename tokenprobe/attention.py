@@ -1,0 +1,171 @@
+"""Statistics where the model computes attention: a registered transformers attention function.
+
+`tokenprobe` is registered with transformers' `AttentionInterface` (and `sdpa_mask` as its mask
+builder, so the model's own causal, padding and sliding-window masks arrive as a boolean
+(B, 1, T, S) tensor or None for plain causal). Every attention module of a model switched to it
+calls `kernels.attention.attention_with_stats` on its post-RoPE q, k, v: the output replaces
+sdpa's, and the per-head statistics go to whoever is observing, a block of queries at a time,
+never as a [H, T, T] tensor.
+
+Two context managers switch a model over and always switch it back:
+- `observing(model, observe, lengths, ...)`: the runner's, for probes on the `attention` site;
+- `zero_tuning(model, gamma, heads)`: ZeroTuning (FeijiangHan/ZeroTuning) on chosen heads,
+  usable around any run, forward or `generate`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from tokenprobe.kernels.attention import attention_with_stats
+
+NAME = "tokenprobe"
+
+
+@dataclass
+class _Observer:
+    observe: Callable[[str, int, dict], None]
+    lengths: torch.Tensor
+    k_pos: int
+    impl: str
+    block: int
+
+
+@dataclass
+class _State:
+    observer: _Observer | None = None
+    gamma: dict[int, dict[int, float]] = field(default_factory=dict)  # layer -> head -> gamma
+
+
+_STATE: contextvars.ContextVar[_State] = contextvars.ContextVar("tokenprobe_attention")
+
+
+def value_norms(module: torch.nn.Module, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Guo et al.'s value-state drain: ||W_O^(h) v_t^(h)|| per head and token.
+
+    Args:
+        module: the attention module (its `o_proj` weight is (D, H * Dh)).
+        value: (B, KVH, S, Dh) value states.
+        heads: number of query heads H (value head of head h is h // (H / KVH)).
+
+    Returns:
+        (B, H, S) float32 norms.
+    """
+    bsz, kvh, s, dh = value.shape
+    w = module.o_proj.weight.float().view(-1, heads, dh)  # (D, H, Dh)
+    out = torch.empty(bsz, heads, s, dtype=torch.float32, device=value.device)
+    for h in range(heads):
+        v = value[:, h // (heads // kvh)].float()  # (B, S, Dh)
+        out[:, h] = torch.linalg.vector_norm(v @ w[:, h].T, dim=-1)
+    return out
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+               dropout: float = 0.0, softcap: float | None = None, **_: object
+               ) -> tuple[torch.Tensor, None]:
+    state = _STATE.get(None) or _State()
+    bsz, heads, t, dh = query.shape
+    layer = module.layer_idx
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:  # additive float mask: 0 where allowed
+        mask = mask == 0
+    if mask is not None and mask.shape[-1] != key.shape[-2]:
+        mask = mask[..., : key.shape[-2]]
+    gamma = None
+    if layer in state.gamma:
+        gamma = torch.ones(heads, dtype=torch.float32, device=query.device)
+        for head, g in state.gamma[layer].items():
+            gamma[head] = g
+    observer = state.observer
+    full = key.shape[-2] == t  # a whole-sequence forward (no KV cache)
+    if not full:  # generation step: queries are the last t positions
+        return _cached_step(query, key, value, mask, scaling, softcap, gamma), None
+    lengths = observer.lengths if observer else torch.full((bsz,), t, device=query.device)
+    out, stats = attention_with_stats(
+        query, key, value, mask, lengths, scaling=scaling if scaling is not None else dh ** -0.5,
+        softcap=softcap, k_pos=observer.k_pos if observer else 0, gamma=gamma,
+        block=observer.block if observer else 256, impl=observer.impl if observer else "auto")
+    if observer is not None:
+        stats["value_norm"] = value_norms(module, value, heads)
+        observer.observe("attention", layer, stats)
+    return out, None
+
+
+def _cached_step(query, key, value, mask, scaling, softcap, gamma) -> torch.Tensor:
+    """Attention for queries at the end of a KV cache (generation), with ZeroTuning if asked."""
+    t, s = query.shape[-2], key.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, 1).float()
+    v = value.repeat_interleave(groups, 1).float()
+    scores = query.float() @ k.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        rows = torch.arange(s - t, s, device=query.device)
+        mask = (torch.arange(s, device=query.device)[None, :] <= rows[:, None])[None, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if gamma is not None:
+        scores[..., 0] = scores[..., 0] + torch.log(gamma).view(1, -1, 1)
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (p @ v).transpose(1, 2).to(query.dtype)
+
+
+AttentionInterface.register(NAME, _attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _switched(model: PreTrainedModel, update: Callable[[_State], _State]) -> Iterator[None]:
+    previous_impl = model.config._attn_implementation
+    token = _STATE.set(update(_STATE.get(None) or _State()))
+    model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous_impl)
+        _STATE.reset(token)
+
+
+def observing(model: PreTrainedModel, observe: Callable[[str, int, dict], None],
+              lengths: torch.Tensor, *, k_pos: int = 0, impl: str = "auto", block: int = 256):
+    """Route `model`'s attention through tokenprobe and send per-layer stats to `observe`."""
+    observer = _Observer(observe, lengths, k_pos, impl, block)
+    return _switched(model, lambda s: _State(observer, s.gamma))
+
+
+def zero_tuning(model: PreTrainedModel, gamma: float,
+                heads: Iterable[tuple[int, int]] | None = None):
+    """ZeroTuning: scale attention to the first token by `gamma` on `heads` and renormalise rows.
+
+    Args:
+        model: a transformers causal LM (e.g. `tokenprobe.load(...).model`).
+        gamma: factor on a_{i0} (> 1 strengthens the first-token sink, < 1 weakens it).
+        heads: (layer, head) pairs; None means every head of every layer.
+
+    Usable around `tokenprobe.run` (the probes then see the tuned model) and `model.generate`.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    config = model.config
+    chosen = (list(heads) if heads is not None else
+              [(l, h) for l in range(config.num_hidden_layers)
+               for h in range(config.num_attention_heads)])
+    for layer, head in chosen:
+        if not (0 <= layer < config.num_hidden_layers and 0 <= head < config.num_attention_heads):
+            raise ValueError(f"no head ({layer}, {head}) in a model with "
+                             f"{config.num_hidden_layers} layers x {config.num_attention_heads} heads")
+
+    def update(state: _State) -> _State:
+        gammas = {layer: dict(hs) for layer, hs in state.gamma.items()}
+        for layer, head in chosen:
+            gammas.setdefault(layer, {})[head] = gamma
+        return _State(state.observer, gammas)
+
+    return _switched(model, update)
