@@ -9,7 +9,8 @@ probabilities, the statistics the sinks probe reports (definitions: shared/metho
   H (T - j) for `attn_received`);
 - optionally ZeroTuning (Han et al., FeijiangHan/ZeroTuning) on chosen heads:
   a'_{i0} = gamma a_{i0}, every row renormalised, a'_{ij} = a_{ij} / (1 + (gamma - 1) a_{i0});
-  a row with nothing left to renormalise (gamma = 0 and a_{i0} = 1) is left unchanged.
+  a row with nothing left to renormalise (gamma = 0 and a_{i0} = 1) is left unchanged;
+  gamma = inf moves all of the row's attention to key 0 (the "attend to the sink" ablation).
 
 Implementations (`impl`): "reference" materialises the full masked score matrix in float64
 (tests only); "torch" streams query blocks (CPU path, CUDA fallback); "auto" picks "torch".
@@ -31,27 +32,10 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | N
     return s
 
 
-def _softmax_zero_tuned(s: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-    """Row softmax of masked scores (B, H, Bq, S), with ZeroTuning on key 0 if `gamma` is given.
-
-    gamma a_{i0} renormalised over the row equals a softmax whose key-0 score is shifted by
-    log(gamma): same formula, without the cancellation in 1 + (gamma - 1) a_{i0} when a_{i0}
-    is close to 1. Rows left with no allowed key (gamma = 0 on a row attending only to key 0)
-    are left unchanged. Fully masked rows (padding queries) give zeros.
-    """
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    if gamma is None:
-        return p
-    shifted = s.clone()
-    shifted[..., 0] = shifted[..., 0] + torch.log(gamma.to(s.dtype)).view(1, -1, 1)
-    tuned = torch.softmax(shifted, dim=-1)
-    return torch.where(tuned.isnan(), p, tuned)
-
-
 def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None, lengths: torch.Tensor, *, scaling: float,
                          softcap: float | None = None, k_pos: int = 0,
-                         gamma: torch.Tensor | None = None, block: int = 256,
+                         gamma: torch.Tensor | None = None, block: int = 128,
                          impl: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal attention output and statistics.
 
@@ -81,17 +65,17 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       gamma=gamma, block=block)
 
 
-def _row_stats(p: torch.Tensor, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Row entropy -sum p log p of (.., Bq, S) probabilities, 0 log 0 = 0."""
-    logp = torch.where(allowed & (p > 0), torch.log(p.clamp_min(1e-45)), torch.zeros_like(p))
-    return -(p * logp).sum(-1)
+MASKED = -1e30  # finite, so that 0 * score stays 0 where p = exp(MASKED - max) underflows to 0
 
 
-def _allowed(mask: torch.Tensor | None, rows: torch.Tensor, cols: int, b: int) -> torch.Tensor:
-    """(B or 1, 1, Bq, cols) bool: which keys each query of the block may attend to."""
+def _mask_block(s: torch.Tensor, mask: torch.Tensor | None, a: int, b: int) -> None:
+    """Mask (B, H, Bq, cols) scores of queries a..b-1 in place: the model's mask if given, else
+    causal (only the diagonal square of the block has keys after a query)."""
     if mask is not None:
-        return mask[:, :, rows, :cols]
-    return (torch.arange(cols, device=rows.device)[None, :] <= rows[:, None])[None, None]
+        s.masked_fill_(~mask[:, :, a:b, : s.shape[-1]], MASKED)
+    else:
+        diag = torch.ones(b - a, b - a, dtype=torch.bool, device=s.device).triu(1)
+        s[..., a:b].masked_fill_(diag, MASKED)
 
 
 def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block):
@@ -104,27 +88,38 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
     sink = torch.zeros(bsz, heads, dtype=work, device=q.device)
     ent = torch.zeros(bsz, heads, dtype=work, device=q.device)
     received = torch.zeros(bsz, t, dtype=work, device=q.device)
-    qpos_valid = torch.arange(t, device=q.device)[None, :] < lengths[:, None]  # (B, T)
+    valid = (torch.arange(t, device=q.device)[None, :] < lengths[:, None]).to(work)  # (B, T)
     for a in range(0, t, block):
         b = min(a + block, t)
-        rows = torch.arange(a, b, device=q.device)
-        cols = b  # causal: keys after the block's last query are never allowed
-        qb = q[:, :, a:b].to(work).reshape(bsz, kvh, groups * (b - a), dh)  # (B, KVH, G*Bq, Dh)
-        s = _scores(qb, kw[:, :, :cols], scaling, softcap).view(bsz, heads, b - a, cols)
-        allowed = _allowed(mask, rows, cols, bsz)
-        s = s.masked_fill(~allowed, -math.inf)
-        p = _softmax_zero_tuned(s, gamma)
-        o = torch.matmul(p.view(bsz, kvh, groups * (b - a), cols), vw[:, :, :cols])
-        out[:, a:b] = o.view(bsz, heads, b - a, dh).transpose(1, 2).to(q.dtype)
-        valid = qpos_valid[:, a:b].to(work)  # (B, Bq)
-        ent += (_row_stats(p, s, allowed) * valid[:, None]).sum(-1)
+        n, cols = b - a, b  # causal: keys after the block's last query are never allowed
+        qb = q[:, :, a:b].to(work).reshape(bsz, kvh, groups * n, dh)  # (B, KVH, G*Bq, Dh)
+        s = _scores(qb, kw[:, :, :cols], scaling, softcap).view(bsz, heads, n, cols)
+        _mask_block(s, mask, a, b)
+        if gamma is not None:  # ZeroTuning: gamma a_i0, renormalised = softmax with log(gamma)
+            first = s[..., 0].clone()
+            s[..., 0] += torch.log(gamma.to(work)).view(1, -1, 1).clamp(MASKED, -MASKED)
+            dead = s.amax(-1) <= MASKED / 2  # nothing left to renormalise: row unchanged
+            s[..., 0] = torch.where(dead, first, s[..., 0])
+        p = torch.softmax(s, dim=-1)  # (B, H, Bq, cols)
+        # Entropy H = lse - sum_j p_j s_j, with lse = max_j s_j - log max_j p_j (exact, and
+        # max p >= 1/cols never underflows). Fully masked rows (padding queries) are
+        # uniform here and carry zero weight below.
+        flat_p, flat_s = p.reshape(-1, 1, cols), s.reshape(-1, cols, 1)
+        dot = torch.bmm(flat_p, flat_s).view(bsz, heads, n)
+        lse = s.amax(-1) - torch.log(p.amax(-1))
+        w = valid[:, a:b]  # (B, Bq)
+        ent += ((lse - dot) * w[:, None]).sum(-1)
         if k_pos < cols:
-            rows_ge = (rows >= k_pos).to(work)[None, None] * valid[:, None]
-            sink += (p[..., k_pos] * rows_ge).sum(-1)
-        received[:, :cols] += torch.einsum("bhqs,bq->bs", p, valid)
-    n = lengths.to(work)
-    stats = {"sink_mass": sink / (n - k_pos).clamp_min(1)[:, None],
-             "attn_entropy": ent / n[:, None], "received": received}
+            rows_ge = (torch.arange(a, b, device=q.device) >= k_pos).to(work)[None] * w
+            sink += (p[..., k_pos] * rows_ge[:, None]).sum(-1)
+        # column sums over heads and real queries: one GEMV per batch row
+        received[:, :cols] += torch.bmm(w.repeat(1, heads).unsqueeze(1),
+                                        p.reshape(bsz, heads * n, cols)).squeeze(1)
+        o = torch.matmul(p.view(bsz, kvh, groups * n, cols), vw[:, :, :cols])
+        out[:, a:b] = o.view(bsz, heads, n, dh).transpose(1, 2).to(q.dtype)
+    n_real = lengths.to(work)
+    stats = {"sink_mass": sink / (n_real - k_pos).clamp_min(1)[:, None],
+             "attn_entropy": ent / n_real[:, None], "received": received}
     return out, stats
 
 

@@ -100,3 +100,12 @@ def test_unknown_impl_raises():
     q, k, v, mask, lens = make_inputs(1, 2, 2, 4, 4, torch.float32, [4])
     with pytest.raises(ValueError, match="impl must be one of"):
         attention_with_stats(q, k, v, mask, lens, scaling=1.0, impl="cuda")
+
+
+def test_infinite_gamma_moves_all_attention_to_key_zero():
+    q, k, v, mask, lens = make_inputs(1, 2, 1, 9, 4, torch.float32, [9])
+    gamma = torch.tensor([1.0, math.inf])
+    out, stats = attention_with_stats(q, k, v, mask, lens, scaling=0.5, gamma=gamma, impl="torch")
+    torch.testing.assert_close(out[0, :, 1], v[0, 0, :1].expand(9, 4))  # every query reads v_0
+    assert stats["sink_mass"][0, 1].item() == pytest.approx(1.0)
+    assert stats["attn_entropy"][0, 1].item() == pytest.approx(0.0, abs=1e-6)

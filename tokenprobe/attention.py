@@ -46,11 +46,25 @@ class _State:
 _STATE: contextvars.ContextVar[_State] = contextvars.ContextVar("tokenprobe_attention")
 
 
+def output_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The attention output projection as a (D, H * Dh) matrix (Linear `o_proj` / `out_proj` /
+    `dense`, or GPT-2's transposed Conv1D `c_proj`)."""
+    for name in ("o_proj", "out_proj", "dense"):
+        if isinstance(getattr(module, name, None), torch.nn.Linear):
+            return getattr(module, name).weight
+    if hasattr(module, "c_proj"):  # transformers' Conv1D stores (in, out)
+        return module.c_proj.weight.T
+    raise ValueError(f"cannot find the output projection of {type(module).__name__}")
+
+
 def value_norms(module: torch.nn.Module, value: torch.Tensor, heads: int) -> torch.Tensor:
     """Guo et al.'s value-state drain: ||W_O^(h) v_t^(h)|| per head and token.
 
+    Computed as sqrt(v^T (W_O^(h)T W_O^(h)) v): a (Dh, Dh) Gram matrix per head instead of a
+    projection to the model width, the same number with D / Dh times fewer multiplications.
+
     Args:
-        module: the attention module (its `o_proj` weight is (D, H * Dh)).
+        module: the attention module.
         value: (B, KVH, S, Dh) value states.
         heads: number of query heads H (value head of head h is h // (H / KVH)).
 
@@ -58,12 +72,12 @@ def value_norms(module: torch.nn.Module, value: torch.Tensor, heads: int) -> tor
         (B, H, S) float32 norms.
     """
     bsz, kvh, s, dh = value.shape
-    w = module.o_proj.weight.float().view(-1, heads, dh)  # (D, H, Dh)
-    out = torch.empty(bsz, heads, s, dtype=torch.float32, device=value.device)
-    for h in range(heads):
-        v = value[:, h // (heads // kvh)].float()  # (B, S, Dh)
-        out[:, h] = torch.linalg.vector_norm(v @ w[:, h].T, dim=-1)
-    return out
+    groups = heads // kvh
+    w = output_weight(module).float().view(-1, heads, dh)  # (D, H, Dh)
+    gram = torch.einsum("dhi,dhj->hij", w, w)  # (H, Dh, Dh)
+    v = value.float().repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+    quad = (torch.matmul(v, gram) * v).sum(-1)  # (B, H, S)
+    return quad.clamp_min(0).sqrt()
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -111,8 +125,8 @@ def _cached_step(query, key, value, mask, scaling, softcap, gamma) -> torch.Tens
         rows = torch.arange(s - t, s, device=query.device)
         mask = (torch.arange(s, device=query.device)[None, :] <= rows[:, None])[None, None]
     scores = scores.masked_fill(~mask, float("-inf"))
-    if gamma is not None:
-        scores[..., 0] = scores[..., 0] + torch.log(gamma).view(1, -1, 1)
+    if gamma is not None:  # finite clamp: gamma = inf puts all mass on key 0, 0 removes it
+        scores[..., 0] = scores[..., 0] + torch.log(gamma).view(1, -1, 1).clamp(-1e30, 1e30)
     p = torch.softmax(scores, -1).nan_to_num(0.0)
     return (p @ v).transpose(1, 2).to(query.dtype)
 
@@ -146,7 +160,8 @@ def zero_tuning(model: PreTrainedModel, gamma: float,
 
     Args:
         model: a transformers causal LM (e.g. `tokenprobe.load(...).model`).
-        gamma: factor on a_{i0} (> 1 strengthens the first-token sink, < 1 weakens it).
+        gamma: factor on a_{i0} (> 1 strengthens the first-token sink, < 1 weakens it;
+            `math.inf` moves all of the head's attention to the first token).
         heads: (layer, head) pairs; None means every head of every layer.
 
     Usable around `tokenprobe.run` (the probes then see the tuned model) and `model.generate`.
