@@ -27,6 +27,7 @@ def test_run_writes_a_run_and_prints_a_summary(capsys, tmp_path):
     # --prompt texts come first, then each --prompts file in order
     assert run.prompts.text.tolist() == ["third", "line one\nline two", "second"]
     assert "3 prompt(s)" in out and "no massive activations" in out
+    assert out.count("sink rate") == 3 and "secondary sinks:" in out
     assert f"run saved to {tmp_path / 'r'}" in out
 
 
@@ -84,3 +85,16 @@ def test_installed_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "run", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--prompts FILE" in done.stdout and "exit codes" in done.stdout
+
+
+def test_max_tokens_and_sinks_only(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "run", "--model", "tiny-gemma3", "--probes", "sinks",
+                           "--prompt", "a long enough prompt", "--max-tokens", "6", "--out",
+                           str(tmp_path / "r"), "--quiet")
+    assert code == 0 and "T=6)" in out and "massive" not in out
+    run = tokenprobe.open_run(tmp_path / "r")
+    assert run.prompts.n_tokens.tolist() == [6] and sorted(run.tables) == [
+        "heads", "prompts", "sinks", "token_layers", "tokens"]
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--probes", "sinks",
+                           "--backend", "nnsight", "--prompt", "x", "--out", str(tmp_path / "n"))
+    assert code == cli.EXIT_USAGE and "cannot run with --backend nnsight" in err

@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         model = backends.as_bridge(loaded) if args.backend == "bridge" else backends.as_nnsight(loaded)
     result = tokenprobe.run(model, prompts, probes, tokenizer=loaded.tokenizer,
                             batch_size=args.batch_size,
-                            truncate=args.truncate, out=args.out, overwrite=args.overwrite,
+                            truncate=args.truncate, max_tokens=args.max_tokens, out=args.out, overwrite=args.overwrite,
                             progress=not args.quiet, seed=args.seed)
     print_summary(result)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
@@ -94,23 +94,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_summary(result) -> None:
+    """Per prompt: tokens, massive activations, sink rate and secondary sinks (what ran)."""
     import pandas as pd
 
     from tokenprobe.analyses.massive import massive_summary
+    from tokenprobe.analyses.sinks import sink_rate
 
-    summary = massive_summary(result)
+    tables = result.tables
+    texts = result.prompts.set_index("prompt_id").text
+    massive = massive_summary(result).set_index("prompt_id") if "massive" in tables else None
+    rates = sink_rate(result).set_index("prompt_id") if "heads" in tables else None
     print(f"model {result.meta['model']} ({result.meta['n_layers']} blocks), "
-          f"{len(summary)} prompt(s)")
-    for row in summary.itertuples():
-        text = result.prompts.set_index("prompt_id").text[row.prompt_id]
+          f"{len(texts)} prompt(s)")
+    for prompt_id, text in texts.items():
+        n = int(result.prompts.set_index("prompt_id").n_tokens[prompt_id])
         head = (text[:48] + "...") if len(text) > 48 else text
-        if pd.isna(row.first_massive_layer):
-            where = "no massive activations"
-        else:
-            where = (f"massive from block {row.first_massive_layer} to {row.last_massive_layer}, "
-                     f"dims [{row.massive_dims}] at positions [{row.massive_positions}], "
-                     f"max |h| {row.max_massive:,.0f}")
-        print(f"  [{row.prompt_id}] {row.n_tokens:4d} tokens  {where}  | {head!r}")
+        print(f"  [{prompt_id}] {n:4d} tokens  | {head!r}")
+        if massive is not None:
+            row = massive.loc[prompt_id]
+            if pd.isna(row.first_massive_layer):
+                print("        no massive activations")
+            else:
+                print(f"        massive from block {row.first_massive_layer} to "
+                      f"{row.last_massive_layer}, dims [{row.massive_dims}] at positions "
+                      f"[{row.massive_positions}], max |h| {row.max_massive:,.0f}")
+        if rates is not None:
+            rate = rates.loc[prompt_id]
+            sinks = tables["sinks"][(tables["sinks"].prompt_id == prompt_id)]
+            secondary = sinks[sinks.kind == "secondary"]
+            found = ", ".join(f"{t!r}@{p} (layers {c}-{c + life - 1})" for t, p, c, life in
+                              zip(secondary.token, secondary.pos, secondary.creation_layer,
+                                  secondary.lifetime)) or "none"
+            print(f"        sink rate {rate.sink_rate:.1f}% (eps {rate.eps}, T={int(rate['T'])}); "
+                  f"secondary sinks: {found}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -173,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
     run.add_argument("--truncate", action="store_true",
                      help="cut prompts longer than the model's context instead of refusing them")
+    run.add_argument("--max-tokens", type=int, metavar="T",
+                     help="keep the first T tokens of every prompt (Gu et al. report the sink "
+                          "rate at T=64)")
     run.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -219,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunExistsError, FileExistsError) as err:
         print(f"tokenprobe: error: {err}", file=sys.stderr)
         return EXIT_EXISTS
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("\ntokenprobe: interrupted; finished batches are kept, run the same command "
               "again to resume", file=sys.stderr)

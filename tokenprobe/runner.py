@@ -26,8 +26,9 @@ VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transf
 
 def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | None = None, *,
         tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 8,
-        truncate: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
-        progress: bool = True, seed: int = 0) -> Run:
+        truncate: bool = False, max_tokens: int | None = None,
+        out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+        seed: int = 0) -> Run:
     """Run `probes` over `prompts` and return the tables as a `Run`.
 
     Args:
@@ -42,6 +43,8 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
         batch_size: prompts per forward pass (prompts are grouped by length, right-padded;
             padding never reaches a table).
         truncate: cut prompts longer than the model's context instead of refusing them.
+        max_tokens: keep only the first `max_tokens` tokens of every prompt (e.g. T = 64 for
+            Gu et al.'s sink rate); `prompts.n_tokens` records what was kept.
         out: if given, the run is checkpointed per batch into a staging directory beside `out`
             and published atomically at `out` when complete; an interrupted run resumes.
         overwrite: allow replacing a complete run at `out`.
@@ -60,15 +63,16 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
     if probes is None and backend.kind != "hf":  # attention-site probes need transformers
         probe_list = [p for p in probe_list if "attention" not in p.sites]
     encoded = encode_prompts(backend.tokenizer, texts, context_length=backend.context_length,
-                             truncate=truncate)
+                             truncate=truncate, max_tokens=max_tokens)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # less padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     meta = _metadata(backend, probe_list, texts, batch_size=batch_size, truncate=truncate,
-                     seed=seed)
+                     max_tokens=max_tokens, seed=seed)
     writer = None
     if out is not None:
         request = {k: meta[k] for k in ("model", "weights_fingerprint", "dtype", "probes",
-                                        "prompts_sha256", "batch_size", "truncate", "seed")}
+                                        "prompts_sha256", "batch_size", "truncate", "max_tokens",
+                                        "seed")}
         writer = PartWriter(Path(out), request, overwrite=overwrite)
     done = writer.done_batches() if writer else set()
     torch.manual_seed(seed)

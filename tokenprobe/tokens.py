@@ -40,15 +40,19 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
-                   context_length: int | None, truncate: bool) -> list[tuple[list[int], bool]]:
+                   context_length: int | None, truncate: bool, max_tokens: int | None = None
+                   ) -> list[tuple[list[int], bool]]:
     """Token ids of each prompt with the tokenizer's default special tokens, and whether it
     was truncated. Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
-    raise `PromptError`."""
+    raise `PromptError`. `max_tokens` keeps only the first tokens of every prompt (special
+    tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
     out = []
     for i, text in enumerate(prompts):
         if not isinstance(text, str) or not text.strip():
             raise PromptError(f"prompt {i} is empty or whitespace only; give each prompt some text")
         ids = tokenizer(text)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
         cut = context_length is not None and len(ids) > context_length
         if cut and not truncate:
             raise PromptError(
