@@ -56,12 +56,13 @@ def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
     h = _widen(h)
     a = h.abs()
     max_abs, max_dim = a.max(dim=-1)
+    norm = torch.linalg.vector_norm(h, dim=-1)
     return {
-        "resid_norm": torch.linalg.vector_norm(h, dim=-1),
+        "resid_norm": norm,
         "max_abs": max_abs,
         "max_abs_dim": max_dim,
         "median_abs": lower_median(a, dim=-1),
-        "cos_to_first": torch.nn.functional.cosine_similarity(h, h[:1], dim=-1),
+        "cos_to_first": (h @ h[0]) / (norm * norm[0]).clamp_min(1e-30),
     }
 
 
