@@ -83,30 +83,44 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
     kvh = k.shape[1]
     groups = heads // kvh
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    kw, vw = k.to(work), v.to(work)
+    kw = k.to(work)
+    # Without softcapping, sum_j p_ij s_ij = scale q_i . (P K)_i: the entropy's dot product
+    # rides in the output matmul as P @ [V | K] instead of another pass over p and s.
+    fused = softcap is None
+    vk = torch.cat([v.to(work), kw], dim=-1) if fused else v.to(work)  # (B, KVH, S, Dh[+Dh])
     out = torch.empty(bsz, t, heads, dh, dtype=q.dtype, device=q.device)
     sink = torch.zeros(bsz, heads, dtype=work, device=q.device)
     ent = torch.zeros(bsz, heads, dtype=work, device=q.device)
     received = torch.zeros(bsz, t, dtype=work, device=q.device)
     valid = (torch.arange(t, device=q.device)[None, :] < lengths[:, None]).to(work)  # (B, T)
+    log_gamma = (torch.log(gamma.to(work)).clamp(MASKED, -MASKED).view(1, -1, 1)
+                 if gamma is not None else None)
     for a in range(0, t, block):
         b = min(a + block, t)
         n, cols = b - a, b  # causal: keys after the block's last query are never allowed
         qb = q[:, :, a:b].to(work).reshape(bsz, kvh, groups * n, dh)  # (B, KVH, G*Bq, Dh)
         s = _scores(qb, kw[:, :, :cols], scaling, softcap).view(bsz, heads, n, cols)
         _mask_block(s, mask, a, b)
-        if gamma is not None:  # ZeroTuning: gamma a_i0, renormalised = softmax with log(gamma)
+        if log_gamma is not None:  # ZeroTuning: gamma a_i0, renormalised = softmax with log(gamma)
             first = s[..., 0].clone()
-            s[..., 0] += torch.log(gamma.to(work)).view(1, -1, 1).clamp(MASKED, -MASKED)
+            s[..., 0] += log_gamma
             dead = s.amax(-1) <= MASKED / 2  # nothing left to renormalise: row unchanged
             s[..., 0] = torch.where(dead, first, s[..., 0])
+            shift = s[..., 0] - first  # log(gamma) where applied, else 0
         p = torch.softmax(s, dim=-1)  # (B, H, Bq, cols)
         # Entropy H = lse - sum_j p_j s_j, with lse = max_j s_j - log max_j p_j (exact, and
         # max p >= 1/cols never underflows). Fully masked rows (padding queries) are
         # uniform here and carry zero weight below.
-        flat_p, flat_s = p.reshape(-1, 1, cols), s.reshape(-1, cols, 1)
-        dot = torch.bmm(flat_p, flat_s).view(bsz, heads, n)
         lse = s.amax(-1) - torch.log(p.amax(-1))
+        o = torch.matmul(p.view(bsz, kvh, groups * n, cols), vk[:, :, :cols])
+        o = o.view(bsz, heads, n, -1)
+        if fused:
+            dot = scaling * (o[..., dh:] * qb.view(bsz, heads, n, dh)).sum(-1)
+            if log_gamma is not None:
+                dot = dot + p[..., 0] * shift
+        else:
+            dot = torch.bmm(p.reshape(-1, 1, cols), s.reshape(-1, cols, 1)).view(bsz, heads, n)
+        out[:, a:b] = o[..., :dh].transpose(1, 2).to(q.dtype)
         w = valid[:, a:b]  # (B, Bq)
         ent += ((lse - dot) * w[:, None]).sum(-1)
         if k_pos < cols:
@@ -115,8 +129,6 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
         # column sums over heads and real queries: one GEMV per batch row
         received[:, :cols] += torch.bmm(w.repeat(1, heads).unsqueeze(1),
                                         p.reshape(bsz, heads * n, cols)).squeeze(1)
-        o = torch.matmul(p.view(bsz, kvh, groups * n, cols), vw[:, :, :cols])
-        out[:, a:b] = o.view(bsz, heads, n, dh).transpose(1, 2).to(q.dtype)
     n_real = lengths.to(work)
     stats = {"sink_mass": sink / (n_real - k_pos).clamp_min(1)[:, None],
              "attn_entropy": ent / n_real[:, None], "received": received}

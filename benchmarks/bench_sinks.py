@@ -1,0 +1,394 @@
+"""Benchmark: time and peak memory of sinks + activations probes vs plain, eager and TL forwards.
+
+Each (provider, T) measurement runs in its own fresh Python process (this script re-invoked
+with a hidden `--worker` flag), one after another, so that its peak RSS is its own. Results go
+to a long CSV (name, provider, x_name, x_value, metric, value, machine); see
+benchmarks/README.md for the providers and how to read it.
+
+    python benchmarks/bench_sinks.py --T 256 512 --repeats 1 --out /tmp/bench_sinks.csv
+"""
+from __future__ import annotations
+
+# The parent process stays on the standard library: a child's ru_maxrss starts from the
+# RSS of the process that spawned it (Linux carries the pre-exec high-water mark over), so
+# a parent holding torch and a model would set a floor under every measurement.
+import argparse
+import csv
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+NAME = "sinks"
+PROVIDERS: dict[str, str] = {
+    "plain_sdpa": "HF forward, sdpa attention, use_cache=False, logits_to_keep=1 (the baseline)",
+    "tokenprobe_sinks_activations": "tokenprobe.run(..., ['activations', 'sinks'])",
+    "tokenprobe_sinks": "tokenprobe.run(..., ['sinks'])",
+    "tokenprobe_activations": "tokenprobe.run(..., ['activations'])",
+    "eager_output_attentions": "HF forward, eager attention, output_attentions=True",
+    "transformerlens_run_with_cache": "TransformerLens 4.x TransformerBridge.run_with_cache",
+}
+PROBES = {"tokenprobe_sinks_activations": ["activations", "sinks"],
+          "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"]}
+SLOW = ("eager_output_attentions", "transformerlens_run_with_cache")  # [L, H, T, T] held
+BASELINE = "plain_sdpa"
+COLUMNS = ["name", "provider", "x_name", "x_value", "metric", "value", "machine"]
+
+# Deterministic natural-language input, repeated until it is long enough for any T.
+PARAGRAPHS = (
+    "The ferry left the harbour a little after seven, when the fog had thinned enough for the "
+    "pilot to see the green light on the breakwater. Most of the passengers stayed inside, "
+    "reading or sleeping against the windows, but a few stood at the rail with their collars "
+    "turned up and watched the town shrink behind them until only the church tower remained.",
+    "In the library of the old school, the catalogue was still kept on cards. Each drawer held "
+    "a few hundred of them, typed on a machine whose letter e sat slightly above the line, and "
+    "the librarian claimed she could date a card to within a year by the colour of its ribbon.",
+    "Bread rises because yeast turns sugar into carbon dioxide and alcohol. The gas is caught "
+    "in a web of gluten, which stretches as the bubbles grow; the oven then sets the web, drives "
+    "off the alcohol and browns the crust, which is why a loaf smells different from its dough.",
+    "When the committee finally met, nobody had read the report. The chair summarised it from "
+    "memory, got two of the numbers wrong, and was corrected by the treasurer, who had not read "
+    "it either but had written the spreadsheet the numbers came from three years before.",
+)
+
+
+def benchmark_input(tokenizer: Any, tokens: int) -> tuple[str, list[int]]:
+    """A text whose tokenisation (with the tokenizer's default special tokens) is exactly
+    `tokens` ids, and those ids; deterministic for a given tokenizer.
+
+    Raises:
+        RuntimeError: no window of the repeated paragraphs re-tokenises to exactly `tokens`.
+    """
+    specials = len(tokenizer("a")["input_ids"]) - len(
+        tokenizer("a", add_special_tokens=False)["input_ids"])
+    body_len = tokens - specials
+    unit = "\n\n".join(PARAGRAPHS) + "\n\n"
+    per_unit = len(tokenizer(unit, add_special_tokens=False)["input_ids"])
+    body = tokenizer(unit * (body_len // per_unit + 3), add_special_tokens=False)["input_ids"]
+    for offset in range(64):  # shift the window until its decoded text round-trips
+        text = tokenizer.decode(body[offset:offset + body_len])
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) == tokens and text.strip():
+            return text, ids
+    raise RuntimeError(f"no text of the benchmark paragraphs re-tokenises to exactly {tokens} "
+                       "tokens; the token-id comparison between providers would be unfair")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Callable, Callable]:
+    """The call to time for `provider` and a check of its output (run once, on the warm-up)."""
+    import torch
+
+    import tokenprobe
+
+    model, config = loaded.model, loaded.model.config
+    input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
+    t = len(ids)
+    if provider == "plain_sdpa":
+        if config._attn_implementation != "sdpa":
+            raise RuntimeError("the plain baseline expects sdpa attention, the model uses "
+                               f"{config._attn_implementation}")
+        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        check = lambda out: _expect(tuple(out.logits.shape) == (1, 1, config.vocab_size), "logits")
+    elif provider == "eager_output_attentions":
+        model.set_attn_implementation("eager")
+        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1,
+                             output_attentions=True)
+        shape = (1, config.num_attention_heads, t, t)
+        check = lambda out: _expect(out.attentions is not None
+                                    and len(out.attentions) == config.num_hidden_layers
+                                    and tuple(out.attentions[0].shape) == shape, "attentions")
+    elif provider == "transformerlens_run_with_cache":
+        from tokenprobe.backends import as_bridge
+
+        bridge = as_bridge(loaded)  # switches this (fresh) model to eager attention
+        call = lambda: bridge.run_with_cache(input_ids)
+        check = lambda out: _expect(out[0].shape[:2] == (1, t) and len(out[1]) > 0, "TL cache")
+    elif provider in PROBES:
+        call = lambda: tokenprobe.run(loaded, [text], PROBES[provider], progress=False,
+                                      truncate=True)
+
+        def check(result: Any) -> None:
+            _expect(result.tokens.token_id.tolist() == ids, "tokenprobe saw other token ids")
+            _expect(not result.prompts.truncated.any(), "tokenprobe truncated the prompt")
+    else:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    return call, check
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"unexpected output: {what}")
+
+
+def measure(provider: str, tokens: int, repeats: int, model_name: str,
+            threads: int | None = None) -> dict:
+    """Load the model, set `provider` up, warm up once, time `repeats` runs; RSS and times."""
+    import gc
+
+    import torch
+
+    import tokenprobe
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    loaded = tokenprobe.load(model_name)
+    text, ids = benchmark_input(loaded.tokenizer, tokens)
+    context = loaded.model.config.max_position_embeddings
+    if tokens > context:  # cost only: positions past the trained context are not meaningful
+        loaded.model.config.max_position_embeddings = tokens
+    call, check = _prepare(provider, loaded, text, ids)
+    with torch.inference_mode():
+        for p in loaded.model.parameters():  # page the (mmap-backed) weights in before "loaded"
+            p.sum()
+    gc.collect()
+    loaded_rss = _rss_mb()
+    times = []
+    with torch.inference_mode():
+        out = call()  # warm-up
+        check(out)
+        del out
+        gc.collect()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = call()  # held until the clock stops, as a user holds what they asked for
+            times.append(time.perf_counter() - start)
+            del out
+            gc.collect()
+    return {"provider": provider, "T": tokens, "loaded_rss_mb": loaded_rss,
+            "peak_rss_mb": _peak_rss_mb(), "time_min_s": min(times),
+            "time_median_s": statistics.median(times), "context": context,
+            "threads": torch.get_num_threads(), "input_ids": _digest(ids)}
+
+
+def _digest(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def machine() -> str:
+    """Platform, CPU count and torch version (read without importing torch)."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
+    return f"{platform.platform()}; {os.cpu_count()} cpus; torch {torch_version}"
+
+
+def run_worker(provider: str, tokens: int, args: argparse.Namespace) -> tuple[dict | None, str]:
+    """One measurement in a fresh process; (result, "") or (None, why it failed)."""
+    with tempfile.TemporaryDirectory(prefix="bench_sinks.") as tmp:
+        result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "worker.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", provider,
+               "--T", str(tokens), "--repeats", str(args.repeats), "--model", args.model,
+               "--result", str(result_path)]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+                log.write(f"\nkilled after --timeout {args.timeout} s\n")
+        if rc == 0 and result_path.exists():
+            return json.loads(result_path.read_text()), ""
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-15:])
+        return {"provider": provider, "T": tokens, "failed": rc}, tail
+
+
+def rows_for(results: list[dict], args: argparse.Namespace, where: str) -> list[list]:
+    """Long CSV rows: per-measurement metrics, skipped / failed markers, ratios to plain_sdpa."""
+    rows = []
+
+    def add(provider: str, tokens: int, metric: str, value: float) -> None:
+        rows.append([NAME, provider, "T", tokens, metric, value, where])
+
+    for r in results:
+        p, t = r["provider"], r["T"]
+        if "skipped" in r:
+            add(p, t, "skipped", r["skipped"])
+        elif "failed" in r:
+            add(p, t, "failed", r["failed"])
+        else:
+            for metric in ("time_min_s", "time_median_s", "peak_rss_mb", "loaded_rss_mb"):
+                add(p, t, metric, round(r[metric], 6 if metric.startswith("time") else 3))
+            add(p, t, "extra_rss_mb", round(r["peak_rss_mb"] - r["loaded_rss_mb"], 3))
+            add(p, t, "threads", r["threads"])
+            if t > r["context"]:
+                add(p, t, "beyond_context", r["context"])
+    base = {r["T"]: r for r in results if r["provider"] == BASELINE and "time_min_s" in r}
+    for r in results:
+        b = base.get(r["T"])
+        if b is None or r["provider"] == BASELINE or "time_min_s" not in r:
+            continue
+        ratios = {
+            "time_ratio": r["time_median_s"] / b["time_median_s"],
+            "time_min_ratio": r["time_min_s"] / b["time_min_s"],
+            "peak_rss_ratio": r["peak_rss_mb"] / b["peak_rss_mb"],
+            "extra_rss_ratio": ((r["peak_rss_mb"] - r["loaded_rss_mb"])
+                                / max(b["peak_rss_mb"] - b["loaded_rss_mb"], 1e-9)),
+        }
+        for metric, value in ratios.items():
+            add(r["provider"], r["T"], metric, round(value, 4))
+    return rows
+
+
+def write_csv(rows: list[list], out: Path) -> None:
+    """Write `rows` to `out` atomically (a temporary file in the same folder, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(rows)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def table(results: list[dict]) -> str:
+    """A readable summary: one line per (T, provider)."""
+    base = {r["T"]: r for r in results if r["provider"] == BASELINE and "time_min_s" in r}
+    head = (f"{'T':>6}  {'provider':<31}{'median s':>10}{'min s':>10}{'peak MB':>10}"
+            f"{'loaded MB':>10}{'extra MB':>10}{'x time':>8}{'x peak':>8}{'x extra':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        t, p = r["T"], r["provider"]
+        if "time_min_s" not in r:
+            status = (f"skipped (T > {r['skipped']})" if "skipped" in r
+                      else f"FAILED (return code {r['failed']})")
+            lines.append(f"{t:>6}  {p:<31}{status}")
+            continue
+        extra = r["peak_rss_mb"] - r["loaded_rss_mb"]
+        line = (f"{t:>6}  {p:<31}{r['time_median_s']:>10.3f}{r['time_min_s']:>10.3f}"
+                f"{r['peak_rss_mb']:>10.0f}{r['loaded_rss_mb']:>10.0f}{extra:>10.0f}")
+        b = base.get(t)
+        if b is not None and p != BASELINE:
+            line += (f"{r['time_median_s'] / b['time_median_s']:>8.2f}"
+                     f"{r['peak_rss_mb'] / b['peak_rss_mb']:>8.2f}"
+                     f"{extra / max(b['peak_rss_mb'] - b['loaded_rss_mb'], 1e-9):>8.2f}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main_parent(args: argparse.Namespace) -> int:
+    """Run every (T, provider) measurement in turn, rewriting the CSV after each one."""
+    providers = sorted(args.providers, key=lambda p: p != BASELINE)  # baseline first per T
+    where, out, results = machine(), Path(args.out), []
+    plan = [(t, p) for t in args.T for p in providers]
+    for i, (t, p) in enumerate(plan, 1):
+        if p in SLOW and t > args.skip_slow_baselines_above:
+            results.append({"provider": p, "T": t, "skipped": args.skip_slow_baselines_above})
+            print(f"[{i}/{len(plan)}] T={t} {p}: skipped (above "
+                  f"--skip-slow-baselines-above {args.skip_slow_baselines_above})", flush=True)
+            write_csv(rows_for(results, args, where), out)
+            continue
+        print(f"[{i}/{len(plan)}] T={t} {p} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        result, log_tail = run_worker(p, t, args)
+        results.append(result)
+        if "failed" in result:
+            print(f"FAILED (return code {result['failed']}) after "
+                  f"{time.perf_counter() - start:.0f} s; last lines of its output:\n{log_tail}",
+                  flush=True)
+        else:
+            print(f"median {result['time_median_s']:.3f} s, peak {result['peak_rss_mb']:.0f} MB "
+                  f"({time.perf_counter() - start:.0f} s wall)", flush=True)
+        write_csv(rows_for(results, args, where), out)
+    print(f"\n{machine()}\n{table(results)}\n\nwrote {out}")
+    digests = {}
+    for r in results:
+        digests.setdefault(r["T"], set()).add(r.get("input_ids"))
+    if any(len(d - {None}) > 1 for d in digests.values()):
+        print("ERROR: providers saw different input ids at the same T", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nProviders:\n" + "\n".join(
+            f"  {name:<31} {what}" for name, what in PROVIDERS.items()),
+        epilog=textwrap.fill(
+            "Each (provider, T) runs in a fresh subprocess, one at a time: one warm-up run, "
+               "then --repeats timed runs (min and median reported). Peak memory is the "
+               "process's peak RSS (ru_maxrss); loaded_rss_mb is the RSS once the model is "
+               "loaded and its weights paged in, so peak - loaded is what the forward adds. "
+               "T above the model's context (8192 for smollm2-135m) raises the config limit "
+               "and is marked by a 'beyond_context' row: it measures cost, not quality.", 88),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768],
+                        help="sequence lengths in tokens (default: 2048 8192 32768)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per measurement after one warm-up (default: 3)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS),
+                        metavar="PROVIDER", help="subset of the providers above (default: all)")
+    parser.add_argument("--out", default="benchmarks/results/bench_sinks.csv",
+                        help="long CSV to write, rewritten after every measurement "
+                             "(default: benchmarks/results/bench_sinks.csv)")
+    parser.add_argument("--skip-slow-baselines-above", type=int, default=2048, metavar="T",
+                        help="skip eager_output_attentions and transformerlens_run_with_cache "
+                             "above this T (they hold [layers, heads, T, T] tensors); recorded "
+                             "as metric 'skipped' (default: 2048)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="tokenprobe model name (default: smollm2-135m)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="kill a measurement after this long; recorded as 'failed'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads in each measurement (default: torch's own "
+                             "choice); recorded as metric 'threads'")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.T) < 1:
+        parser.error("--repeats and every --T must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        if len(args.T) != 1 or not args.result:
+            raise SystemExit("--worker takes exactly one --T and a --result path")
+        result = measure(args.worker, args.T[0], args.repeats, args.model, args.threads)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+    return main_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
