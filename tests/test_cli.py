@@ -85,6 +85,12 @@ def test_installed_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "run", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--prompts FILE" in done.stdout and "exit codes" in done.stdout
+    top = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "heads" in top and "toy" in top and "query" in top
+    heads = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "heads", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "--method {zero,sink}" in heads
 
 
 def test_max_tokens_and_sinks_only(capsys, tmp_path):

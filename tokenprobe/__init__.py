@@ -1,6 +1,27 @@
-"""tokenprobe: token-level interpretability of language models, reduced inside the hooks."""
-from tokenprobe.models import DEFAULT_MODEL, LoadedModel, load
-from tokenprobe.runner import run
-from tokenprobe.store import Run, open_run
+"""tokenprobe: token-level interpretability of language models, reduced inside the hooks.
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "Run", "load", "open_run", "run"]
+The top-level names load on first use, so `import tokenprobe.cli` (and `tokenprobe --help`)
+does not import torch and transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "tokenprobe.models", "LoadedModel": "tokenprobe.models",
+    "load": "tokenprobe.models", "run": "tokenprobe.runner", "Run": "tokenprobe.store",
+    "open_run": "tokenprobe.store",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from tokenprobe.models import DEFAULT_MODEL, LoadedModel, load
+    from tokenprobe.runner import run
+    from tokenprobe.store import Run, open_run
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tokenprobe' has no attribute {name!r}")

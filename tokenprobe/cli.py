@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -160,7 +161,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands whose parsers live with their (heavy) analysis modules: imported only when asked
+# for, so `tokenprobe --help` and `tokenprobe run` do not load them.
+LAZY = {
+    "heads": ("tokenprobe.analyses.heads",
+              "active vs dormant heads: loss change when each head is ablated, per domain"),
+    "toy": ("tokenprobe.analyses.toy",
+            "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; `command` names the subcommand about to run (its lazy parser is built)."""
     parser = argparse.ArgumentParser(
         prog="tokenprobe", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Token-level interpretability: probes reduced inside the forward pass, "
@@ -218,11 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
     query.add_argument("--max-rows", type=int, default=60, help="rows shown in table format")
     query.set_defaults(func=cmd_query)
+
+    for name, (module, summary) in LAZY.items():
+        if name == command:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in LAZY else None).parse_args(argv)
     from tokenprobe.models import ModelError
     from tokenprobe.store import RunExistsError, RunNotFoundError
     from tokenprobe.tokens import PromptError
