@@ -63,8 +63,10 @@ def sink_levels_of(norms: np.ndarray) -> tuple[int, int]:
 
     Returns:
         (start, end): start = argmax(d) + 1, end = start + argmin(d[start:]) + 1 with
-        d = diff(norms); end = L when nothing is left after start.
+        d = diff(norms); end = L when nothing is left after start; (0, 1) for a single layer.
     """
+    if len(norms) < 2:
+        return 0, len(norms)
     d = np.diff(norms)
     start = int(np.argmax(d)) + 1
     rest = d[start:]

@@ -129,6 +129,13 @@ def test_secondary_sinks_hand_case():
         "max_cos": [1.0, pytest.approx(0.91), pytest.approx(0.95), pytest.approx(0.93)]}
 
 
+def test_single_layer_model_has_only_its_primary():
+    norms, cos = np.array([[3.0, 5.0]]), np.full((1, 2, 4), 0.99)
+    assert sink_levels_of(norms[:, 1]) == (0, 1)
+    frame = secondary_sinks(norms, cos, [0, 1], primary_margin=0)
+    assert frame.pos.tolist() == [1, 2, 3] and frame.kind.tolist()[0] == "primary"
+
+
 def test_sinks_table_follows_the_reference_residuals(tiny_llama):
     config = SinksConfig(primary_margin=1, secondary_min=0, cos_threshold=0.3)
     run = tokenprobe.run(tiny_llama, PROMPTS, [SinksProbe(config)], progress=False)
