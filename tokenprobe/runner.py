@@ -83,7 +83,10 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
                 tables = _run_batch(backend, probe_list, members, texts, encoded)
                 writer.write_batch(index, tables) if writer else parts.append(tables)
             bar.update(len(members))
-    summarize = lambda tables: {p.name: p.summary(tables) for p in probe_list if p.summary(tables)}
+    def summarize(tables: dict[str, pd.DataFrame]) -> dict:
+        summaries = {p.name: p.summary(tables) for p in probe_list}
+        return {name: figures for name, figures in summaries.items() if figures}
+
     if writer:
         return writer.finish(meta, summarize)
     names = sorted({name for p in parts for name in p})
