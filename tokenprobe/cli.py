@@ -60,15 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     import tokenprobe
     from tokenprobe.probes import make_probes
     from tokenprobe.store import check_target
+    from tokenprobe.tokens import check_nonempty
 
     prompts = list(args.prompt or [])
     for file in args.prompts or []:
         prompts += read_prompts(Path(file))
     if not prompts:
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
-    for i, text in enumerate(prompts):
-        if not text.strip():
-            raise UsageError(f"prompt {i} is empty or whitespace only; give each prompt some text")
+    check_nonempty(prompts)  # before the model loads
     probes = [p.strip() for p in args.probes.split(",")] if args.probes else None
     try:
         chosen = make_probes(probes)  # unknown names fail before the model loads

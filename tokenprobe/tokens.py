@@ -39,6 +39,13 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return piece
 
 
+def check_nonempty(prompts: list[str]) -> None:
+    """Raise `PromptError` for the first prompt that is not text or is whitespace only."""
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"prompt {i} is empty or whitespace only; give each prompt some text")
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
                    context_length: int | None, truncate: bool, max_tokens: int | None = None
                    ) -> list[tuple[list[int], bool]]:
@@ -46,10 +53,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
     was truncated. Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
     raise `PromptError`. `max_tokens` keeps only the first tokens of every prompt (special
     tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
+    check_nonempty(prompts)
     out = []
     for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise PromptError(f"prompt {i} is empty or whitespace only; give each prompt some text")
         ids = tokenizer(text)["input_ids"]
         if max_tokens is not None:
             ids = ids[:max_tokens]
