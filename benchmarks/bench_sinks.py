@@ -32,13 +32,16 @@ from typing import Any, Callable
 NAME = "sinks"
 PROVIDERS: dict[str, str] = {
     "plain_sdpa": "HF forward, sdpa attention, use_cache=False, logits_to_keep=1 (the baseline)",
+    "plain_sdpa_all_logits": "the same with logits at every position (HF's default forward)",
+    "tokenprobe_default": "tokenprobe.run(..., ['activations', 'sinks', 'entropy']) (CLI default)",
     "tokenprobe_sinks_activations": "tokenprobe.run(..., ['activations', 'sinks'])",
     "tokenprobe_sinks": "tokenprobe.run(..., ['sinks'])",
     "tokenprobe_activations": "tokenprobe.run(..., ['activations'])",
     "eager_output_attentions": "HF forward, eager attention, output_attentions=True",
     "transformerlens_run_with_cache": "TransformerLens 4.x TransformerBridge.run_with_cache",
 }
-PROBES = {"tokenprobe_sinks_activations": ["activations", "sinks"],
+PROBES = {"tokenprobe_default": ["activations", "sinks", "entropy"],
+          "tokenprobe_sinks_activations": ["activations", "sinks"],
           "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"]}
 SLOW = ("eager_output_attentions", "transformerlens_run_with_cache")  # [L, H, T, T] held
 BASELINE = "plain_sdpa"
@@ -111,12 +114,14 @@ def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Cal
     model, config = loaded.model, loaded.model.config
     input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
     t = len(ids)
-    if provider == "plain_sdpa":
+    if provider in ("plain_sdpa", "plain_sdpa_all_logits"):
         if config._attn_implementation != "sdpa":
             raise RuntimeError("the plain baseline expects sdpa attention, the model uses "
                                f"{config._attn_implementation}")
-        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-        check = lambda out: _expect(tuple(out.logits.shape) == (1, 1, config.vocab_size), "logits")
+        keep = 0 if provider == "plain_sdpa_all_logits" else 1
+        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=keep)
+        check = lambda out: _expect(tuple(out.logits.shape) == (1, keep or t, config.vocab_size),
+                                    "logits")
     elif provider == "eager_output_attentions":
         model.set_attn_implementation("eager")
         call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from tokenprobe.probe import Probe
 from tokenprobe.probes.activations import ActivationsConfig, ActivationsProbe
+from tokenprobe.probes.entropy import EntropyConfig, EntropyProbe
 from tokenprobe.probes.sinks import SinksConfig, SinksProbe
 
 # Probes that need only the model being probed (the CLI's default set).
-REGISTRY: dict[str, type[Probe]] = {"activations": ActivationsProbe, "sinks": SinksProbe}
+REGISTRY: dict[str, type[Probe]] = {"activations": ActivationsProbe, "sinks": SinksProbe,
+                                    "entropy": EntropyProbe}
 
 
 def make_probes(probes: list[str | Probe] | None) -> list[Probe]:
@@ -26,5 +28,5 @@ def make_probes(probes: list[str | Probe] | None) -> list[Probe]:
     return out
 
 
-__all__ = ["REGISTRY", "make_probes", "ActivationsConfig", "ActivationsProbe", "SinksConfig",
-           "SinksProbe"]
+__all__ = ["REGISTRY", "make_probes", "ActivationsConfig", "ActivationsProbe", "EntropyConfig",
+           "EntropyProbe", "SinksConfig", "SinksProbe"]

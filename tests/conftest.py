@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
+
+import torch
+
+# Without CUDA, Triton kernels run in its interpreter (set before anything imports triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 import tokenprobe
 from tokenprobe.models import LoadedModel

@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import tokenprobe
-    from tokenprobe.probes import make_probes
+    from tokenprobe.probes import EntropyConfig, EntropyProbe, make_probes
     from tokenprobe.store import check_target
     from tokenprobe.tokens import check_nonempty
 
@@ -68,26 +68,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompts:
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
     check_nonempty(prompts)  # before the model loads
-    probes = [p.strip() for p in args.probes.split(",")] if args.probes else None
+    names = [p.strip() for p in args.probes.split(",")] if args.probes else None
     try:
-        chosen = make_probes(probes)  # unknown names fail before the model loads
+        chosen = make_probes(names)  # unknown names fail before the model loads
+        entropy_config = EntropyConfig(lens=args.lens, contrast_beta=args.contrast_beta,
+                                       quantiles_over=args.quantiles)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if args.backend != "hf" and names is None:
+        chosen = [p for p in chosen if "attention" not in p.sites]
+    has_entropy = any(p.name == "entropy" for p in chosen)
+    if not has_entropy and (args.compare or args.lens or args.contrast_beta is not None):
+        raise UsageError("--compare, --contrast-beta and --lens belong to the entropy probe; "
+                         "add it to --probes")
+    if args.contrast_beta is not None and not args.compare:
+        raise UsageError("--contrast-beta needs --compare NEGATIVE_MODEL (cDPO contrasts the "
+                         "probed model with a model tuned on incorrect answers)")
     needs_hf = [p.name for p in chosen if "attention" in p.sites]
-    if probes and needs_hf and args.backend != "hf":
+    if names and needs_hf and args.backend != "hf":
         raise UsageError(f"probe(s) {', '.join(needs_hf)} read attention inside the transformers "
                          f"attention call and cannot run with --backend {args.backend}; drop "
                          "--backend or those probes")
     check_target(Path(args.out), overwrite=args.overwrite)
-    loaded = tokenprobe.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    dtype = getattr(torch, args.dtype)
+    loaded = tokenprobe.load(args.model, dtype=dtype, device=args.device)
+    compare = tokenprobe.load(args.compare, dtype=dtype, device=args.device) if args.compare else None
+    probes = [EntropyProbe(entropy_config, compare=compare) if p.name == "entropy" else p
+              for p in chosen]
     model = loaded
     if args.backend != "hf":
         from tokenprobe import backends
         model = backends.as_bridge(loaded) if args.backend == "bridge" else backends.as_nnsight(loaded)
-    result = tokenprobe.run(model, prompts, probes, tokenizer=loaded.tokenizer,
-                            batch_size=args.batch_size,
-                            truncate=args.truncate, max_tokens=args.max_tokens, out=args.out, overwrite=args.overwrite,
-                            progress=not args.quiet, seed=args.seed)
+    try:
+        result = tokenprobe.run(model, prompts, probes, tokenizer=loaded.tokenizer,
+                                batch_size=args.batch_size, truncate=args.truncate,
+                                max_tokens=args.max_tokens, out=args.out,
+                                overwrite=args.overwrite, progress=not args.quiet, seed=args.seed)
+    except ValueError as err:  # e.g. a compare model over another vocabulary
+        raise UsageError(str(err)) from err
     print_summary(result)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
     return EXIT_OK
@@ -127,6 +145,29 @@ def print_summary(result) -> None:
                                   secondary.lifetime)) or "none"
             print(f"        sink rate {rate.sink_rate:.1f}% (eps {rate.eps}, T={int(rate['T'])}); "
                   f"secondary sinks: {found}")
+        if "entropy" in tables["tokens"]:
+            print_entropy(result, prompt_id)
+
+
+def print_entropy(result, prompt_id: int, top: int = 3) -> None:
+    """One prompt's mean entropy, self-certainty, perplexity and its top forking tokens."""
+    import pandas as pd
+
+    row = result.prompts.set_index("prompt_id").loc[prompt_id]
+    if pd.isna(row.mean_entropy):
+        print("        entropy: nothing to score (one token)")
+        return
+    tokens = result.tokens[(result.tokens.prompt_id == prompt_id) & result.tokens.forking.fillna(False)]
+    forks = ", ".join(f"{t!r}@{p} (H {h:.2f})" for t, p, h in
+                      tokens.nlargest(top, "entropy")[["token", "pos", "entropy"]].itertuples(
+                          index=False)) or "none"
+    line = (f"        entropy {row.mean_entropy:.2f} nats, self-certainty "
+            f"{row.mean_self_certainty:.2f}, perplexity {row.perplexity:.1f}; forking: {forks}")
+    if "jsd" in result.tokens:
+        jsd = result.tokens[result.tokens.prompt_id == prompt_id].jsd.mean()
+        compare = next(p["compare"]["model"] for p in result.meta["probes"] if "compare" in p)
+        line += f"; mean JSD to {compare} {jsd:.3f}"
+    print(line)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -187,9 +228,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--model", default="smollm2-135m",
                      help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
                           "hub id (default: smollm2-135m)")
-    run.add_argument("--probes", help="comma-separated probe names (default: every probe that "
-                                      "needs no second model: activations,sinks; with "
-                                      "--backend bridge|nnsight: activations)")
+    run.add_argument("--probes", help="comma-separated probe names (default: all of "
+                                      "activations,sinks,entropy; with --backend "
+                                      "bridge|nnsight: activations,entropy)")
     run.add_argument("--prompt", action="append", metavar="TEXT",
                      help="a prompt; repeat for several (prompt ids: --prompt texts first, "
                           "then each --prompts file in order)")
@@ -209,6 +250,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--backend", default="hf", choices=["hf", "bridge", "nnsight"],
                      help="hook through transformers (default), a TransformerLens "
                           "TransformerBridge, or an nnsight LanguageModel")
+    entropy = run.add_argument_group("entropy probe")
+    entropy.add_argument("--compare", metavar="MODEL",
+                         help="a second model over the same vocabulary: adds teacher entropy, "
+                              "KL both ways, JSD and the TIP quadrant per token (the probed "
+                              "model is the student)")
+    entropy.add_argument("--contrast-beta", type=float, metavar="BETA",
+                         help="with --compare NEGATIVE_MODEL: cDPO's contrastive score "
+                              "critical_ce = softmax((1+BETA) z - BETA z_neg)[token] (paper: 1)")
+    entropy.add_argument("--lens", action="store_true",
+                         help="logit lens per layer (lens_entropy, lens_kl_to_final in "
+                              "token_layers); one more vocabulary pass per layer")
+    entropy.add_argument("--quantiles", choices=["run", "prompt"], default="run",
+                         help="entropy bands and forking tokens from quantiles over the whole "
+                              "run (default) or each prompt")
     run.add_argument("--seed", type=int, default=0, help="torch seed, recorded in run.json")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)

@@ -47,6 +47,10 @@ class Probe:
     sites: ClassVar[tuple[str, ...]]
     config: object
 
+    def bind(self, model, tokenizer) -> None:
+        """Called once before the first batch with the transformers model being probed (also
+        under TransformerBridge and nnsight) and its tokenizer; e.g. to find the unembedding."""
+
     def begin(self, batch: Batch) -> None:
         """Called before the forward pass of each batch."""
         self.batch = batch
@@ -59,6 +63,11 @@ class Probe:
     def collect(self) -> dict[str, pd.DataFrame]:
         """Tables for the batch just run, keyed by table name; resets per-batch state."""
         raise NotImplementedError
+
+    def finalize(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Columns that need the whole run (e.g. per-run quantiles), added to the merged tables
+        before they are saved; returns the tables (unchanged by default)."""
+        return tables
 
     def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
         """Run-level figures from the finished tables, stored in run.json (none by default)."""

@@ -62,6 +62,8 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
     probe_list = make_probes(probes)
     if probes is None and backend.kind != "hf":  # attention-site probes need transformers
         probe_list = [p for p in probe_list if "attention" not in p.sites]
+    for probe in probe_list:
+        probe.bind(backend.hf_model, backend.tokenizer)
     encoded = encode_prompts(backend.tokenizer, texts, context_length=backend.context_length,
                              truncate=truncate, max_tokens=max_tokens)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # less padding
@@ -83,16 +85,17 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
                 tables = _run_batch(backend, probe_list, members, texts, encoded)
                 writer.write_batch(index, tables) if writer else parts.append(tables)
             bar.update(len(members))
-    def summarize(tables: dict[str, pd.DataFrame]) -> dict:
+    def complete(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:
+        for probe in probe_list:
+            tables = {n: conform(n, t) for n, t in probe.finalize(tables).items()}
         summaries = {p.name: p.summary(tables) for p in probe_list}
-        return {name: figures for name, figures in summaries.items() if figures}
+        return tables, {name: figures for name, figures in summaries.items() if figures}
 
     if writer:
-        return writer.finish(meta, summarize)
+        return writer.finish(meta, complete)
     names = sorted({name for p in parts for name in p})
-    tables = {n: merge_parts(n, [p.get(n) for p in parts]) for n in names}
-    return Run(tables, {**meta, "summary": summarize(tables), "status": "complete",
-                        "tables": names})
+    tables, summary = complete({n: merge_parts(n, [p.get(n) for p in parts]) for n in names})
+    return Run(tables, {**meta, "summary": summary, "status": "complete", "tables": names})
 
 
 def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts: list[str],

@@ -142,16 +142,18 @@ class PartWriter:
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
         tmp.rename(self.staging / "parts" / f"{index:06d}")
 
-    def finish(self, meta: dict, summarize: Callable[[dict], dict]) -> Run:
-        """Merge the batches into one Parquet file per table, add the probes' run-level
-        `summarize(tables)` to the metadata, and publish the run."""
+    def finish(self, meta: dict, complete: Callable[[dict], tuple[dict, dict]]) -> Run:
+        """Merge the batches into one Parquet file per table, let `complete(tables)` add the
+        run-level columns and return (tables, summary), store the summary in the metadata,
+        and publish the run."""
         parts = sorted((self.staging / "parts").glob("[0-9]*"))
         names = sorted({f.stem for part in parts for f in part.glob("*.parquet")})
         tables = {n: merge_parts(n, [pd.read_parquet(p / f"{n}.parquet") for p in parts
                                      if (p / f"{n}.parquet").exists()]) for n in names}
+        tables, summary = complete(tables)
         for name, frame in tables.items():
             frame.to_parquet(self.staging / f"{name}.parquet", index=False)
-        meta = {**meta, "summary": summarize(tables), "status": "complete", "tables": names}
+        meta = {**meta, "summary": summary, "status": "complete", "tables": names}
         (self.staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
         shutil.rmtree(self.staging / "parts")
         (self.staging / "request.json").unlink()

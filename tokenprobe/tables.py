@@ -7,12 +7,32 @@ prompts (grain: prompt)
     truncated  bool    True if the prompt was cut to the model's context
     first_is_special bool  whether position 0 is a special token (e.g. Gemma's <bos>;
                        SmolLM2 adds none)
+    mean_entropy, mean_self_certainty  float64  means over the prompt's scored tokens (nats;
+                       entropy probe; self-certainty is Kang et al.'s sequence score)
+    perplexity   float64  exp(-mean logprob) over the scored tokens
+    forking_share float64 share of the scored tokens flagged `forking`
 
 tokens (grain: prompt x position)
     prompt_id, pos  int64   keys; pos is 0-based over real tokens (padding never appears)
     token_id  int64   vocabulary id
     token     string  the token's text; undecodable byte pieces are shown as \\xNN escapes
     is_special bool   the id is one of the tokenizer's special ids
+    -- entropy probe: of p_pos, the next-token distribution computed at pos - 1 (NA at pos 0)
+    entropy    float64  -sum_v p log p (nats)
+    logprob    float64  log p_pos[token_id]
+    rank       Int64    1 + number of vocab entries with strictly larger probability
+    top1_id    Int64    most likely token id
+    top1_prob, margin  float64  p(top1), p(top1) - p(top2)
+    self_certainty float64  KL(U || p_pos) (Kang et al.)
+    window_entropy float64  ARES window mean of entropy (w = 4, t+1..t+w by default)
+    band       string   low / mid / high by entropy quantiles (0.5, 0.8; per run or prompt)
+    forking    boolean  entropy >= its (1 - rho) quantile, rho = 0.2 (Wang et al.)
+    -- entropy probe with a compare model (teacher / negative model q; the probed model is p)
+    teacher_entropy, teacher_logprob  float64  entropy of q, log q[token_id]
+    kl_student_teacher, kl_teacher_student  float64  KL(p || q), KL(q || p) (nats)
+    jsd        float64  Jensen-Shannon divergence of p and q (nats, <= ln 2)
+    tip_quadrant string TIP quadrant: {high,low}_H_{high,low}_D (H / ln V, JSD / ln 2 vs 0.5)
+    critical_ce float64 cDPO contrastive score softmax((1+beta) z_p - beta z_q)[token_id]
 
 token_layers (grain: prompt x layer x position; residual after block `layer`, 0-based)
     resid_norm   float64  ||h_l[t]||_2                               (Sun et al. 2024)
@@ -21,6 +41,9 @@ token_layers (grain: prompt x layer x position; residual after block `layer`, 0-
     median_abs   float64  lower median_d |h_l[t, d]| (torch.median convention)
     cos_to_first float64  cos(h_l[t], h_l[0]); 1 at pos 0
     attn_received float64 mean over heads and queries i >= pos of A[l, h, i, pos]  (sinks probe)
+    lens_entropy  float64 entropy of the logit lens softmax(W_U LN_f(h_l[pos - 1])) (nats;
+                          entropy probe with lens=True; NA at pos 0)
+    lens_kl_to_final float64 KL(lens distribution || final distribution) at the same position
 
 heads (grain: prompt x layer x head; sinks probe)
     sink_mass        float64  Gu et al. alpha_k = (1/(T-k)) sum_{i>=k} A[i, k], k = SinksConfig.k_pos
@@ -45,13 +68,21 @@ import pandas as pd
 
 SCHEMAS: dict[str, dict[str, str]] = {
     "prompts": {"prompt_id": "int64", "text": "string", "n_tokens": "int64",
-                "truncated": "bool", "first_is_special": "bool"},
+                "truncated": "bool", "first_is_special": "bool", "mean_entropy": "float64",
+                "mean_self_certainty": "float64", "perplexity": "float64",
+                "forking_share": "float64"},
     "tokens": {"prompt_id": "int64", "pos": "int64", "token_id": "int64", "token": "string",
-               "is_special": "bool"},
+               "is_special": "bool", "entropy": "float64", "logprob": "float64",
+               "rank": "Int64", "top1_id": "Int64", "top1_prob": "float64", "margin": "float64",
+               "self_certainty": "float64", "window_entropy": "float64", "band": "string",
+               "forking": "boolean", "teacher_entropy": "float64", "teacher_logprob": "float64",
+               "kl_student_teacher": "float64", "kl_teacher_student": "float64",
+               "jsd": "float64", "tip_quadrant": "string", "critical_ce": "float64"},
     "token_layers": {"prompt_id": "int64", "layer": "int64", "pos": "int64",
                      "resid_norm": "float64", "max_abs": "float64", "max_abs_dim": "int64",
                      "median_abs": "float64", "cos_to_first": "float64",
-                     "attn_received": "float64"},
+                     "attn_received": "float64", "lens_entropy": "float64",
+                     "lens_kl_to_final": "float64"},
     "heads": {"prompt_id": "int64", "layer": "int64", "head": "int64", "sink_mass": "float64",
               "attn_entropy": "float64", "value_drain_sink": "float64",
               "value_drain_rest": "float64"},

@@ -1,0 +1,402 @@
+"""Per-token statistics of the next-token distribution, streamed over the vocabulary, never (T, V).
+
+One op, `linear_entropy(hidden, weight)`. With logits l = softcap(hidden @ weight.T + bias),
+softcap(x) = c tanh(x / c) (Gemma 2's final_logit_softcapping), and p = softmax(l), per token
+(definitions and conventions: shared/methods.md, "Per-token conventions"):
+
+- `lse` = log sum_v e^{l_v};
+- `entropy` H(p) = -sum_v p_v log p_v, in nats;
+- `self_certainty` = KL(U || p) = -(1/V) sum_v log(V p_v) = lse - mean_v(l_v) - log V
+  (Kang et al. 2025, "Scalable Best-of-N Selection for Large Language Models via
+  Self-Certainty", backprop07/Self-Certainty);
+- `topk_ids`, `topk_probs` (T, k): the k most probable tokens, most probable first;
+- with targets: `target_logprob` = log p[target] (NaN where target < 0) and `target_rank` =
+  1 + #{v : l_v > l_target}, strictly larger, so tied tokens share the better rank (0 where
+  target < 0).
+
+Each token block folds vocabulary tiles into running m = max l, s = sum e^{l-m} and
+u = sum e^{l-m} (l-m), rescaled exactly when m grows (flash-attention style): lse = m + log s and
+H = log s - u/s, with no cancellation against a large lse.
+
+The rank is exact in the tiles' own arithmetic: the target's logit is picked out of its tile,
+never taken from a separately rounded dot product. Tiles are compared with an estimate t~ of it
+(computed up front) while the nearest other logits on either side of t~ are tracked; when one
+lies between t~ and the tile's value (a tie at rounding level), the block is recounted against
+the tile's value, whose recomputation is bitwise the same.
+
+Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (token_chunk x
+vocab_chunk tiles, float32 logits even for bf16/fp16 inputs; the CPU path and CUDA fallback),
+"triton" (a program per block of tokens looping over vocabulary tiles; CUDA, or CPU under
+TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports and topk <= 4, else torch).
+Ties in top-k: lowest id first in "reference" and "triton"; in "torch" in torch.topk's order.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+
+IMPLS = ("auto", "torch", "triton", "reference")
+TRITON_MAX_TOPK = 4
+NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
+
+
+def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
+                   softcap: float | None = None, targets: Tensor | None = None, topk: int = 2,
+                   impl: str = "auto", token_chunk: int = 512,
+                   vocab_chunk: int = 4096) -> dict[str, Tensor]:
+    """Entropy, lse, self-certainty, top-k and target log-prob/rank per token.
+
+    Args:
+        hidden: (T, D) final-normed hidden states.
+        weight: (V, D) unembedding; its dtype may differ from hidden's (both are upcast).
+        bias: (V,) logit bias, or None.
+        softcap: final-logit soft-capping l = c tanh(l / c) (Gemma 2), or None.
+        targets: (T,) integer token ids in [0, V); negative = no target for that row.
+        topk: number of most probable tokens returned, 1 <= topk <= V (<= 4 for triton).
+        impl: "auto", "torch", "triton" or "reference".
+        token_chunk, vocab_chunk: tile size of the torch path. Its extra memory is about 4
+            float32 tiles (token_chunk x vocab_chunk) without targets and 6 with them (measured
+            on CPU at the defaults 512 x 4096, an 8 MiB tile: 33 and 45 MiB), plus float32
+            copies of the (token_chunk + vocab_chunk, D) chunks for bf16/fp16 inputs (at most
+            18 MiB at D = 1024) and O(T k) outputs, whatever T and V. The triton path takes
+            them, as powers of two in [16, 64] and [16, 128], for its blocks.
+
+    Returns:
+        float32 (T,) tensors `lse`, `entropy`, `self_certainty` (float64 for "reference" or
+        a float64 input), `topk_ids` (T, k) int64, `topk_probs` (T, k); with targets also
+        `target_logprob` (T,) and `target_rank` (T,) int64.
+    """
+    _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, vocab_chunk)
+    if targets is not None:
+        targets = targets.to(hidden.device).long()
+    if impl == "auto":
+        fits = torch.float64 not in (hidden.dtype, weight.dtype) and topk <= TRITON_MAX_TOPK
+        impl = "triton" if hidden.is_cuda and triton is not None and fits else "torch"
+    if impl == "reference":
+        return _reference(hidden, weight, bias, softcap, targets, topk)
+    if impl == "triton":
+        return _triton(hidden, weight, bias, softcap, targets, topk, token_chunk, vocab_chunk)
+    return _chunked(hidden, weight, bias, softcap, targets, topk, token_chunk, vocab_chunk)
+
+
+def _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, vocab_chunk) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (T, D) and weight (V, D) with the same D, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and "
+                         f"{weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}")
+    (t, _), v = hidden.shape, weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape (V,) = ({v},), got {tuple(bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if not 1 <= topk <= v:
+        raise ValueError(f"topk must be in [1, V] = [1, {v}], got {topk}")
+    if token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"chunks must be >= 1, got {token_chunk} and {vocab_chunk}")
+    if targets is not None:
+        if tuple(targets.shape) != (t,) or targets.dtype.is_floating_point \
+                or targets.dtype == torch.bool:
+            raise ValueError(f"targets must be an integer (T,) = ({t},) tensor, got "
+                             f"{targets.dtype} {tuple(targets.shape)}")
+        if t and int(targets.max()) >= v:
+            raise ValueError(f"target ids must be < V = {v} (negative = no target), got "
+                             f"{int(targets.max())}")
+    if impl == "triton":
+        if triton is None:
+            raise ValueError("impl='triton' needs triton, which does not import here")
+        if topk > TRITON_MAX_TOPK:
+            raise ValueError(f"impl='triton' supports topk <= {TRITON_MAX_TOPK}, got {topk}; "
+                             "use impl='torch'")
+        if torch.float64 in (hidden.dtype, weight.dtype):
+            raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs, "
+                             "not float64")
+        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported")
+
+
+def _cap(x: Tensor, softcap: float | None) -> Tensor:
+    return x if softcap is None else torch.tanh(x / softcap) * softcap
+
+
+def _target_outputs(targets: Tensor, hit: Tensor, count: Tensor, lse: Tensor) -> dict[str, Tensor]:
+    """log p[target] and 1 + count, NaN and 0 where there is no target."""
+    has = targets >= 0
+    return {"target_logprob": torch.where(has, hit - lse, math.nan),
+            "target_rank": torch.where(has, 1 + count.long(), 0)}
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _reference(hidden, weight, bias, softcap, targets, k) -> dict[str, Tensor]:
+    """Everything materialised in float64: log_softmax over the full (T, V) logits."""
+    logits = hidden.double() @ weight.double().T  # (T, V)
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = _cap(logits, softcap)
+    logp = torch.log_softmax(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k)
+    out = {"lse": lse, "entropy": -(logp.exp() * logp).sum(-1),
+           "self_certainty": lse - logits.mean(-1) - math.log(logits.shape[1]),
+           "topk_ids": ids, "topk_probs": logp.gather(-1, ids).exp()}
+    if targets is not None:
+        idx = targets.clamp(min=0)[:, None]  # (T, 1)
+        lt = logits.gather(-1, idx)
+        out |= _target_outputs(targets, lt[:, 0], (logits > lt).sum(-1), lse)
+    return out
+
+
+# ----------------------------------------------------------------------------- torch path
+
+def _target_estimate(hidden, weight, bias, softcap, targets, work, chunk) -> Tensor:
+    """(T,) the target logits by separate dot products, the estimate t~ (token 0 where none)."""
+    out = torch.empty(hidden.shape[0], dtype=work, device=hidden.device)
+    for a in range(0, hidden.shape[0], chunk):
+        idx = targets[a:a + chunk].clamp(min=0)
+        t = (hidden[a:a + chunk].to(work) * weight[idx].to(work)).sum(-1)  # (Tc,)
+        if bias is not None:
+            t = t + bias[idx].to(work)
+        out[a:a + chunk] = _cap(t, softcap)
+    return out
+
+
+def _resolved(estimate: Tensor, hit: Tensor, above: Tensor, below: Tensor) -> Tensor:
+    """(T,) True where counting against the estimate t~ equals counting against the tile's value
+    `hit`: no other logit in (t~, hit] (when hit >= t~) or in (hit, t~] (when hit < t~)."""
+    return torch.where(hit >= estimate, above > hit, below <= hit)
+
+
+def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tensor:
+    """(Tc, D) x (Vc, D) -> (Tc, Vc) logits in h's (float32 or float64) dtype."""
+    w = w.to(h.dtype)
+    logits = h @ w.T if b is None else torch.addmm(b.to(h.dtype), h, w.T)
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk) -> dict[str, Tensor]:
+    """One pass over the vocabulary for the token chunk h (Tc, D): the running accumulators."""
+    tc, v, work, dev = h.shape[0], weight.shape[0], h.dtype, h.device
+    m = torch.full((tc,), NEG, dtype=work, device=dev)
+    s, u, total, hit = (torch.zeros(tc, dtype=work, device=dev) for _ in range(4))
+    best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # (Tc, k) running top-k
+    best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
+    count = torch.zeros(tc, dtype=torch.long, device=dev)
+    above = torch.full((tc,), math.inf, dtype=work, device=dev)
+    below = torch.full((tc,), -math.inf, dtype=work, device=dev)
+    for v0 in range(0, v, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, v)
+        logits = _tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], softcap)
+        m_new = torch.maximum(m, logits.amax(1))
+        d = logits - m_new[:, None]  # (Tc, Vc)
+        e = d.exp()
+        alpha = (m - m_new).exp()
+        u = alpha * (u + s * (m - m_new)) + d.mul_(e).sum(1)
+        s, m = alpha * s + e.sum(1), m_new
+        total += logits.sum(1)
+        tv, ti = logits.topk(min(k, v1 - v0), dim=1)  # (Tc, k')
+        cand_v, cand_i = torch.cat([best_v, tv], 1), torch.cat([best_i, ti + v0], 1)
+        order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
+        if tgt is not None:
+            inside = (tgt >= v0) & (tgt < v1)
+            col = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]  # (Tc, 1)
+            hit = torch.where(inside, logits.gather(1, col)[:, 0], hit)
+            other = torch.arange(v0, v1, device=dev)[None, :] != tgt[:, None]  # (Tc, Vc)
+            gt = (logits > ref[:, None]) & other
+            count += gt.sum(1)
+            above = torch.minimum(above, torch.where(gt, logits, math.inf).amin(1))
+            below = torch.maximum(below, torch.where(other & ~gt, logits, -math.inf).amax(1))
+    return {"m": m, "s": s, "u": u, "total": total, "best_v": best_v, "best_i": best_i,
+            "hit": hit, "count": count, "above": above, "below": below}
+
+
+def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
+    """Token chunks x vocabulary chunks, float32 (float64 for float64 inputs) tiles."""
+    t, v, dev = hidden.shape[0], weight.shape[0], hidden.device
+    work = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    out = {key: torch.empty(t, dtype=work, device=dev)
+           for key in ("lse", "entropy", "self_certainty")}
+    side = {key: torch.zeros(t, dtype=work, device=dev) for key in ("hit", "above", "below")}
+    side["count"] = torch.zeros(t, dtype=torch.long, device=dev)  # target-rank bookkeeping
+    out["topk_ids"] = torch.empty(t, k, dtype=torch.long, device=dev)
+    out["topk_probs"] = torch.empty(t, k, dtype=work, device=dev)
+    if targets is not None:
+        estimate = _target_estimate(hidden, weight, bias, softcap, targets, work, token_chunk)
+    for a in range(0, t, token_chunk):
+        b = min(a + token_chunk, t)
+        tgt, ref = (targets[a:b], estimate[a:b]) if targets is not None else (None, None)
+        acc = _sweep(hidden[a:b].to(work), weight, bias, softcap, tgt, ref, k, vocab_chunk)
+        log_s = acc["s"].log()
+        lse = acc["m"] + log_s
+        out["lse"][a:b], out["entropy"][a:b] = lse, log_s - acc["u"] / acc["s"]
+        out["self_certainty"][a:b] = lse - acc["total"] / v - math.log(v)
+        out["topk_ids"][a:b] = acc["best_i"]
+        out["topk_probs"][a:b] = (acc["best_v"] - lse[:, None]).exp()
+        for key, column in side.items():
+            column[a:b] = acc[key]
+    if targets is None:
+        return out
+    hit, count = side["hit"], side["count"]
+    bad = ~_resolved(estimate, hit, side["above"], side["below"]) & (targets >= 0)
+    if bool(bad.any()):  # a near-tie at rounding level: recount those blocks against the tile value
+        exact = torch.where(targets >= 0, hit, estimate)
+        for a in range(0, t, token_chunk):
+            b = min(a + token_chunk, t)
+            if bool(bad[a:b].any()):  # the same tiles again, so the same bits
+                count[a:b] = _sweep(hidden[a:b].to(work), weight, bias, softcap, targets[a:b],
+                                    exact[a:b], k, vocab_chunk)["count"]
+    return out | _target_outputs(targets, hit, count, out["lse"])
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+def _triton(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
+    """Launch the kernel (twice in the rare case of a near-tie with the target's logit)."""
+    (t, d), v, dev = hidden.shape, weight.shape[0], hidden.device
+    h, w = hidden.contiguous(), weight.contiguous()
+    f32 = {"dtype": torch.float32, "device": dev}
+    stats = torch.empty(6, t, **f32)  # (6, T): lse, entropy, self_certainty, hit, above, below
+    count = torch.zeros(t, dtype=torch.int32, device=dev)
+    top_p, top_i = torch.empty(t, k, **f32), torch.empty(t, k, dtype=torch.int32, device=dev)
+    if targets is not None:
+        tgt = targets.contiguous()
+        estimate = _target_estimate(hidden, weight, bias, softcap, tgt, torch.float32, 1024)
+    else:
+        tgt, estimate = count, stats[0]  # dummy pointers, never read
+    pow2 = triton.next_power_of_2
+    bt = min(64, max(16, pow2(min(token_chunk, max(t, 1)))))
+    bv = min(128, max(16, pow2(min(vocab_chunk, v))))
+    bd = min(64, max(16, pow2(d)))
+    # The interpreter cannot tl.dot bfloat16 (triton-lang/triton#11584): upcast there only.
+    upcast = (not h.is_cuda and h.dtype != torch.float32) or h.dtype != w.dtype
+
+    def launch(ref: Tensor) -> None:
+        if t:
+            _kernel[(triton.cdiv(t, bt),)](
+                h, w, bias.contiguous() if bias is not None else w, tgt, ref, stats, count,
+                top_p, top_i, t, v, d, float(softcap or 1.0), math.log(v),
+                HAS_BIAS=bias is not None, HAS_CAP=softcap is not None,
+                HAS_TGT=targets is not None, K=k, UPCAST=upcast, BLOCK_T=bt, BLOCK_V=bv,
+                BLOCK_D=bd, num_warps=8 if bt * bv >= 8192 else 4)
+
+    launch(estimate)
+    out = {"lse": stats[0].clone(), "entropy": stats[1].clone(),
+           "self_certainty": stats[2].clone(), "topk_ids": top_i.long(), "topk_probs": top_p}
+    if targets is not None:
+        hit, above, below = stats[3].clone(), stats[4], stats[5]
+        if not bool((_resolved(estimate, hit, above, below) | (tgt < 0)).all()):
+            launch(torch.where(tgt >= 0, hit, estimate))  # recount against the tile values
+        out |= _target_outputs(tgt, hit, count, out["lse"])
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _insert(v0, v1, v2, v3, i0, i1, i2, i3, cv, ci):
+        """Insert candidate (cv, ci) into the sorted slots v0 >= v1 >= v2 >= v3, shifting the
+        slots below it down. Strict '>' puts it after equal values, which came first."""
+        g0, g1, g2, g3 = cv > v0, cv > v1, cv > v2, cv > v3  # g_j implies g_{j+1}
+        return (tl.where(g0, cv, v0), tl.where(g0, v0, tl.where(g1, cv, v1)),
+                tl.where(g1, v1, tl.where(g2, cv, v2)), tl.where(g2, v2, tl.where(g3, cv, v3)),
+                tl.where(g0, ci, i0), tl.where(g0, i0, tl.where(g1, ci, i1)),
+                tl.where(g1, i1, tl.where(g2, ci, i2)), tl.where(g2, i2, tl.where(g3, ci, i3)))
+
+    @triton.jit
+    def _kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, ref_ptr, stats_ptr, count_ptr, top_p_ptr, top_i_ptr,
+                T, V, D, softcap, log_v, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                HAS_TGT: tl.constexpr, K: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One block of tokens: online accumulators over all vocabulary tiles -> stats (6, T),
+        count (T,), top_p and top_i (T, K)."""
+        rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BT,)
+        rmask = rows < T
+        m = tl.full((BLOCK_T,), -1e30, tl.float32)
+        s = tl.zeros((BLOCK_T,), tl.float32)
+        u = tl.zeros((BLOCK_T,), tl.float32)
+        total = tl.zeros((BLOCK_T,), tl.float32)
+        hit = tl.zeros((BLOCK_T,), tl.float32)
+        count = tl.zeros((BLOCK_T,), tl.int32)
+        above = tl.full((BLOCK_T,), float("inf"), tl.float32)
+        below = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        v0 = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        v1, v2, v3 = v0, v0, v0
+        i0 = tl.zeros((BLOCK_T,), tl.int64)
+        i1, i2, i3 = i0, i0, i0
+        tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        ref = tl.load(ref_ptr + rows, mask=rmask, other=0.0)
+        for c0 in range(0, V, BLOCK_V):
+            cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BV,)
+            cmask = cols < V
+            acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                hb = tl.load(h_ptr + rows[:, None] * D + dd[None, :],
+                             mask=rmask[:, None] & (dd[None, :] < D), other=0.0)  # (BT, BD)
+                wb = tl.load(w_ptr + cols[:, None] * D + dd[None, :],
+                             mask=cmask[:, None] & (dd[None, :] < D), other=0.0)  # (BV, BD)
+                if UPCAST:
+                    hb, wb = hb.to(tl.float32), wb.to(tl.float32)
+                acc = tl.dot(hb, tl.trans(wb), acc, input_precision="ieee")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_CAP:  # c tanh(l / c), tanh(x) = 2 sigmoid(2x) - 1
+                acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+            logits = tl.where(cmask[None, :], acc, float("-inf"))  # (BT, BV)
+            m_new = tl.maximum(m, tl.max(logits, 1))
+            alpha = tl.exp(m - m_new)
+            dl = acc - m_new[:, None]
+            e = tl.where(cmask[None, :], tl.exp(dl), 0.0)  # (BT, BV), 0 outside the vocabulary
+            u = alpha * (u + s * (m - m_new)) + tl.sum(e * dl, 1)
+            s = alpha * s + tl.sum(e, 1)
+            m = m_new
+            total += tl.sum(tl.where(cmask[None, :], acc, 0.0), 1)
+            work = logits
+            for _ in tl.static_range(K):  # the tile's top K, (value desc, id asc)
+                mx = tl.max(work, 1)
+                idx = tl.min(tl.where(work == mx[:, None], cols[None, :], V), 1)
+                work = tl.where(cols[None, :] == idx[:, None], float("-inf"), work)
+                v0, v1, v2, v3, i0, i1, i2, i3 = _insert(v0, v1, v2, v3, i0, i1, i2, i3, mx, idx)
+            if HAS_TGT:
+                hit += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), 1)
+                other = cmask[None, :] & (cols[None, :] != tgt[:, None])
+                gt = other & (acc > ref[:, None])
+                count += tl.sum(gt.to(tl.int32), 1)
+                above = tl.minimum(above, tl.min(tl.where(gt, acc, float("inf")), 1))
+                below = tl.maximum(below, tl.max(tl.where(other & ~gt, acc, float("-inf")), 1))
+        log_s = tl.log(s)
+        lse = m + log_s
+        tl.store(stats_ptr + rows, lse, mask=rmask)
+        tl.store(stats_ptr + T + rows, log_s - u / s, mask=rmask)
+        tl.store(stats_ptr + 2 * T + rows, lse - total / V - log_v, mask=rmask)
+        tl.store(top_p_ptr + rows * K, tl.exp(v0 - lse), mask=rmask)
+        tl.store(top_i_ptr + rows * K, i0.to(tl.int32), mask=rmask)
+        if K > 1:
+            tl.store(top_p_ptr + rows * K + 1, tl.exp(v1 - lse), mask=rmask)
+            tl.store(top_i_ptr + rows * K + 1, i1.to(tl.int32), mask=rmask)
+        if K > 2:
+            tl.store(top_p_ptr + rows * K + 2, tl.exp(v2 - lse), mask=rmask)
+            tl.store(top_i_ptr + rows * K + 2, i2.to(tl.int32), mask=rmask)
+        if K > 3:
+            tl.store(top_p_ptr + rows * K + 3, tl.exp(v3 - lse), mask=rmask)
+            tl.store(top_i_ptr + rows * K + 3, i3.to(tl.int32), mask=rmask)
+        if HAS_TGT:
+            tl.store(stats_ptr + 3 * T + rows, hit, mask=rmask)
+            tl.store(stats_ptr + 4 * T + rows, above, mask=rmask)
+            tl.store(stats_ptr + 5 * T + rows, below, mask=rmask)
+            tl.store(count_ptr + rows, count, mask=rmask)

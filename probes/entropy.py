@@ -1,0 +1,352 @@
+"""Next-token uncertainty per token: entropy, rank, self-certainty, window entropy, entropy bands,
+forking tokens, the logit lens, and two-model divergences (TIP, cDPO's contrastive score).
+
+Definitions and defaults: shared/methods.md, "Per-token conventions". Row `pos` of `tokens`
+describes the distribution p_pos computed at position pos - 1 that predicted the token at pos;
+position 0 has none (NaN). Sources:
+- self-certainty: Kang et al., "Scalable Best-of-N Selection via Self-Certainty"
+  (backprop07/Self-Certainty): c_t = KL(U || p_t);
+- window entropy: ARES (shawn0728/ARES): mean of H over the next w tokens (their code; the
+  paper's window starts at t: `window_from="current"`);
+- bands and forking tokens: Wang et al., "Beyond the 80/20 Rule" (high-entropy minority
+  tokens, rho = 0.2), as SPINE uses them;
+- TIP (Xu et al., "Token Importance in On-Policy Distillation"): student entropy H / ln V and
+  JSD(student || teacher) / ln 2, split at thresholds into four quadrants; the paper's Q3
+  ("overconfident": low entropy, high divergence) is `low_H_high_D` here;
+- cDPO contrastive estimation (Lin et al., "Critical Tokens Matter"):
+  s_t = softmax((1 + beta) z_pos - beta z_neg)[y_t], the probed model as z_pos.
+
+The logits are never materialised: every statistic streams over the vocabulary in
+tokenprobe.kernels.linear_entropy / two_model, from the final-normed residual of the last block
+(the probe applies the model's final norm to the hooked residual itself, so it works through
+every backend).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenprobe.kernels.linear_entropy import linear_entropy
+from tokenprobe.kernels.two_model import two_model_divergence
+from tokenprobe.probe import Probe
+
+BANDS = ("low", "mid", "high")
+TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
+
+
+@dataclass(frozen=True)
+class EntropyConfig:
+    """Entropy probe settings (defaults: shared/methods.md).
+
+    Attributes:
+        window: ARES window w (4).
+        window_from: "next" averages H over t+1..t+w (ARES code, the default), "current" over
+            t..t+w-1 (the paper). Windows cut by the end of the prompt average what is left.
+        low_quantile: entropy below this quantile is band "low" (0.5).
+        high_quantile: entropy at or above this quantile is band "high" (0.8).
+        rho: forking tokens are the top rho by entropy (0.2, Wang et al.).
+        quantiles_over: "run" (all scored tokens of the run) or "prompt" (each prompt's own).
+        topk: most likely tokens kept per position (>= 2; top1_prob and margin use two).
+        lens: also compute the logit lens per layer (lens_entropy, lens_kl_to_final in
+            `token_layers`); costs one more unembedding pass per layer.
+        contrast_beta: cDPO beta (1.0 in the paper); with a compare model, adds `critical_ce`.
+        tip_entropy: TIP threshold on H / ln V (0.5).
+        tip_divergence: TIP threshold on JSD / ln 2 (0.5).
+        impl: kernel implementation ("auto", "torch", "triton", "reference").
+    """
+
+    window: int = 4
+    window_from: str = "next"
+    low_quantile: float = 0.5
+    high_quantile: float = 0.8
+    rho: float = 0.2
+    quantiles_over: str = "run"
+    topk: int = 2
+    lens: bool = False
+    contrast_beta: float | None = None
+    tip_entropy: float = 0.5
+    tip_divergence: float = 0.5
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.window_from not in ("next", "current"):
+            raise ValueError(f'window_from must be "next" or "current", got {self.window_from!r}')
+        if not 0 < self.low_quantile <= self.high_quantile < 1:
+            raise ValueError("need 0 < low_quantile <= high_quantile < 1, got "
+                             f"{self.low_quantile}, {self.high_quantile}")
+        if not 0 < self.rho < 1:
+            raise ValueError(f"rho must be in (0, 1), got {self.rho}")
+        if self.quantiles_over not in ("run", "prompt"):
+            raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
+        if self.topk < 2:
+            raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
+
+
+@dataclass
+class Unembedding:
+    """What turns a block-L residual into logits: final norm, then weight (V, D) [+ bias],
+    then optional soft-capping."""
+
+    norm: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    n_layers: int
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "Unembedding":
+        config = model.config
+        for attr in ("logit_scale", "logits_scaling"):
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                raise NotImplementedError(f"{type(model).__name__} scales its logits "
+                                          f"({attr}); the entropy probe does not support that yet")
+        decoder = model.get_decoder()
+        norm = next((getattr(decoder, n) for n in ("norm", "final_layernorm", "ln_f")
+                     if isinstance(getattr(decoder, n, None), torch.nn.Module)), None)
+        head = model.get_output_embeddings()
+        if norm is None or head is None:
+            raise NotImplementedError(f"cannot find the final norm and unembedding of "
+                                      f"{type(model).__name__}")
+        return cls(norm, head.weight, getattr(head, "bias", None),
+                   getattr(config, "final_logit_softcapping", None), config.num_hidden_layers)
+
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states of a (..., D) block-L residual."""
+        return self.norm(h)
+
+
+def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
+    """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
+    mean(H_{t..t+w-1}) ("current", the paper); NaN entries (position 0) are skipped and a window
+    cut by the end of the prompt averages what is left (NaN if nothing is)."""
+    h = np.asarray(entropy, dtype=float)
+    n = len(h)
+    shift = 1 if start == "next" else 0
+    out = np.full(n, np.nan)
+    for t in range(n):
+        chunk = h[t + shift:t + shift + w]
+        chunk = chunk[~np.isnan(chunk)]
+        if len(chunk):
+            out[t] = chunk.mean()
+    return out
+
+
+def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantile: float = 0.8,
+                  rho: float = 0.2) -> tuple[pd.Series, pd.Series, dict[str, float]]:
+    """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
+    scored token (NaN entropy: no band, not forking), and the thresholds used."""
+    scored = entropy.dropna()
+    if scored.empty:
+        q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
+    else:
+        q = {"q_low": float(np.quantile(scored, low_quantile)),
+             "q_high": float(np.quantile(scored, high_quantile)),
+             "q_forking": float(np.quantile(scored, 1 - rho))}
+    band = pd.Series(np.where(entropy >= q["q_high"], "high",
+                              np.where(entropy >= q["q_low"], "mid", "low")),
+                     index=entropy.index, dtype="string")
+    band[entropy.isna()] = pd.NA
+    forking = (entropy >= q["q_forking"]).astype("boolean")
+    forking[entropy.isna()] = pd.NA
+    return band, forking, q
+
+
+def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,
+                 divergence_threshold: float = 0.5) -> np.ndarray:
+    """TIP quadrant per token from student entropy and JSD(student || teacher), both in nats."""
+    high_h = np.asarray(entropy) / math.log(vocab) >= entropy_threshold
+    high_d = np.asarray(jsd) / math.log(2) >= divergence_threshold
+    labels = np.where(high_h, np.where(high_d, TIP_QUADRANTS[0], TIP_QUADRANTS[1]),
+                      np.where(high_d, TIP_QUADRANTS[2], TIP_QUADRANTS[3])).astype(object)
+    labels[np.isnan(entropy) | np.isnan(jsd)] = None
+    return labels
+
+
+class EntropyProbe(Probe):
+    """Per-token next-token statistics (table `tokens`), the logit lens (`token_layers`) and,
+    with a compare model, two-model divergences; per-prompt summaries in `prompts`."""
+
+    name = "entropy"
+    sites = ("resid_post",)
+
+    def __init__(self, config: EntropyConfig | None = None, *, compare: Any = None) -> None:
+        """Args:
+            config: settings; defaults per shared/methods.md.
+            compare: a second model (a `tokenprobe.load()` result) with the same vocabulary:
+                the teacher for TIP, or the negative model for cDPO's `critical_ce`.
+        """
+        self.config = config or EntropyConfig()
+        self.compare = compare
+        if self.config.contrast_beta is not None and compare is None:
+            raise ValueError("contrast_beta (cDPO's critical_ce) needs a compare model: the "
+                             "negative model to contrast with")
+
+    def describe(self) -> dict:
+        out = {"name": self.name, **dataclasses.asdict(self.config)}
+        if self.compare is not None:
+            out["compare"] = {"model": self.compare.name, "weights_fingerprint":
+                              self.compare.fingerprint}
+        return out
+
+    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.unembed = Unembedding.of(model)
+        if self.compare is None:
+            return
+        self.cmp_unembed = Unembedding.of(self.compare.model)
+        v_p, v_q = self.unembed.weight.shape[0], self.cmp_unembed.weight.shape[0]
+        if v_p != v_q or tokenizer.get_vocab() != self.compare.tokenizer.get_vocab():
+            raise ValueError(f"the compare model {self.compare.name} does not share the "
+                             f"vocabulary of the probed model ({v_q} vs {v_p} unembedding rows, "
+                             "or different token ids): two-model measures need the same "
+                             "tokenizer")
+
+    def begin(self, batch) -> None:
+        super().begin(batch)
+        self.final: torch.Tensor | None = None
+        self.lens_h: dict[int, torch.Tensor] = {}
+
+    def observe(self, site: str, layer: int, h: torch.Tensor) -> None:
+        last = layer == self.unembed.n_layers - 1
+        if last or self.config.lens:
+            normed = self.unembed.normed(h)  # (B, T, D)
+            if self.config.lens:
+                self.lens_h[layer] = normed
+            if last:
+                self.final = normed
+
+    def _rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Positions 0..n-2 of every row (each predicts the next token), concatenated: (N, D)."""
+        return torch.cat([h[b, :n - 1] for b, n in enumerate(self.batch.lengths)])
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        cfg, batch, ue = self.config, self.batch, self.unembed
+        if self.final is None:
+            raise RuntimeError("the entropy probe saw no residual of the last block")
+        targets = torch.cat([batch.input_ids[b, 1:n] for b, n in enumerate(batch.lengths)])
+        hidden = self._rows(self.final)
+        stats = linear_entropy(hidden, ue.weight, bias=ue.bias, softcap=ue.softcap,
+                               targets=targets, topk=cfg.topk, impl=cfg.impl)
+        probs = stats["topk_probs"]
+        columns = {
+            "entropy": stats["entropy"], "logprob": stats["target_logprob"],
+            "rank": stats["target_rank"], "top1_id": stats["topk_ids"][:, 0],
+            "top1_prob": probs[:, 0], "margin": probs[:, 0] - probs[:, 1],
+            "self_certainty": stats["self_certainty"],
+        }
+        if self.compare is not None:
+            columns.update(self._compare(hidden, targets))
+        tokens = self._frame(columns)
+        tokens["window_entropy"] = np.concatenate([
+            window_entropy(g.entropy.to_numpy(float), cfg.window, start=cfg.window_from)
+            for _, g in tokens.groupby("prompt_id", sort=False)])
+        if self.compare is not None:
+            tokens["tip_quadrant"] = pd.array(tip_quadrant(
+                tokens.entropy.to_numpy(float), tokens.jsd.to_numpy(float), ue.weight.shape[0],
+                entropy_threshold=cfg.tip_entropy, divergence_threshold=cfg.tip_divergence),
+                dtype="string")
+        out = {"tokens": tokens}
+        if cfg.lens:
+            out["token_layers"] = self._lens(hidden)
+        self.final, self.lens_h = None, {}
+        return out
+
+    def _compare(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Two-model columns: the compare model runs on the same batch."""
+        cfg, batch, cue = self.config, self.batch, self.cmp_unembed
+        model = self.compare.model
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            out = model.get_decoder()(input_ids=batch.input_ids.to(device),
+                                      attention_mask=batch.attention_mask.to(device),
+                                      use_cache=False)
+        hq = self._rows(out.last_hidden_state.to(hidden.device))  # after its final norm
+        d = two_model_divergence(hidden, self.unembed.weight, hq, cue.weight.to(hidden.device),
+                                 bias_p=self.unembed.bias, bias_q=cue.bias,
+                                 softcap_p=self.unembed.softcap, softcap_q=cue.softcap,
+                                 targets=targets, contrast_beta=cfg.contrast_beta, impl=cfg.impl)
+        cols = {"teacher_entropy": d["entropy_q"], "teacher_logprob": d["target_logprob_q"],
+                "kl_student_teacher": d["kl_pq"], "kl_teacher_student": d["kl_qp"],
+                "jsd": d["jsd"]}
+        if cfg.contrast_beta is not None:
+            cols["critical_ce"] = d["contrast_logprob"].exp()
+        return cols
+
+    def _lens(self, final: torch.Tensor) -> pd.DataFrame:
+        """Logit lens per layer: entropy of softmax(W_U LN_f(h_l)) and KL to the final p."""
+        ue, frames = self.unembed, []
+        for layer in sorted(self.lens_h):
+            d = two_model_divergence(self._rows(self.lens_h[layer]), ue.weight, final, ue.weight,
+                                     bias_p=ue.bias, bias_q=ue.bias, softcap_p=ue.softcap,
+                                     softcap_q=ue.softcap, jsd=False, impl=self.config.impl)
+            frame = self._frame({"lens_entropy": d["entropy_p"], "lens_kl_to_final": d["kl_pq"]})
+            frame.insert(1, "layer", layer)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def _frame(self, columns: dict[str, torch.Tensor]) -> pd.DataFrame:
+        """Rows (prompt_id, pos) for every real position; pos 0 (no prediction) gets NA."""
+        batch, parts, start = self.batch, [], 0
+        values = {k: v.detach().cpu().numpy() for k, v in columns.items()}
+        for prompt_id, n in zip(batch.prompt_ids, batch.lengths):
+            part = {"prompt_id": np.full(n, prompt_id), "pos": np.arange(n)}
+            for k, v in values.items():
+                col = np.full(n, np.nan)
+                col[1:] = v[start:start + n - 1]
+                part[k] = col
+            parts.append(pd.DataFrame(part))
+            start += n - 1
+        frame = pd.concat(parts, ignore_index=True)
+        for k in ("rank", "top1_id"):
+            if k in frame:
+                frame[k] = frame[k].astype("Int64")
+        return frame
+
+    def finalize(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Bands and forking flags (quantiles over the run or per prompt) and per-prompt
+        summaries: mean entropy, mean self-certainty, perplexity, share of forking tokens."""
+        cfg = self.config
+        tokens = tables["tokens"].copy()
+        groups = ([tokens.index] if cfg.quantiles_over == "run" else
+                  [g.index for _, g in tokens.groupby("prompt_id")])
+        tokens["band"] = pd.Series(pd.NA, index=tokens.index, dtype="string")
+        tokens["forking"] = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
+        for index in groups:
+            band, forking, _ = entropy_bands(tokens.loc[index, "entropy"],
+                                             low_quantile=cfg.low_quantile,
+                                             high_quantile=cfg.high_quantile, rho=cfg.rho)
+            tokens.loc[index, "band"], tokens.loc[index, "forking"] = band, forking
+        scored = tokens.dropna(subset=["entropy"])
+        per_prompt = scored.groupby("prompt_id").agg(
+            mean_entropy=("entropy", "mean"), mean_self_certainty=("self_certainty", "mean"),
+            perplexity=("logprob", lambda x: math.exp(-x.mean())),
+            forking_share=("forking", lambda x: float(x.astype(bool).mean())))
+        prompts = tables["prompts"].drop(columns=list(per_prompt.columns), errors="ignore")
+        prompts = prompts.merge(per_prompt.reset_index(), on="prompt_id", how="left")
+        return {**tables, "tokens": tokens, "prompts": prompts}
+
+    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
+        """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
+        band and forking thresholds (per-run quantiles), and two-model means when present."""
+        cfg = self.config
+        scored = tables["tokens"].dropna(subset=["entropy"])
+        if scored.empty:
+            return {"n_scored": 0}
+        _, _, q = entropy_bands(scored.entropy, low_quantile=cfg.low_quantile,
+                                high_quantile=cfg.high_quantile, rho=cfg.rho)
+        out = {"n_scored": len(scored), "mean_entropy": float(scored.entropy.mean()),
+               "mean_self_certainty": float(scored.self_certainty.mean()),
+               "perplexity": math.exp(-float(scored.logprob.mean())), **q,
+               "quantiles_over": cfg.quantiles_over}
+        for col in ("jsd", "kl_student_teacher", "critical_ce"):
+            if col in scored:
+                out[f"mean_{col}"] = float(scored[col].mean())
+        return out
