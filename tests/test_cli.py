@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ def test_run_writes_a_run_and_prints_a_summary(capsys, tmp_path):
     assert run.prompts.text.tolist() == ["third", "line one\nline two", "second"]
     assert "3 prompt(s)" in out and "no massive activations" in out
     assert out.count("sink rate") == 3 and "secondary sinks:" in out
+    assert out.count("self-certainty") == 3 and "forking:" in out
     assert f"run saved to {tmp_path / 'r'}" in out
 
 
@@ -54,6 +56,9 @@ def test_error_exit_codes(capsys, tmp_path):
         (["--prompts", str(bad)], cli.EXIT_USAGE, "is not UTF-8"),
         (["--prompts", str(blank)], cli.EXIT_USAGE, "holds no prompts"),
         (["--probes", "nope", "--prompt", "x"], cli.EXIT_USAGE, "unknown probe 'nope'"),
+        (["--probes", "sinks", "--lens", "--prompt", "x"], cli.EXIT_USAGE, "add it to --probes"),
+        (["--contrast-beta", "1", "--prompt", "x"], cli.EXIT_USAGE, "needs --compare"),
+        (["--compare", "tiny-gemma3-nope", "--prompt", "x"], cli.EXIT_MODEL, "unknown model"),
         ([], cli.EXIT_USAGE, "give prompts"),
     ]
     for args, code, message in cases:
@@ -104,3 +109,20 @@ def test_max_tokens_and_sinks_only(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--probes", "sinks",
                            "--backend", "nnsight", "--prompt", "x", "--out", str(tmp_path / "n"))
     assert code == cli.EXIT_USAGE and "cannot run with --backend nnsight" in err
+
+
+def test_compare_contrast_and_lens(capsys, tmp_path):
+    """A model compared with itself: KL and JSD vanish, and cDPO's score with beta = 1,
+    softmax(2 z - z)[y], is the model's own probability of the token."""
+    code, out, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--compare", "tiny-llama",
+                           "--contrast-beta", "1", "--lens", "--probes", "entropy",
+                           "--prompt", "the cat sat", "--out", str(tmp_path / "r"), "--quiet")
+    assert code == cli.EXIT_OK, out
+    assert "mean JSD to tiny-llama 0.000" in out
+    tokens = tokenprobe.open_run(tmp_path / "r").tokens.dropna(subset=["entropy"])
+    assert tokens.jsd.abs().max() < 1e-6 and tokens.kl_student_teacher.abs().max() < 1e-5
+    assert (tokens.critical_ce - tokens.logprob.map(math.exp)).abs().max() < 1e-5
+    assert (tokens.teacher_entropy - tokens.entropy).abs().max() < 1e-5
+    run = tokenprobe.open_run(tmp_path / "r")
+    layers = run.token_layers
+    assert layers.layer.nunique() == run.meta["n_layers"] and layers.lens_entropy.notna().any()

@@ -1,6 +1,7 @@
 """Tokenisation for runs: readable token text, context limits, padding."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,9 @@ def test_batch_size_does_not_change_tables(tiny_gemma3):
     prompts = ["one", "a much longer prompt with more tokens", "mid length"]
     a = tokenprobe.run(tiny_gemma3, prompts, batch_size=1, progress=False)
     b = tokenprobe.run(tiny_gemma3, prompts, batch_size=3, progress=False)
-    assert a.tokens.equals(b.tokens)
+    floats = a.tokens.select_dtypes("float").columns
+    assert len(floats) >= 5  # the entropy probe's columns
+    assert a.tokens.drop(columns=floats).equals(b.tokens.drop(columns=floats))
+    np.testing.assert_allclose(a.tokens[floats], b.tokens[floats], rtol=1e-4, atol=1e-5)
     diff = (a.token_layers.resid_norm - b.token_layers.resid_norm).abs() / a.token_layers.resid_norm
     assert diff.max() < 1e-4
