@@ -33,6 +33,11 @@ tokens (grain: prompt x position)
     jsd        float64  Jensen-Shannon divergence of p and q (nats, <= ln 2)
     tip_quadrant string TIP quadrant: {high,low}_H_{high,low}_D (H / ln V, JSD / ln 2 vs 0.5)
     critical_ce float64 cDPO contrastive score softmax((1+beta) z_p - beta z_q)[token_id]
+    -- critical-token search (tokenprobe critical; Lin et al., cDPO); prompt + trajectory rows
+    critical_success float64 share of the n continuations of the prefix ending at pos that
+                       the verifier accepts (NA: prompt tokens, prefixes the search skipped)
+    critical   boolean  the critical token (the search rule of shared/methods.md); at most one
+                       per prompt; NA on prompt tokens
 
 token_layers (grain: prompt x layer x position; residual after block `layer`, 0-based)
     resid_norm   float64  ||h_l[t]||_2                               (Sun et al. 2024)
@@ -61,6 +66,18 @@ sinks (grain: prompt x position, flagged tokens only; sinks probe, Wong et al.)
 massive (grain: prompt x layer x position x dim; only entries meeting the criterion)
     value            float64  signed h_l[t, d]
     ratio_to_median  float64  |h_l[t, d]| / lower median of |h_l| over the sequence's layer tensor
+
+rollouts (grain: prompt x position x kind x rollout; tokenprobe critical, Lin et al.)
+    prompt_id, pos  int64  keys; pos is the last token of the prefix continued (kind prefix),
+                   the resampled token (counterfactual), or the last prompt token (trajectory)
+    kind           string  prefix / counterfactual / trajectory (a sampled trajectory attempt)
+    rollout        int64   0-based index of the continuation among its prefix's
+    seed           int64   the seed of its draws (tokenprobe.sampling)
+    first_token_id int64   its first sampled token (for counterfactual: the replacement)
+    n_tokens       int64   sampled tokens
+    finish         string  eos / stop (the verifier's answer is complete) / length
+    text           string  the continuation's text
+    correct        bool    the verifier's verdict on the response (trajectory prefix + text)
 """
 from __future__ import annotations
 
@@ -77,7 +94,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
                "self_certainty": "float64", "window_entropy": "float64", "band": "string",
                "forking": "boolean", "teacher_entropy": "float64", "teacher_logprob": "float64",
                "kl_student_teacher": "float64", "kl_teacher_student": "float64",
-               "jsd": "float64", "tip_quadrant": "string", "critical_ce": "float64"},
+               "jsd": "float64", "tip_quadrant": "string", "critical_ce": "float64",
+               "critical_success": "float64", "critical": "boolean"},
     "token_layers": {"prompt_id": "int64", "layer": "int64", "pos": "int64",
                      "resid_norm": "float64", "max_abs": "float64", "max_abs_dim": "int64",
                      "median_abs": "float64", "cos_to_first": "float64",
@@ -90,6 +108,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
               "creation_layer": "int64", "lifetime": "int64", "max_cos": "float64"},
     "massive": {"prompt_id": "int64", "layer": "int64", "pos": "int64", "dim": "int64",
                 "value": "float64", "ratio_to_median": "float64"},
+    "rollouts": {"prompt_id": "int64", "pos": "int64", "kind": "string", "rollout": "int64",
+                 "seed": "int64", "first_token_id": "int64", "n_tokens": "int64",
+                 "finish": "string", "text": "string", "correct": "bool"},
 }
 
 KEYS: dict[str, list[str]] = {
@@ -97,6 +118,7 @@ KEYS: dict[str, list[str]] = {
     "tokens": ["prompt_id", "pos"],
     "token_layers": ["prompt_id", "layer", "pos"],
     "massive": ["prompt_id", "layer", "pos", "dim"],
+    "rollouts": ["prompt_id", "pos", "kind", "rollout"],
     "heads": ["prompt_id", "layer", "head"],
     "sinks": ["prompt_id", "pos"],
 }
