@@ -208,6 +208,8 @@ LAZY = {
               "active vs dormant heads: loss change when each head is ablated, per domain"),
     "toy": ("tokenprobe.analyses.toy",
             "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
+    "critical": ("tokenprobe.analyses.critical",
+                 "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
 }
 
 

@@ -73,7 +73,7 @@ rollouts (grain: prompt x position x kind x rollout; tokenprobe critical, Lin et
     kind           string  prefix / counterfactual / trajectory (a sampled trajectory attempt)
     rollout        int64   0-based index of the continuation among its prefix's
     seed           int64   the seed of its draws (tokenprobe.sampling)
-    first_token_id int64   its first sampled token (for counterfactual: the replacement)
+    first_token_id Int64   its first sampled token (counterfactual: the replacement; NA if none)
     n_tokens       int64   sampled tokens
     finish         string  eos / stop (the verifier's answer is complete) / length
     text           string  the continuation's text
@@ -109,7 +109,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "massive": {"prompt_id": "int64", "layer": "int64", "pos": "int64", "dim": "int64",
                 "value": "float64", "ratio_to_median": "float64"},
     "rollouts": {"prompt_id": "int64", "pos": "int64", "kind": "string", "rollout": "int64",
-                 "seed": "int64", "first_token_id": "int64", "n_tokens": "int64",
+                 "seed": "int64", "first_token_id": "Int64", "n_tokens": "int64",
                  "finish": "string", "text": "string", "correct": "bool"},
 }
 

@@ -1,0 +1,404 @@
+"""Critical tokens over a task set: sample a wrong trajectory, roll out its prefixes, save a run.
+
+The method is Lin et al., "Critical Tokens Matter" (cDPO, chenzhiling9954/Critical-Tokens-Matter)
+as fixed in shared/methods.md; the rule, pass@k and the prefix schedule are in
+`tokenprobe.probes.critical`, the KV-shared sampler in `tokenprobe.sampling`. Per task: take
+the given trajectory, or sample up to `trajectory_attempts` at `trajectory_temperature` and keep
+the first incorrect one (tasks with none are reported and skipped); sample `n_rollouts`
+continuations of the prefixes the schedule asks for; at the critical token run the
+counterfactual check. Every sampled prefix is a checkpoint (`tokenprobe.store.PartWriter`), so
+an interrupted search resumes without sampling completed prefixes again, and every rollout's
+seed is derived from the base seed, so the same seed gives the same tables.
+
+Tables: `prompts`, `tokens` (prompt + trajectory, with `critical_success` and `critical`) and
+`rollouts` (every sampled continuation, its verdict and seed); the per-task figures are in
+`run.meta["summary"]["critical"]` (`summary_frame(run)`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tokenprobe.probes.critical import (
+    CriticalConfig,
+    find_critical,
+    next_prefix,
+    pass_at_k,
+    rollout_seed,
+)
+from tqdm.auto import tqdm
+
+from tokenprobe.models import LoadedModel
+from tokenprobe.sampling import Continuation, eos_ids, sample_continuations
+from tokenprobe.store import PartWriter, Run
+from tokenprobe.tables import conform, merge_parts
+from tokenprobe.tasks import Task, load_tasks, prompt_ids, stopper
+from tokenprobe.tokens import token_text
+
+STRIDE = 100_000  # checkpoint index: task * STRIDE + (0 trajectory | 1 + t prefix | STRIDE - 1)
+COUNTERFACTUAL = STRIDE - 1
+
+
+@dataclass
+class _Parts:
+    """Checkpoints of a search: in a `PartWriter`'s staging dir, or in memory."""
+
+    writer: PartWriter | None
+    memory: dict[int, dict[str, pd.DataFrame]] = field(default_factory=dict)
+
+    def done(self) -> set[int]:
+        return self.writer.done_batches() if self.writer else set(self.memory)
+
+    def write(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
+        if self.writer:
+            self.writer.write_batch(index, tables)
+        else:
+            self.memory[index] = tables
+
+    def read(self, index: int, name: str) -> pd.DataFrame:
+        if not self.writer:
+            return self.memory[index][name]
+        return pd.read_parquet(self.writer.staging / "parts" / f"{index:06d}" / f"{name}.parquet")
+
+
+class _Scorer:
+    """Decodes a trajectory prefix + continuation and applies the task's verifier."""
+
+    def __init__(self, tokenizer, task: Task, response: list[int]) -> None:
+        self.tokenizer, self.verifier, self.response = tokenizer, task.verifier, response
+        done = stopper(task.verifier)
+        self.stop = (lambda ids: done(self.text(ids))) if done else None
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(self.response) + list(ids), skip_special_tokens=True)
+
+    def rows(self, conts: list[Continuation], prompt_id: int, pos: int,
+             kind: str) -> pd.DataFrame:
+        return conform("rollouts", pd.DataFrame({
+            "prompt_id": prompt_id, "pos": pos, "kind": kind, "rollout": range(len(conts)),
+            "seed": [c.seed for c in conts],
+            "first_token_id": pd.array([c.ids[0] if c.ids else None for c in conts], "Int64"),
+            "n_tokens": [len(c.ids) for c in conts], "finish": [c.finish for c in conts],
+            "text": [self.tokenizer.decode(c.ids, skip_special_tokens=True) for c in conts],
+            "correct": [bool(self.verifier(self.text(c.ids))) for c in conts]}))
+
+
+def _sample(loaded: LoadedModel, scorer: _Scorer, prefix: list[int], seeds: list[int], *,
+            temperature: float, max_new_tokens: int, batch_size: int, eos: list[int],
+            ban_first: int | None = None, bar=None) -> list[Continuation]:
+    """Continuations of `prefix`; none are sampled when its answer is already complete."""
+    if ban_first is None and scorer.stop is not None and scorer.response and scorer.stop([]):
+        return [Continuation([], "stop", s) for s in seeds]
+    return sample_continuations(
+        loaded.model, prefix, seeds, temperature=temperature, max_new_tokens=max_new_tokens,
+        eos_ids=eos, stop=scorer.stop, ban_first=ban_first, batch_size=batch_size,
+        on_batch=bar.update if bar is not None else None)
+
+
+def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[int],
+                config: CriticalConfig, eos: list[int]) -> dict[str, pd.DataFrame]:
+    """The task's prompt and incorrect trajectory (empty when there is none) as tables."""
+    tok = loaded.tokenizer
+    rollouts = None
+    if task.trajectory is not None:
+        response = list(tok(task.trajectory, add_special_tokens=False)["input_ids"])
+        if task.verifier(tok.decode(response, skip_special_tokens=True)):
+            response = []
+    else:
+        scorer = _Scorer(tok, task, [])
+        seeds = [rollout_seed(config.seed, task.task_id, "trajectory", -1, a)
+                 for a in range(config.trajectory_attempts)]
+        conts = _sample(loaded, scorer, prompt, seeds, temperature=config.trajectory_temperature,
+                        max_new_tokens=config.max_trajectory_tokens,
+                        batch_size=config.batch_size, eos=eos)
+        rollouts = scorer.rows(conts, prompt_id, len(prompt) - 1, "trajectory")
+        wrong = [c for c, ok in zip(conts, rollouts.correct) if not ok]
+        response = [i for i in wrong[0].ids if i not in eos] if wrong else []
+    ids = prompt + response
+    special = set(tok.all_special_ids)
+    tables = {
+        "prompts": conform("prompts", pd.DataFrame({
+            "prompt_id": [prompt_id], "text": [tok.decode(prompt)], "n_tokens": [len(ids)]})),
+        "tokens": conform("tokens", pd.DataFrame({
+            "prompt_id": prompt_id, "pos": range(len(ids)), "token_id": ids,
+            "token": [token_text(tok, i) for i in ids], "is_special": [i in special for i in ids]})),
+    }
+    if rollouts is not None:
+        tables["rollouts"] = rollouts
+    return tables
+
+
+def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConfig | None = None,
+                    *, out: str | Path | None = None, overwrite: bool = False,
+                    progress: bool = True,
+                    on_prefix: Callable[[int, int], None] | None = None) -> Run:
+    """Run the critical-token search (Lin et al.) over `tasks` and return (and save) the run.
+
+    Args:
+        loaded: the model (`tokenprobe.load`).
+        tasks: verifiable tasks (`tokenprobe.tasks.load_tasks`).
+        config: search settings (defaults: `CriticalConfig()`).
+        out: run directory; checkpoints go beside it and the same call resumes after an
+            interruption. None keeps everything in memory.
+        overwrite: replace a complete run at `out`.
+        progress: tqdm bars over prefixes and rollouts.
+        on_prefix: called with (prompt_id, response index t) after each newly sampled prefix.
+
+    Returns:
+        The run: tables `prompts`, `tokens`, `rollouts`; per-task figures in
+        `meta["summary"]["critical"]`.
+    """
+    config = config or CriticalConfig()
+    tok, eos = loaded.tokenizer, eos_ids(loaded.model, loaded.tokenizer)
+    meta = _metadata(loaded, tasks, config)
+    parts = _Parts(PartWriter(Path(out), {k: meta[k] for k in ("model", "weights_fingerprint",
+                                                                 "tasks", "config")},
+                              overwrite=overwrite) if out is not None else None)
+    done = parts.done()
+    prompt_lens: dict[int, int] = {}
+    sample = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+              "batch_size": config.batch_size, "eos": eos}
+    with tqdm(desc="prefixes", unit="prefix", disable=not progress, position=0) as pbar, \
+            tqdm(desc="rollouts", unit="rollout", disable=not progress, position=1) as rbar:
+        for i, task in enumerate(tasks):
+            prompt = prompt_ids(tok, task)
+            prompt_lens[i] = len(prompt)
+            if i * STRIDE not in done:
+                parts.write(i * STRIDE, _trajectory(loaded, task, i, prompt, config, eos))
+            response = parts.read(i * STRIDE, "tokens").token_id.tolist()[len(prompt):]
+            positions = list(range(len(response)))
+            counts = {t: int(parts.read(i * STRIDE + 1 + t, "rollouts").correct.sum())
+                      for t in positions if i * STRIDE + 1 + t in done}
+            pbar.set_postfix_str(task.task_id)
+            while (t := next_prefix(positions, counts, scan=config.scan,
+                                    reset_above=config.reset_above)) is not None:
+                scorer = _Scorer(tok, task, response[:t + 1])
+                seeds = [rollout_seed(config.seed, task.task_id, "prefix", t, j)
+                         for j in range(config.n_rollouts)]
+                conts = _sample(loaded, scorer, prompt + response[:t + 1], seeds, bar=rbar,
+                                **sample)
+                rows = scorer.rows(conts, i, len(prompt) + t, "prefix")
+                parts.write(i * STRIDE + 1 + t, {"rollouts": rows})
+                counts[t] = int(rows.correct.sum())
+                pbar.update(1)
+                if on_prefix is not None:
+                    on_prefix(i, t)
+            t = find_critical(counts, reset_above=config.reset_above)
+            if config.counterfactual and t is not None and i * STRIDE + COUNTERFACTUAL not in done:
+                scorer = _Scorer(tok, task, response[:t])
+                seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
+                         for j in range(config.n_rollouts)]
+                conts = _sample(loaded, scorer, prompt + response[:t], seeds,
+                                ban_first=response[t], bar=rbar, **sample)
+                parts.write(i * STRIDE + COUNTERFACTUAL,
+                            {"rollouts": scorer.rows(conts, i, len(prompt) + t, "counterfactual")})
+
+    def complete(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:
+        tables["tokens"] = add_critical_columns(tables["tokens"], tables.get("rollouts"),
+                                                prompt_lens, reset_above=config.reset_above)
+        return tables, {"critical": summarise(tables, tasks, prompt_lens, config)}
+
+    if parts.writer:
+        return parts.writer.finish(meta, complete)
+    names = sorted({n for p in parts.memory.values() for n in p})
+    tables, summary = complete({n: merge_parts(n, [p.get(n) for p in parts.memory.values()])
+                                for n in names})
+    return Run(tables, {**meta, "summary": summary, "status": "complete", "tables": names})
+
+
+def _metadata(loaded: LoadedModel, tasks: list[Task], config: CriticalConfig) -> dict:
+    return {
+        "model": loaded.name, "weights_fingerprint": loaded.fingerprint,
+        "analysis": "critical",
+        "tasks": [{"id": t.task_id, "question": t.question, "answer": t.answer,
+                   "trajectory": t.trajectory, "raw": t.raw, "verifier": _describe(t.verifier)}
+                  for t in tasks],
+        "config": asdict(config), "seed": config.seed,
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers")},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _describe(verifier) -> str:
+    """A stable description (dataclass verifiers print their fields; others their name)."""
+    if hasattr(verifier, "__dataclass_fields__"):
+        return repr(verifier)
+    return getattr(verifier, "__qualname__", type(verifier).__qualname__)
+
+
+def add_critical_columns(tokens: pd.DataFrame, rollouts: pd.DataFrame | None,
+                         prompt_lens: dict[int, int], *, reset_above: int = 3) -> pd.DataFrame:
+    """`tokens` with `critical_success` (c_t / n per sampled prefix) and `critical` (the rule's
+    position True, other trajectory tokens False, prompt tokens NA)."""
+    tokens = tokens.copy()
+    key = pd.MultiIndex.from_frame(tokens[["prompt_id", "pos"]])
+    stats = pd.DataFrame({"sum": pd.Series(dtype="int64"), "count": pd.Series(dtype="int64")})
+    if rollouts is not None and len(rollouts):
+        prefix = rollouts[rollouts.kind == "prefix"]
+        stats = prefix.groupby(["prompt_id", "pos"]).correct.agg(["sum", "count"])
+    success = (stats["sum"] / stats["count"]).astype("float64")
+    tokens["critical_success"] = success.reindex(key).to_numpy() if len(stats) else float("nan")
+    in_response = tokens.pos >= tokens.prompt_id.map(prompt_lens)
+    critical = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
+    critical[in_response] = False
+    for pid, group in (stats.groupby(level="prompt_id") if len(stats) else []):
+        counts = {int(pos): int(c) for (_, pos), c in group["sum"].items()}
+        pos = find_critical(counts, reset_above=reset_above)
+        if pos is not None:
+            critical[(tokens.prompt_id == pid) & (tokens.pos == pos)] = True
+    tokens["critical"] = critical
+    return conform("tokens", tokens)
+
+
+def summarise(tables: dict[str, pd.DataFrame], tasks: list[Task], prompt_lens: dict[int, int],
+              config: CriticalConfig) -> list[dict]:
+    """Per task: the critical token, success before / at it, pass@k, the counterfactual rate."""
+    tokens, rollouts = tables["tokens"], tables.get("rollouts")
+    out = []
+    for i, task in enumerate(tasks):
+        rows = tokens[tokens.prompt_id == i].set_index("pos")
+        n_resp = len(rows) - prompt_lens[i]
+        item: dict = {"prompt_id": i, "task_id": task.task_id, "answer": task.answer,
+                      "trajectory_tokens": n_resp,
+                      "prefixes_sampled": int(rows.critical_success.notna().sum())}
+        if n_resp == 0:
+            out.append({**item, "status": "no incorrect trajectory"})
+            continue
+        hit = rows.index[rows.critical.fillna(False).astype(bool)]
+        if not len(hit):
+            out.append({**item, "status": "no critical token"})
+            continue
+        pos = int(hit[0])
+        before = rows.critical_success.get(pos - 1) if pos > prompt_lens[i] else None
+        item.update(status="critical", critical_pos=pos, critical_index=pos - prompt_lens[i],
+                    critical_token=str(rows.token[pos]),
+                    success_before=None if before is None or pd.isna(before) else float(before),
+                    success_at=float(rows.critical_success[pos]))
+        n = config.n_rollouts
+        for k in (k for k in config.pass_k if k <= n):
+            if item["success_before"] is not None:
+                item[f"pass_at_{k}_before"] = pass_at_k(n, round(item["success_before"] * n), k)
+            item[f"pass_at_{k}_at"] = pass_at_k(n, round(item["success_at"] * n), k)
+        if rollouts is not None:
+            cf = rollouts[(rollouts.prompt_id == i) & (rollouts.kind == "counterfactual")]
+            item["counterfactual_success"] = float(cf.correct.mean()) if len(cf) else None
+        out.append(item)
+    return out
+
+
+def summary_frame(run: Run) -> pd.DataFrame:
+    """The per-task figures of a critical run as a DataFrame."""
+    return pd.DataFrame(run.meta["summary"]["critical"])
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
+    d = CriticalConfig()
+    p = subparsers.add_parser(
+        "critical", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="critical tokens of wrong answers by rollout search with a verifier (cDPO)",
+        description="Critical-token search (Lin et al., \"Critical Tokens Matter\"): for each\n"
+                    "task, sample a trajectory the verifier rejects, sample --rollouts\n"
+                    "continuations of its prefixes, and flag the first token after which none\n"
+                    "is correct (a later prefix with more than 3 correct resets the search);\n"
+                    "then resample that token with its own probability set to 0. Prefixes are\n"
+                    "scanned from the end and those the rule no longer needs are skipped.\n"
+                    f"The paper samples 64 rollouts per prefix; the default here is "
+                    f"{d.n_rollouts}, for CPUs.\n"
+                    "Each sampled prefix is checkpointed beside --out: run the same command\n"
+                    "again after an interruption and completed prefixes are not sampled again.",
+        epilog="example:\n  tokenprobe critical --task arithmetic --limit 3 --rollouts 8 "
+               "--out runs/crit\n\ntask files: JSONL, one "
+               '{"id", "question", "answer", "verifier": "final_number" | "exact_string" | '
+               '"regex"} per line\n(optional "trajectory", "pattern"); "arithmetic" is the '
+               "shipped set.\n\n" + _exit_codes())
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
+                        "hub id (default: smollm2-135m)")
+    p.add_argument("--task", default="arithmetic", metavar="FILE",
+                   help="task file (.jsonl) or `arithmetic` (the shipped set; default)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N tasks")
+    p.add_argument("--rollouts", type=int, default=d.n_rollouts, metavar="N",
+                   help=f"continuations per prefix (default {d.n_rollouts}; the paper uses 64)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"rollout temperature (default {d.temperature}, the paper's)")
+    p.add_argument("--scan", choices=["backward", "all"], default=d.scan,
+                   help="backward: skip prefixes the search rule no longer needs (default); "
+                        "all: sample every prefix (a full success curve)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"length limit of a rollout (default {d.max_new_tokens})")
+    p.add_argument("--attempts", type=int, default=d.trajectory_attempts,
+                   help="trajectories sampled per task (temperature "
+                        f"{d.trajectory_temperature}) until one is wrong "
+                        f"(default {d.trajectory_attempts})")
+    p.add_argument("--max-trajectory-tokens", type=int, default=d.max_trajectory_tokens,
+                   help=f"length limit of a sampled trajectory (default {d.max_trajectory_tokens})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"rollouts decoded together (default {d.batch_size})")
+    p.add_argument("--no-counterfactual", action="store_true",
+                   help="skip the counterfactual resampling check")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="base seed; each rollout's seed derives from it and is in the "
+                        "rollouts table (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_critical)
+    return p
+
+
+def _exit_codes() -> str:
+    from tokenprobe.cli import EXIT_CODES
+
+    return EXIT_CODES.replace("finished batches are kept", "finished prefixes are kept")
+
+
+def cmd_critical(args: argparse.Namespace) -> int:
+    """Handler of `tokenprobe critical`; returns the exit code."""
+    import tokenprobe
+    from tokenprobe.cli import EXIT_OK, UsageError
+    from tokenprobe.store import check_target
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    try:
+        tasks = load_tasks(args.task)[:args.limit]
+        config = CriticalConfig(n_rollouts=args.rollouts, temperature=args.temperature,
+                                scan=args.scan, max_new_tokens=args.max_new_tokens,
+                                trajectory_attempts=args.attempts, batch_size=args.batch_size,
+                                max_trajectory_tokens=args.max_trajectory_tokens,
+                                counterfactual=not args.no_counterfactual, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    check_target(Path(args.out), overwrite=args.overwrite)
+    loaded = tokenprobe.load(args.model, device=args.device)
+    run = critical_search(loaded, tasks, config, out=args.out, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    print_summary(run)
+    print(f"\nrun saved to {args.out}  (tables: {', '.join(run.meta['tables'])})")
+    return EXIT_OK
+
+
+def print_summary(run: Run) -> None:
+    """One line per task: the critical token, success before / at it, the counterfactual."""
+    n = run.meta["config"]["n_rollouts"]
+    print(f"model {run.meta['model']}, {len(run.meta['tasks'])} task(s), n = {n} rollouts "
+          f"per prefix, temperature {run.meta['config']['temperature']}")
+    for item in run.meta["summary"]["critical"]:
+        head = f"  [{item['prompt_id']}] {item['task_id']:<10}"
+        if item["status"] != "critical":
+            print(f"{head} {item['status']} ({item['prefixes_sampled']} prefixes sampled)")
+            continue
+        before = ("n/a" if item["success_before"] is None else f"{item['success_before']:.2f}")
+        cf = item.get("counterfactual_success")
+        print(f"{head} critical {item['critical_token']!r} at token "
+              f"{item['critical_index']} of {item['trajectory_tokens']}: success {before} before,"
+              f" {item['success_at']:.2f} after"
+              + ("" if cf is None else f", counterfactual {cf:.2f}")
+              + f" ({item['prefixes_sampled']} prefixes sampled)")

@@ -1,0 +1,126 @@
+"""Critical tokens by rollout search: the search rule, pass@k, seeds and the prefix schedule.
+
+Definitions (shared/methods.md, "Critical tokens"; Lin et al., "Critical Tokens Matter",
+cDPO, chenzhiling9954/Critical-Tokens-Matter): for an incorrect trajectory, sample n
+continuations (temperature 0.5) of every prefix ending at token t and score them with a
+verifier. The critical token is the first t whose prefix gives 0/n correct continuations, where
+the search resets if a later prefix gets more than 3 correct. The per-prefix success rate is
+`critical_success` = c_t / n; pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k).
+Counterfactual check: resample the token at t from p_t with the original token's probability set
+to 0, one rollout each, and report the success rate.
+
+The rule only depends on the prefixes after the last reset, so the default schedule scans
+backwards from the end of the trajectory and stops at the first prefix (from the end) with more
+than 3 correct: the prefixes before it cannot change the answer and are never sampled
+(`scan="all"` samples every prefix, for a full success curve). The sampling itself is in
+`tokenprobe.sampling`; the run over a task set in `tokenprobe.analyses.critical`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SCANS = ("backward", "all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CriticalConfig:
+    """Settings of a critical-token search (Lin et al.; defaults from the paper unless noted).
+
+    Attributes:
+        n_rollouts: continuations per prefix. The paper uses 64; 16 here is a CPU default.
+        temperature: rollout sampling temperature (paper 0.5).
+        reset_above: a prefix with more than this many correct continuations resets the
+            search (paper 3).
+        max_new_tokens: length limit of each continuation (ours).
+        batch_size: continuations decoded together from one copy of the prefix cache.
+        scan: "backward" (skip prefixes the rule no longer needs) or "all".
+        counterfactual: run the counterfactual resampling check at the critical token.
+        trajectory_temperature: temperature of the sampled trajectories searched (ours: 0.7).
+        trajectory_attempts: trajectories sampled per task until one is incorrect.
+        max_trajectory_tokens: length limit of a sampled trajectory.
+        pass_k: the k of the pass@k figures in the summary.
+        seed: base seed; every rollout's seed is derived from it (`rollout_seed`).
+    """
+
+    n_rollouts: int = 16
+    temperature: float = 0.5
+    reset_above: int = 3
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    scan: str = "backward"
+    counterfactual: bool = True
+    trajectory_temperature: float = 0.7
+    trajectory_attempts: int = 8
+    max_trajectory_tokens: int = 160
+    pass_k: tuple[int, ...] = (1, 4)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
+        if self.n_rollouts < 1 or self.batch_size < 1 or self.trajectory_attempts < 1:
+            raise ValueError("n_rollouts, batch_size and trajectory_attempts must be >= 1")
+        if self.temperature < 0 or self.trajectory_temperature < 0:
+            raise ValueError("temperatures must be >= 0")
+        if self.max_new_tokens < 1 or self.max_trajectory_tokens < 1:
+            raise ValueError("token limits must be >= 1")
+
+
+def find_critical(counts: Mapping[int, int], *, reset_above: int = 3) -> int | None:
+    """The critical position from per-prefix correct counts (Lin et al.'s search rule).
+
+    Scanning positions in increasing order, the first position with 0 correct becomes the
+    candidate; a later position with more than `reset_above` correct clears it, and the next
+    zero after that becomes the candidate again.
+
+    Args:
+        counts: position -> number of correct continuations of the prefix ending there
+            (positions not sampled are simply absent).
+        reset_above: the reset threshold (paper: 3).
+
+    Returns:
+        The critical position, or None when no candidate survives.
+    """
+    candidate = None
+    for pos in sorted(counts):
+        if counts[pos] == 0 and candidate is None:
+            candidate = pos
+        elif counts[pos] > reset_above:
+            candidate = None
+    return candidate
+
+
+def next_prefix(positions: list[int], counts: Mapping[int, int], *, scan: str = "backward",
+                reset_above: int = 3) -> int | None:
+    """The next prefix position to sample, given the counts so far; None when done.
+
+    "all" samples every position in increasing order. "backward" samples from the last
+    position down and stops after a position with more than `reset_above` correct: by
+    `find_critical`, positions before the last reset cannot change the result.
+    """
+    if scan == "all":
+        return next((p for p in positions if p not in counts), None)
+    if scan != "backward":
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    for pos in reversed(positions):
+        if pos not in counts:
+            return pos
+        if counts[pos] > reset_above:
+            return None
+    return None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k) (exact)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def rollout_seed(seed: int, task_id: str, kind: str, pos: int, index: int) -> int:
+    """A reproducible 63-bit seed for rollout `index` of (`task_id`, `kind`, `pos`)."""
+    key = f"{seed}\x00{task_id}\x00{kind}\x00{pos}\x00{index}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1

@@ -1,0 +1,170 @@
+"""Critical-token search: the rule, pass@k, the schedule, bookkeeping, seeds, resume, the CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pandas as pd
+import pytest
+from tokenprobe.analyses.critical import critical_search, summary_frame
+from tokenprobe.probes.critical import (
+    CriticalConfig,
+    find_critical,
+    next_prefix,
+    pass_at_k,
+)
+
+from tokenprobe.cli import main
+from tokenprobe.store import open_run
+from tokenprobe.tables import SCHEMAS
+from tokenprobe.tasks import Task
+
+TRAJECTORY = "abcdefgh"  # tiny-llama is byte-level: one token per character
+
+
+class NoABCD:
+    """Correct unless the response starts with 'abcd'; an answer is complete at its first
+    character outside a-h. So prefixes 'a', 'ab' are always correct, 'abc' almost always
+    (only a continuation starting with 'd' fails), and every prefix from 'abcd' on is never
+    correct: the critical token is 'd', response index 3, by construction."""
+
+    def __call__(self, text: str) -> bool:
+        return not text.startswith("abcd")
+
+    def done(self, text: str) -> bool:
+        return any(ch not in TRAJECTORY for ch in text)
+
+
+def _task() -> Task:
+    return Task("abcd", "Q: ", NoABCD(), trajectory=TRAJECTORY, raw=True)
+
+
+def _config(**kw) -> CriticalConfig:
+    return CriticalConfig(**{"n_rollouts": 8, "batch_size": 4, "max_new_tokens": 4, **kw})
+
+
+def test_search_rule_on_hand_made_counts():
+    assert find_critical({0: 5, 1: 0, 2: 2, 3: 0}) == 1
+    assert find_critical({0: 0, 1: 4, 2: 0, 3: 1}) == 2  # 4 > 3 resets
+    assert find_critical({0: 0, 1: 3, 2: 0}) == 0  # 3 does not
+    assert find_critical({0: 0, 1: 5}) is None
+    assert find_critical({0: 1, 1: 2}) is None
+    assert find_critical({}) is None
+    assert find_critical({4: 0, 9: 0, 2: 7}) == 4  # positions are sorted
+    assert find_critical({0: 0, 1: 2}, reset_above=1) is None
+
+
+def test_backward_schedule_gives_the_full_rule_and_skips_prefixes():
+    rng = random.Random(0)
+    skipped = 0
+    for _ in range(500):
+        full = [rng.choice([0, 0, 1, 2, 3, 4, 8]) for _ in range(rng.randint(1, 12))]
+        positions, counts = list(range(len(full))), {}
+        while (t := next_prefix(positions, counts)) is not None:
+            counts[t] = full[t]
+        assert find_critical(counts) == find_critical(dict(enumerate(full)))
+        skipped += len(full) - len(counts)
+        assert next_prefix(positions, {}, scan="all") == 0
+    assert skipped > 0
+
+
+def test_pass_at_k_against_enumeration():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                draws = list(itertools.combinations(range(n), k))  # items < c are correct
+                hit = sum(any(i < c for i in d) for d in draws) / len(draws)
+                assert pass_at_k(n, c, k) == pytest.approx(hit, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+@pytest.mark.parametrize("scan", ["backward", "all"])
+def test_critical_token_found_by_construction(tiny_llama, scan):
+    run = critical_search(tiny_llama, [_task()], _config(scan=scan), progress=False)
+    tokens, rollouts = run.tokens, run.rollouts
+    assert list(tokens.columns) == [c for c in SCHEMAS["tokens"] if c in tokens.columns]
+    assert "".join(tokens.token) == "Q: " + TRAJECTORY
+    response = tokens[tokens.pos >= 3].set_index("pos")
+    assert response.critical.tolist() == [False, False, False, True, False, False, False, False]
+    assert tokens[tokens.pos < 3].critical.isna().all()
+    success = response.critical_success
+    assert (success.loc[6:10] == 0).all() and success[5] > 0.5  # 'abc' then 'd' at pos 6
+    if scan == "backward":  # the prefix 'abc' resets the scan: 'a' and 'ab' are never sampled
+        assert success.loc[3:4].isna().all()
+    else:
+        assert (success.loc[3:4] == 1).all()
+    prefix = rollouts[rollouts.kind == "prefix"]
+    assert prefix.groupby("pos").size().eq(8).all()
+    cf = rollouts[rollouts.kind == "counterfactual"]
+    assert len(cf) == 8 and (cf.pos == 6).all() and cf.correct.all()
+    assert (cf.first_token_id != tokens.token_id[6]).all()
+    item = summary_frame(run).iloc[0]
+    assert item.status == "critical" and item.critical_index == 3 and item.critical_token == "d"
+    assert item.success_at == 0 and item.success_before == success[5]
+    assert item.counterfactual_success == 1.0
+
+
+def test_sampled_trajectory_and_seeds(tiny_llama):
+    task = Task("never", "x", lambda text: False, raw=True)
+    config = _config(trajectory_attempts=3, max_trajectory_tokens=5, counterfactual=False)
+    a = critical_search(tiny_llama, [task, _task()], config, progress=False)
+    b = critical_search(tiny_llama, [task, _task()], config, progress=False)
+    for name in ("prompts", "tokens", "rollouts"):
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name])
+    traj = a.rollouts[a.rollouts.kind == "trajectory"]
+    assert len(traj) == 3 and traj.seed.nunique() == 3 and not traj.correct.any()
+    assert summary_frame(a).critical_index.tolist() == [0, 3]
+    c = critical_search(tiny_llama, [task], _config(seed=1, trajectory_attempts=3,
+                                                    max_trajectory_tokens=5), progress=False)
+    assert set(c.rollouts.seed).isdisjoint(a.rollouts.seed)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_samples_only_the_remaining_prefixes(tiny_llama, tmp_path):
+    tasks, config = [_task(), Task("two", "Q: ", NoABCD(), trajectory="abcdxy", raw=True)], \
+        _config(scan="all")
+    first: list[tuple[int, int]] = []
+
+    def interrupt(prompt_id: int, t: int) -> None:
+        first.append((prompt_id, t))
+        if len(first) == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        critical_search(tiny_llama, tasks, config, out=tmp_path / "run", progress=False,
+                        on_prefix=interrupt)
+    second: list[tuple[int, int]] = []
+    resumed = critical_search(tiny_llama, tasks, config, out=tmp_path / "run", progress=False,
+                              on_prefix=lambda i, t: second.append((i, t)))
+    whole: list[tuple[int, int]] = []
+    fresh = critical_search(tiny_llama, tasks, config, progress=False,
+                            on_prefix=lambda i, t: whole.append((i, t)))
+    assert set(first).isdisjoint(second) and sorted(first + second) == sorted(whole)
+    assert len(whole) == 8 + 6
+    for name in ("prompts", "tokens", "rollouts"):
+        pd.testing.assert_frame_equal(resumed.tables[name], fresh.tables[name])
+    assert summary_frame(resumed).equals(summary_frame(fresh))
+
+
+def test_cli(tmp_path, capsys):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"id": "t1", "question": "1 + 2 = ", "answer": "3",
+                                 "trajectory": "The answer is 4. ", "raw": True}) + "\n")
+    args = ["critical", "--model", "tiny-llama", "--task", str(tasks), "--rollouts", "4",
+            "--max-new-tokens", "3", "--quiet", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "t1" in out and "n = 4 rollouts" in out
+    run = open_run(tmp_path / "run")
+    last = run.rollouts[run.rollouts.pos == run.tokens.pos.max()]
+    assert len(last) == 4 and (last.n_tokens == 0).all() and not last.correct.any()  # complete
+    assert main(args) == 4
+    assert main(args[:-2] + ["--out", str(tmp_path / "r2"), "--limit", "0"]) == 2
+    tasks.write_text("not json\n")
+    assert main(args[:-2] + ["--out", str(tmp_path / "r3")]) == 2
+    assert main(["critical", "--model", "no-such-model", "--out", str(tmp_path / "r4")]) == 3
