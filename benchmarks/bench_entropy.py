@@ -66,9 +66,9 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
 
     from tokenprobe.kernels.linear_entropy import linear_entropy
 
-    # copies in anonymous memory (load_file maps the file lazily: untouched pages would
-    # otherwise be paged in during the first call and counted as the op's own memory)
-    inputs = {k: v.to(device).clone() for k, v in load_file(str(path)).items()}
+    inputs = {k: v.to(device) for k, v in load_file(str(path)).items()}
+    for v in inputs.values():  # page the memory-mapped inputs in before `loaded_rss_mb` (a
+        v.sum()                # copy would put them in memory twice and set a false peak)
     hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
     cuda = device.startswith("cuda")
 
