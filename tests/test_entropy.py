@@ -230,3 +230,14 @@ def test_entropy_runs_through_bridge_and_nnsight(tiny_llama):
         np.testing.assert_allclose(got.entropy.to_numpy(float), want.entropy.to_numpy(float),
                                    rtol=1e-4, atol=1e-5)
         assert got["rank"].equals(want["rank"])
+
+
+def test_final_logit_softcapping_is_applied(tiny_gemma3):
+    """Gemma 2 style final_logit_softcapping: the probe reads it from the config, and the model's
+    own (capped) logits are the reference."""
+    model = copy.deepcopy(tiny_gemma3.model)
+    model.config.final_logit_softcapping = 0.5  # tight enough to change every distribution
+    capped = LoadedModel("tiny-gemma3-capped", model, tiny_gemma3.tokenizer, "test:capped")
+    tokens = check_tokens(capped, PROMPTS[:1])
+    plain = tokenprobe.run(tiny_gemma3, PROMPTS[:1], ["entropy"], progress=False).tokens
+    assert (tokens.entropy - plain.entropy).abs().max() > 1e-3  # the cap changed something
