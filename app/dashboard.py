@@ -1,0 +1,211 @@
+"""The tokenprobe dashboard (Streamlit script): pick a run or make one live, view a prompt's
+tokens and heatmaps, compare two runs. Start it with `tokenprobe app [RUNS_ROOT]`.
+
+Thin by design: runs come from `tokenprobe.app.runs`, frames from `tokenprobe.analyses.views`,
+figures from `tokenprobe.app.figures`, laid out by `tokenprobe.app.panels`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+import tokenprobe
+from tokenprobe.analyses import views
+from tokenprobe.app import figures, panels, runs
+from tokenprobe.store import RUN_JSON, Run
+
+PAGES = ["Run", "Compare", "Live run"]
+TABS = ["Tokens", "Heads", "Layers", "Massive", "Sinks", "Critical", "Tables"]
+LIVE_MODELS = ["smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3"]
+LIVE_PROBES = ["activations", "sinks", "entropy"]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def load_run(path: str, stamp: float) -> Run:
+    """A run's tables, cached per directory and run.json modification time."""
+    return tokenprobe.open_run(path)
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def load_model(name: str) -> tokenprobe.LoadedModel:
+    return tokenprobe.load(name)
+
+
+def open_named(root: Path, name: str) -> Run | None:
+    """The run `name` inside `root`, or None after showing why it cannot be opened."""
+    try:
+        path = runs.resolve_run(root, name)
+    except runs.RunPathError as err:
+        st.error(str(err))
+        return None
+    return load_run(str(path), (path / RUN_JSON).stat().st_mtime)
+
+
+def pick_run(root: Path, label: str, key: str, index: int = 0) -> tuple[str, Run] | None:
+    """A run chosen from those under the root (or typed as a path inside it)."""
+    names = runs.list_runs(root)
+    wanted = st.query_params.get("run") if key == "run" else None
+    typed = st.sidebar.text_input(f"{label}: or a path inside the runs root", value=(
+        wanted if wanted and wanted not in names else ""), key=f"{key}-path")
+    if typed:
+        return (typed, run) if (run := open_named(root, typed)) else None
+    if not names:
+        st.info(f"No runs under {root} yet. Make one with `tokenprobe run --prompts FILE "
+                f"--out {root / 'NAME'}` (or `make demo`), or use the Live run page.")
+        return None
+    start = names.index(wanted) if wanted in names else min(index, len(names) - 1)
+    name = st.sidebar.selectbox(label, names, index=start, key=f"{key}-name")
+    return (name, run) if (run := open_named(root, name)) else None
+
+
+def pick_prompt(run: Run, key: str) -> int:
+    prompts = run.prompts.set_index("prompt_id")
+    return st.selectbox("Prompt", list(prompts.index), key=f"{key}-prompt", format_func=lambda
+                        i: f"[{i}] {prompts.text[i][:80]!r} ({prompts.n_tokens[i]} tokens)")
+
+
+def run_header(name: str, run: Run) -> None:
+    meta = run.meta
+    probes = ", ".join(p["name"] for p in meta.get("probes", [])) or "none"
+    st.caption(f"**{name}**: model `{meta.get('model')}` ({meta.get('n_layers')} layers), "
+               f"probes: {probes}; {meta.get('n_prompts')} prompt(s); created "
+               f"{meta.get('created', '?')}; tables: {', '.join(sorted(run.tables))}")
+
+
+def show_run(name: str, run: Run, key: str) -> None:
+    """Every view of one prompt of `run`, one tab each."""
+    run_header(name, run)
+    prompt_id = pick_prompt(run, key)
+    tabs = dict(zip(TABS, st.tabs(TABS)))
+    with tabs["Tokens"]:
+        metric, layer = panels.token_metric_picker(run, key)
+        panels.token_view(run, prompt_id, metric, layer, f"{key}-tokens")
+    with tabs["Heads"]:
+        column = st.selectbox("Head measure", views.HEAD_COLUMNS, key=f"{key}-headcol")
+        panels.heads_view(run, prompt_id, column, f"{key}-heads")
+    with tabs["Layers"]:
+        column = st.selectbox("Layer x position measure", list(views.LAYER_COLUMNS),
+                              key=f"{key}-layercol")
+        panels.layers_view(run, prompt_id, column, f"{key}-layers")
+    with tabs["Massive"]:
+        panels.massive_view(run, prompt_id, f"{key}-massive")
+    with tabs["Sinks"]:
+        panels.sinks_view(run, prompt_id, f"{key}-sinks")
+    with tabs["Critical"]:
+        panels.critical_view(run, prompt_id, f"{key}-critical")
+    with tabs["Tables"]:
+        panels.tables_view(run, f"{key}-tables")
+
+
+def page_run(root: Path) -> None:
+    st.header("Run")
+    if picked := pick_run(root, "Run", "run"):
+        show_run(*picked, key="run")
+
+
+def page_compare(root: Path) -> None:
+    st.header("Compare two runs")
+    a, b = pick_run(root, "Run A", "cmpA", 0), pick_run(root, "Run B", "cmpB", 1)
+    if not (a and b):
+        return
+    (name_a, run_a), (name_b, run_b) = a, b
+    prompt_id = pick_prompt(run_a, "cmp")
+    if prompt_id not in set(run_b.prompts.prompt_id):
+        st.warning(f"Run B has no prompt {prompt_id}.")
+        return
+    kind = st.radio("View", ["Tokens", "Heads", "Layers"], horizontal=True, key="cmp-kind")
+    if kind == "Tokens":
+        metric, layer = panels.token_metric_picker(run_a, "cmp")
+    else:
+        options = views.HEAD_COLUMNS if kind == "Heads" else list(views.LAYER_COLUMNS)
+        column = st.selectbox("Measure", options, key=f"cmp-{kind}")
+    for (name, run, side), col in zip([(name_a, run_a, "A"), (name_b, run_b, "B")],
+                                      st.columns(2)):
+        with col:
+            st.subheader(f"{side}: {name}")
+            run_header(name, run)
+            if kind == "Tokens":
+                panels.token_view(run, prompt_id, metric, layer, f"cmp{side}-tokens")
+            elif kind == "Heads":
+                panels.heads_view(run, prompt_id, column, f"cmp{side}-heads")
+            else:
+                panels.layers_view(run, prompt_id, column, f"cmp{side}-layers")
+    st.subheader("Difference (B - A)")
+    try:
+        if kind == "Tokens":
+            spec = views.METRICS[metric]
+            if spec.kind != "numeric":
+                raise ValueError(f"{metric} is a category; pick a numeric metric for a difference")
+            diff = views.token_difference(
+                views.token_metric_frame(run_a, prompt_id, metric, layer=layer),
+                views.token_metric_frame(run_b, prompt_id, metric, layer=layer))
+            st.html(figures.token_html(diff, f"{metric}: B - A", diverging=True))
+        else:
+            grid = views.head_grid if kind == "Heads" else views.layer_grid
+            diff_grid = views.grid_difference(grid(run_a, prompt_id, column),
+                                              grid(run_b, prompt_id, column))
+            st.plotly_chart(figures.heatmap(diff_grid, title=f"{column}: B - A", value="B - A",
+                                            x_title="head" if kind == "Heads" else "position",
+                                            diverging=True), key="cmp-diff-fig")
+            panels.downloads(runs.grid_table(diff_grid, f"{column}_diff"), "difference",
+                             "cmp-diff")
+    except views.MissingProbe as err:
+        panels.empty_state(err)
+    except ValueError as err:
+        st.warning(str(err))
+    st.subheader("Per prompt")
+    table = views.prompt_comparison(run_a, run_b)
+    st.dataframe(table, hide_index=True)
+    panels.downloads(table, "prompt_comparison", "cmp-prompts")
+
+
+def page_live(root: Path) -> None:
+    st.header("Live run")
+    st.write(f"Runs a prompt through an embedded model and saves the result under {root}.")
+    with st.form("live"):
+        prompt = st.text_area("Prompt", key="form-prompt")
+        model = st.selectbox("Model", LIVE_MODELS, key="form-model")
+        probes = st.multiselect("Probes", LIVE_PROBES, default=LIVE_PROBES, key="form-probes")
+        lens = st.checkbox("Logit lens (entropy probe)", key="form-lens")
+        name = st.text_input("Run name (default: live-<time>)", key="form-name")
+        submitted = st.form_submit_button("Run")
+    if submitted:
+        make_live_run(root, prompt, model, probes, lens, name.strip() or None)
+    if done := st.session_state.get("live-run"):
+        if picked := open_named(root, done):
+            show_run(done, picked, key="live")
+
+
+def make_live_run(root: Path, prompt: str, model: str, probes: list[str], lens: bool,
+                  name: str | None) -> None:
+    from tokenprobe.probes import EntropyConfig, EntropyProbe
+    from tokenprobe.tokens import PromptError
+
+    if not probes:
+        st.error("Pick at least one probe.")
+        return
+    try:
+        out = runs.new_run_path(root, name)
+        chosen = [EntropyProbe(EntropyConfig(lens=lens)) if p == "entropy" else p for p in probes]
+        with st.spinner(f"Running {model} on the prompt..."):
+            tokenprobe.run(load_model(model), [prompt], chosen, out=out, progress=False)
+    except (runs.RunPathError, PromptError) as err:
+        st.error(str(err))
+        return
+    st.session_state["live-run"] = out.relative_to(root.resolve()).as_posix()
+    st.success(f"Saved as run {st.session_state['live-run']} under {root}.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="tokenprobe", layout="wide")
+    root = runs.runs_root()
+    st.sidebar.title("tokenprobe")
+    st.sidebar.caption(f"runs root: {root}")
+    wanted = st.query_params.get("page", "Run")
+    page = st.sidebar.radio("Page", PAGES, index=PAGES.index(wanted) if wanted in PAGES else 0,
+                            key="page")
+    {"Run": page_run, "Compare": page_compare, "Live run": page_live}[page](root)
+
+
+main()

@@ -1,0 +1,200 @@
+"""Figures for the dashboard and reports: plotly figures and the coloured token view (HTML).
+
+Each builder takes a frame from `tokenprobe.analyses.views` and returns a figure (or an HTML
+string for the token view); none reads a run or computes a measure.
+"""
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative, sample_colorscale
+
+SEQUENTIAL = "YlOrRd"
+DIVERGING = "RdBu_r"
+NO_VALUE = "#ffffff"
+CATEGORY_COLOURS = {"low": "#c6dbef", "mid": "#fdd49e", "high": "#ef6548",
+                    "forking": "#ef6548", "not forking": "#f0f0f0"}
+
+
+def _text_colour(rgb: str) -> str:
+    r, g, b = (int(float(c)) for c in rgb[rgb.index("(") + 1:-1].split(","))
+    return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
+
+
+def token_colours(values: pd.Series, *, kind: str = "numeric", log: bool = False,
+                  diverging: bool = False) -> tuple[list[str], dict]:
+    """Background colour per token and the legend's scale.
+
+    Numeric values map linearly (or on log10 when `log`) from their min to max onto YlOrRd,
+    or symmetrically around 0 onto RdBu when `diverging`; NA is white. Categories take fixed
+    colours (band, forking) or plotly's qualitative palette. Returns (colours, scale) where
+    scale holds kind, and lo/hi (numeric) or the category -> colour map.
+    """
+    if kind == "category":
+        cats = [c for c in CATEGORY_COLOURS if c in set(values.dropna())]
+        cats += sorted(set(values.dropna().astype(str)) - set(cats))
+        palette = {c: CATEGORY_COLOURS.get(c, qualitative.Pastel[i % len(qualitative.Pastel)])
+                   for i, c in enumerate(cats)}
+        return [NO_VALUE if pd.isna(v) else palette[str(v)] for v in values], \
+            {"kind": "category", "colours": palette}
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    if log:
+        numbers = np.log10(numbers.where(numbers > 0))
+    finite = numbers.dropna()
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    if diverging:
+        bound = max(abs(lo), abs(hi)) or 1.0
+        lo, hi, scale = -bound, bound, DIVERGING
+    else:
+        scale = SEQUENTIAL
+    span = (hi - lo) or 1.0
+    colours = [NO_VALUE if pd.isna(v) else sample_colorscale(scale, [(v - lo) / span])[0]
+               for v in numbers]
+    return colours, {"kind": "numeric", "lo": lo, "hi": hi, "log": log, "colorscale": scale}
+
+
+def _format(value: object) -> str:
+    if pd.isna(value):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: bool = False,
+               diverging: bool = False) -> str:
+    """The prompt as coloured tokens with exact values on hover, followed by a legend.
+
+    `frame` is a `views.token_metric_frame` (pos, token_id, token, is_special, shown, value).
+    Whitespace is visible (· ↵ ⇥), a newline token also breaks the line, special tokens are
+    boxed, and each token's tooltip gives its position, exact text, id and value.
+    """
+    colours, scale = token_colours(frame.value, kind=kind, log=log, diverging=diverging)
+    spans = []
+    for row, colour in zip(frame.itertuples(index=False), colours):
+        rgb = colour if colour.startswith("rgb") else _hex_to_rgb(colour)
+        border = "1px dashed #888" if row.is_special else "1px solid transparent"
+        tip = (f"pos {row.pos} | token {row.token!r} (id {row.token_id})"
+               f"{' special' if row.is_special else ''} | {label}: {_format(row.value)}")
+        spans.append(
+            f'<span class="tp-tok" data-pos="{row.pos}" title="{html.escape(tip)}" '
+            f'style="background:{colour};color:{_text_colour(rgb)};border:{border};'
+            f'border-radius:3px;padding:1px 2px;margin:1px;white-space:pre">'
+            f"{html.escape(row.shown)}</span>" + ("<br>" if "\n" in row.token else ""))
+    body = ('<div class="tp-tokens" style="font-family:ui-monospace,monospace;font-size:15px;'
+            'line-height:2.2">' + "".join(spans) + "</div>")
+    return body + legend_html(scale, label)
+
+
+def legend_html(scale: dict, label: str) -> str:
+    """The colour legend: a gradient with its end values, or one swatch per category."""
+    swatch = ('<span style="display:inline-block;width:14px;height:14px;background:{c};'
+              'border:1px solid #999;vertical-align:middle;margin:0 4px 0 10px"></span>{t}')
+    if scale["kind"] == "category":
+        items = "".join(swatch.format(c=c, t=html.escape(t)) for t, c in scale["colours"].items())
+    else:
+        stops = ", ".join(sample_colorscale(scale["colorscale"], list(np.linspace(0, 1, 7))))
+        lo, hi = scale["lo"], scale["hi"]
+        ends = ((f"{10 ** lo:.4g}", f"{10 ** hi:.4g}") if scale["log"]
+                else (f"{lo:.4g}", f"{hi:.4g}"))
+        items = (f'{ends[0]} <span style="display:inline-block;width:180px;height:12px;'
+                 f'vertical-align:middle;background:linear-gradient(to right, {stops})"></span> '
+                 f'{ends[1]}{" (log scale)" if scale["log"] else ""}')
+    items += swatch.format(c=NO_VALUE, t="no value")
+    return (f'<div class="tp-legend" style="font-size:13px;margin-top:6px">'
+            f"<b>{html.escape(label)}</b>: {items}</div>")
+
+
+def _hex_to_rgb(colour: str) -> str:
+    h = colour.lstrip("#")
+    h = "".join(c * 2 for c in h) if len(h) == 3 else h
+    return f"rgb({int(h[0:2], 16)}, {int(h[2:4], 16)}, {int(h[4:6], 16)})"
+
+
+def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bool = False,
+            diverging: bool = False, x_labels: list[str] | None = None) -> go.Figure:
+    """A layer-indexed grid as a heatmap (layer 0 at the bottom).
+
+    `log` colours log10 of the values (ticks in the values' units) and keeps exact values in
+    the hover; `diverging` centres a red-blue scale on 0 (differences); `x_labels` names the
+    columns (e.g. tokens for positions).
+    """
+    values = grid.to_numpy(dtype=float)
+    z = np.log10(np.where(values > 0, values, np.nan)) if log else values
+    x = [str(c) for c in grid.columns]
+    ticks = [f"{c}:{t}" for c, t in zip(x, x_labels)] if x_labels is not None else x
+    colorbar: dict = {"title": {"text": value}}
+    if log and np.isfinite(z).any():
+        powers = range(math.floor(np.nanmin(z)), math.ceil(np.nanmax(z)) + 1)
+        marks = [m * 10.0 ** p for p in powers for m in (1, 2, 5)]  # 1-2-5 ticks per decade
+        colorbar |= {"tickvals": [math.log10(t) for t in marks],
+                     "ticktext": [f"{t:.3g}" for t in marks]}
+    trace = go.Heatmap(
+        z=z, x=ticks, y=list(grid.index), customdata=values, colorbar=colorbar,
+        colorscale=DIVERGING if diverging else "Viridis", zmid=0 if diverging else None,
+        hovertemplate=f"layer %{{y}}<br>{x_title} %{{x}}<br>{value} %{{customdata:.6g}}"
+                      "<extra></extra>")
+    fig = go.Figure(trace)
+    fig.update_layout(title=title + (" (log colour scale)" if log else ""),
+                      xaxis_title=x_title, yaxis_title="layer", height=460,
+                      margin={"l": 50, "r": 20, "t": 50, "b": 50})
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(dtick=1)
+    return fig
+
+
+def massive_figure(points: pd.DataFrame, *, n_layers: int, n_pos: int) -> go.Figure:
+    """Massive activations as (layer, pos) points, one colour per dim, size by log |value|."""
+    fig = go.Figure()
+    for i, (dim, rows) in enumerate(points.groupby("dim")):
+        fig.add_trace(go.Scatter(
+            x=rows.layer, y=rows.pos, mode="markers", name=f"dim {dim}",
+            marker={"size": 6 + 3 * np.log10(rows.abs_value.clip(lower=1)),
+                    "color": qualitative.Plotly[i % len(qualitative.Plotly)]},
+            customdata=np.stack([rows.value, rows.ratio_to_median, rows.token.astype(str)], 1),
+            hovertemplate=(f"dim {dim}<br>layer %{{x}}, pos %{{y}} (%{{customdata[2]}})<br>"
+                           "value %{customdata[0]:.6g}<br>ratio to median %{customdata[1]:.4g}"
+                           "<extra></extra>")))
+    fig.update_layout(title="Massive activations (layer, pos, dim)", xaxis_title="layer",
+                      yaxis_title="position", height=420, legend_title="dim")
+    fig.update_xaxes(range=[-0.5, n_layers - 0.5], dtick=1)
+    fig.update_yaxes(range=[n_pos - 0.5, -0.5])
+    return fig
+
+
+def sink_lifetimes_figure(bars: pd.DataFrame, *, n_layers: int) -> go.Figure:
+    """Each sink token as a bar from its creation layer over its lifetime, coloured by kind."""
+    fig = go.Figure()
+    colours = {"primary": "#d62728", "secondary": "#1f77b4", "noise": "#aaaaaa"}
+    for kind, rows in bars.groupby("kind"):
+        fig.add_trace(go.Bar(
+            y=rows.label, x=rows.lifetime, base=rows.creation_layer, orientation="h", name=kind,
+            marker_color=colours.get(kind, "#2ca02c"),
+            customdata=np.stack([rows.last_layer, rows.max_cos], 1),
+            hovertemplate=("%{y}<br>layers %{base} to %{customdata[0]}<br>lifetime %{x}"
+                           "<br>max |cos| %{customdata[1]:.3f}<extra></extra>")))
+    fig.update_layout(title="Sink lifetimes (bar: creation layer, length: lifetime)",
+                      xaxis_title="layer", height=max(220, 60 + 28 * len(bars)), barmode="overlay")
+    fig.update_xaxes(range=[0, n_layers])
+    return fig
+
+
+def critical_figure(prefixes: pd.DataFrame) -> go.Figure:
+    """Rollout success rate per prefix, the critical token(s) marked."""
+    x = [f"{p}:{s}" for p, s in zip(prefixes.pos, prefixes.shown)]
+    fig = go.Figure(go.Scatter(x=x, y=prefixes.critical_success, mode="lines+markers",
+                               name="success rate",
+                               hovertemplate="prefix to %{x}<br>success %{y:.3f}<extra></extra>"))
+    marked = prefixes.critical.to_numpy()
+    fig.add_trace(go.Scatter(x=[v for v, m in zip(x, marked) if m],
+                             y=prefixes.critical_success[marked], mode="markers",
+                             name="critical token", marker={"symbol": "star", "size": 16,
+                                                            "color": "#d62728"}))
+    fig.update_layout(title="Success rate per prefix", xaxis_title="prefix ending at token",
+                      yaxis_title="critical_success", yaxis_range=[-0.05, 1.05], height=400)
+    fig.update_xaxes(type="category")
+    return fig

@@ -1,0 +1,171 @@
+"""Streamlit panels: one function per view of one prompt of a run, each with its empty state.
+
+Every panel gets its frame from `tokenprobe.analyses.views` and its figure from
+`tokenprobe.app.figures`; panels only lay them out, with CSV / Parquet downloads.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from tokenprobe.analyses import views
+from tokenprobe.analyses.views import METRICS, MissingProbe
+from tokenprobe.app import figures, runs
+from tokenprobe.store import Run
+
+LOG_COLUMNS = {"resid_norm", "max_abs"}
+
+
+def empty_state(err: MissingProbe) -> None:
+    """A missing probe: what is missing, which probe makes it, and the command."""
+    if err.command is None:
+        st.info(err.reason)
+        return
+    st.info(err.reason + " Make a run with it:")
+    st.code(err.command, language="bash")
+
+
+def downloads(frame: pd.DataFrame, name: str, key: str) -> None:
+    """CSV and Parquet download buttons for `frame`."""
+    left, right, _ = st.columns([1, 1, 4])
+    left.download_button("CSV", runs.frame_bytes(frame, "csv"), f"{name}.csv", "text/csv",
+                         key=f"{key}-csv")
+    right.download_button("Parquet", runs.frame_bytes(frame, "parquet"), f"{name}.parquet",
+                          "application/octet-stream", key=f"{key}-parquet")
+
+
+def n_layers(run: Run) -> int:
+    return int(run.meta.get("n_layers") or 0)
+
+
+def token_view(run: Run, prompt_id: int, metric: str, layer: int | None, key: str) -> None:
+    """The prompt's tokens coloured by `metric`, exact values on hover, legend below."""
+    spec = METRICS[metric]
+    try:
+        frame = views.token_metric_frame(run, prompt_id, metric, layer=layer)
+    except MissingProbe as err:
+        return empty_state(err)
+    label = spec.label if layer is None else f"{spec.column} at layer {layer}"
+    st.html(figures.token_html(frame, label, kind=spec.kind, log=spec.log))
+    downloads(frame, f"tokens_{metric}_p{prompt_id}", key)
+
+
+def token_metric_picker(run: Run, key: str) -> tuple[str, int | None]:
+    """Metric (every one is listed, the first the run has is chosen; missing ones show their
+    empty state) and, for layer metrics, the layer (default: the aggregate over layers)."""
+    left, right = st.columns(2)
+    available = views.available_metrics(run)
+    metric = left.selectbox("Colour tokens by", list(METRICS), key=f"{key}-metric",
+                            index=list(METRICS).index(available[0]) if available else 0,
+                            format_func=lambda m: f"{m}: {METRICS[m].label}")
+    layer = None
+    if METRICS[metric].table == "token_layers" and n_layers(run):
+        choice = right.selectbox("Layer", ["all"] + list(range(n_layers(run))),
+                                 key=f"{key}-layer",
+                                 format_func=lambda v: (f"all ({METRICS[metric].over_layers} "
+                                                        "over layers)") if v == "all" else str(v))
+        layer = None if choice == "all" else int(choice)
+    return metric, layer
+
+
+def heads_view(run: Run, prompt_id: int, column: str, key: str) -> None:
+    """Layer x head heatmap of a `heads` column, with the prompt's sink rate."""
+    try:
+        grid = views.head_grid(run, prompt_id, column)
+    except MissingProbe as err:
+        return empty_state(err)
+    st.plotly_chart(figures.heatmap(grid, title=f"{column} per layer and head", x_title="head",
+                                    value=column), key=f"{key}-fig")
+    downloads(runs.grid_table(grid, column), f"heads_{column}_p{prompt_id}", key)
+
+
+def layers_view(run: Run, prompt_id: int, column: str, key: str) -> None:
+    """Layer x position heatmap of a `token_layers` column, tokens on the x axis."""
+    try:
+        grid = views.layer_grid(run, prompt_id, column)
+    except MissingProbe as err:
+        return empty_state(err)
+    shown = views.prompt_tokens(run, prompt_id).set_index("pos").shown
+    st.plotly_chart(figures.heatmap(grid, title=f"{column} per layer and position",
+                                    x_title="position", value=column,
+                                    log=column in LOG_COLUMNS,
+                                    x_labels=list(shown.reindex(grid.columns))),
+                    key=f"{key}-fig")
+    downloads(runs.grid_table(grid, column), f"token_layers_{column}_p{prompt_id}", key)
+
+
+def massive_view(run: Run, prompt_id: int, key: str) -> None:
+    """Massive activations as (layer, pos, dim) points, and their rows."""
+    try:
+        points = views.massive_points(run, prompt_id)
+    except MissingProbe as err:
+        return empty_state(err)
+    if points.empty:
+        config = next((p for p in run.meta.get("probes", []) if p.get("name") == "activations"),
+                      {})
+        st.info("No massive activations in this prompt under the criterion "
+                f"(|h| > {config.get('abs_threshold', 100)} and > "
+                f"{config.get('median_ratio', 1000)} x the median |h| of its layer); the Layers "
+                "tab shows max_abs per layer.")
+        return
+    n_pos = int(run.prompts.set_index("prompt_id").n_tokens[prompt_id])
+    st.plotly_chart(figures.massive_figure(points, n_layers=n_layers(run), n_pos=n_pos),
+                    key=f"{key}-fig")
+    st.dataframe(points, hide_index=True)
+    downloads(points, f"massive_p{prompt_id}", key)
+
+
+def sinks_view(run: Run, prompt_id: int, key: str) -> None:
+    """Sink rate of the prompt and its sink tokens' lifetimes as bars."""
+    from tokenprobe.analyses.sinks import sink_rate
+
+    try:
+        bars = views.sink_bars(run, prompt_id)
+        views.require(run, "heads", "sink_mass", "sinks", "heads table")
+    except MissingProbe as err:
+        return empty_state(err)
+    rate = sink_rate(run).set_index("prompt_id").loc[prompt_id]
+    st.metric(f"Sink rate (eps {rate.eps}, k = {rate.k_pos}, T = {int(rate['T'])})",
+              f"{rate.sink_rate:.1f}%")
+    if bars.empty:
+        st.info("No sink tokens found in this prompt.")
+        return
+    st.plotly_chart(figures.sink_lifetimes_figure(bars, n_layers=n_layers(run)),
+                    key=f"{key}-fig")
+    downloads(bars, f"sinks_p{prompt_id}", key)
+
+
+def critical_view(run: Run, prompt_id: int, key: str) -> None:
+    """Success rate per prefix with the critical token marked, and the prompt's rollouts."""
+    try:
+        prefixes = views.critical_prefixes(run, prompt_id)
+    except MissingProbe as err:
+        return empty_state(err)
+    st.plotly_chart(figures.critical_figure(prefixes), key=f"{key}-fig")
+    marked = prefixes[prefixes.critical]
+    st.write("Critical token: " + (", ".join(f"`{s}` at pos {p}" for s, p in
+                                              zip(marked.shown, marked.pos)) or "none"))
+    downloads(prefixes, f"critical_p{prompt_id}", key)
+    try:
+        views.rollouts(run, prompt_id)
+    except MissingProbe as err:
+        return empty_state(err)
+    st.subheader("Rollouts")
+    scored = list(prefixes.pos[prefixes.critical_success.notna()])
+    start = scored.index(marked.pos.iloc[0]) if len(marked) and marked.pos.iloc[0] in scored else 0
+    shown = prefixes.set_index("pos").shown
+    pos = st.selectbox("Prefix ending at position", scored, index=start, key=f"{key}-pos",
+                       format_func=lambda p: f"{p}: {shown[p]}") if scored else None
+    table = views.rollouts(run, prompt_id, pos)
+    st.dataframe(table, hide_index=True)
+    downloads(table, f"rollouts_p{prompt_id}", f"{key}-rollouts")
+
+
+def tables_view(run: Run, key: str) -> None:
+    """Every table of the run with downloads, and its run.json."""
+    for name, frame in sorted(run.tables.items()):
+        with st.expander(f"{name} ({len(frame):,} rows x {frame.shape[1]} columns)"):
+            st.dataframe(frame.head(1000), hide_index=True)
+            downloads(frame, name, f"{key}-{name}")
+    with st.expander("run.json"):
+        st.json(run.meta, expanded=False)

@@ -1,0 +1,372 @@
+"""The dashboard: run-store access, view frames and figures on a real tiny run, and every page
+and state of the Streamlit app through streamlit.testing's AppTest."""
+from __future__ import annotations
+
+import html
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import tokenprobe  # noqa: E402
+from tokenprobe.analyses import views  # noqa: E402
+from tokenprobe.app import figures, runs  # noqa: E402
+from tokenprobe.probes import EntropyConfig, EntropyProbe  # noqa: E402
+from tokenprobe.store import Run  # noqa: E402
+
+DASHBOARD = str(Path(runs.__file__).with_name("dashboard.py"))
+PROMPTS = ["The cat sat on the mat.", "Hi there\n\tfriend!"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_llama) -> Path:
+    """A runs root: `full` (all probes, lens), `partial` (activations only), `critical` (full
+    plus hand-made critical columns, rollouts and massive rows), a group, junk beside them."""
+    root = tmp_path_factory.mktemp("runs")
+    full = tokenprobe.run(tiny_llama, PROMPTS, ["activations", "sinks",
+                                                EntropyProbe(EntropyConfig(lens=True))],
+                          out=root / "full", progress=False)
+    tokenprobe.run(tiny_llama, PROMPTS, ["activations"], out=root / "partial", progress=False)
+    tokens = full.tokens.copy()
+    success = [np.nan, 0.5, 0.25, 0.0, 0.75] + [np.nan] * (len(tokens) - 5)
+    tokens["critical_success"] = success
+    tokens["critical"] = pd.array([pd.NA, False, False, True, False] + [pd.NA] * (len(tokens) - 5),
+                                  dtype="boolean")
+    rollouts = pd.DataFrame({"prompt_id": [0, 0, 0], "pos": [3, 3, 1], "kind": "prefix",
+                             "rollout": [0, 1, 0], "text": ["no", "nope", "yes"],
+                             "correct": [False, False, True]})
+    massive = pd.DataFrame({"prompt_id": [0, 0, 0], "layer": [1, 2, 1], "pos": [0, 0, 2],
+                            "dim": [5, 5, 7], "value": [-500.0, 300.0, 200.0],
+                            "ratio_to_median": [2000.0, 1500.0, 1100.0]})
+    attributions = pd.DataFrame({"prompt_id": 0, "pos": [0, 1, 2, 1], "method": [
+        "knockout", "removal", "removal", "knockout"], "layer_range": ["0-1", "", "", "0-1"],
+        "delta_logprob": [-9.0, -1.5, 0.25, -7.0]})
+    Run({**full.tables, "tokens": tokens, "rollouts": rollouts, "massive": massive,
+         "attributions": attributions}, full.meta).save(root / "critical")
+    (root / "group").mkdir()
+    full.save(root / "group" / "inner")
+    (root / ".hidden").mkdir()
+    (root / "unfinished").mkdir()
+    (root / "notes.txt").write_text("not a run")
+    return root
+
+
+@pytest.fixture(scope="module")
+def full(root) -> Run:
+    return tokenprobe.open_run(root / "full")
+
+
+@pytest.fixture(scope="module")
+def critical(root) -> Run:
+    return tokenprobe.open_run(root / "critical")
+
+
+# ---- run store access ----------------------------------------------------------------------
+
+def test_list_runs_only_complete_runs_inside_the_root(root, tmp_path):
+    outside = tmp_path / "elsewhere"
+    tokenprobe.open_run(root / "partial").save(outside)
+    link = root / "link-out"
+    link.symlink_to(outside)
+    try:
+        assert runs.list_runs(root) == ["critical", "full", "group/inner", "partial"]
+    finally:
+        link.unlink()
+    assert runs.list_runs(root / "missing") == []
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "/etc", "full/../../x", "group/../../x"])
+def test_resolve_run_refuses_paths_outside_the_root(root, name):
+    with pytest.raises(runs.RunPathError, match="outside the runs root"):
+        runs.resolve_run(root, name)
+
+
+def test_resolve_run(root, tmp_path):
+    assert runs.resolve_run(root, "full") == (root / "full").resolve()
+    assert runs.resolve_run(root, "group/inner") == (root / "group" / "inner").resolve()
+    with pytest.raises(runs.RunPathError, match="no run 'nothing'"):
+        runs.resolve_run(root, "nothing")
+    with pytest.raises(runs.RunPathError, match="not a complete tokenprobe run"):
+        runs.resolve_run(root, "unfinished")
+    (root / "escape").symlink_to(tmp_path)
+    try:
+        with pytest.raises(runs.RunPathError, match="outside"):
+            runs.resolve_run(root, "escape")
+    finally:
+        (root / "escape").unlink()
+
+
+def test_new_run_path(root):
+    assert runs.new_run_path(root, "fresh") == (root / "fresh").resolve()
+    assert runs.new_run_path(root).name.startswith("live-")
+    for bad, message in [("../x", "letters"), ("a b", "letters"), ("full", "already exists")]:
+        with pytest.raises(runs.RunPathError, match=message):
+            runs.new_run_path(root, bad)
+
+
+def test_frame_bytes_round_trip(full):
+    frame = full.heads
+    assert pd.read_csv(io.BytesIO(runs.frame_bytes(frame, "csv"))).shape == frame.shape
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(runs.frame_bytes(frame, "parquet"))),
+                                  frame)
+    with pytest.raises(ValueError, match="unknown format"):
+        runs.frame_bytes(frame, "xlsx")
+
+
+# ---- view frames ---------------------------------------------------------------------------
+
+def test_readable_token():
+    assert views.readable_token(" a\n") == "·a↵"
+    assert views.readable_token("\tx\r") == "⇥x␍"
+    assert views.readable_token("<s> x", is_special=True) == "<s> x"
+    assert views.readable_token("") == "∅"
+
+
+def test_token_metric_frame_values(full):
+    tokens = full.tokens[full.tokens.prompt_id == 1]
+    frame = views.token_metric_frame(full, 1, "entropy")
+    assert frame.token.tolist() == tokens.token.tolist()
+    assert "↵" in "".join(frame.shown) and "⇥" in "".join(frame.shown)
+    np.testing.assert_array_equal(frame.value.to_numpy(dtype=float),
+                                  tokens.entropy.to_numpy(dtype=float))
+    layers = full.token_layers[full.token_layers.prompt_id == 1]
+    by_pos = {p: g for p, g in layers.groupby("pos")}
+    norm = views.token_metric_frame(full, 1, "resid_norm")
+    assert norm.value.tolist() == [by_pos[p].resid_norm.max() for p in norm.pos]
+    received = views.token_metric_frame(full, 1, "sink_received")
+    np.testing.assert_allclose(received.value, [by_pos[p].attn_received.mean()
+                                                for p in received.pos])
+    at_2 = views.token_metric_frame(full, 1, "resid_norm", layer=2)
+    assert at_2.value.tolist() == layers[layers.layer == 2].resid_norm.tolist()
+    forking = views.token_metric_frame(full, 1, "forking").value
+    assert pd.isna(forking.iloc[0]) and set(forking.dropna()) <= {"forking", "not forking"}
+
+
+def test_massive_and_critical_frames(critical):
+    massive = views.token_metric_frame(critical, 0, "massive")
+    assert massive.value.tolist()[:4] == [500.0, 0.0, 200.0, 0.0]
+    points = views.massive_points(critical, 0)
+    assert points.abs_value.tolist() == [500.0, 300.0, 200.0]
+    assert points.token.iloc[0] == views.prompt_tokens(critical, 0).shown[0]
+    attribution = views.token_metric_frame(critical, 0, "attribution").value
+    assert attribution.tolist()[1:3] == [-1.5, 0.25] and pd.isna(attribution.iloc[0])
+    prefixes = views.critical_prefixes(critical, 0)
+    assert prefixes.critical.tolist()[:5] == [False, False, False, True, False]
+    assert prefixes.critical_success.iloc[3] == 0.0
+    assert views.rollouts(critical, 0, 3).text.tolist() == ["no", "nope"]
+    assert len(views.rollouts(critical, 1)) == 0
+
+
+def test_grids(full):
+    n_layers = full.meta["n_layers"]
+    grid = views.head_grid(full, 0, "sink_mass")
+    heads = full.heads[full.heads.prompt_id == 0]
+    assert grid.shape == (n_layers, heads["head"].nunique())
+    row = heads[(heads.layer == 1) & (heads["head"] == 2)]
+    assert grid.loc[1, 2] == row.sink_mass.item()
+    layer = views.layer_grid(full, 0, "lens_entropy")
+    assert layer.shape == (n_layers, int(full.prompts.n_tokens[0]))
+    tidy = runs.grid_table(grid, "sink_mass")
+    assert list(tidy.columns) == ["layer", "head", "sink_mass"] and len(tidy) == grid.size
+    assert (views.grid_difference(grid, grid * 3) == grid * 2).all().all()
+    with pytest.raises(ValueError, match="grids differ"):
+        views.grid_difference(grid, grid.iloc[:-1])
+
+
+def test_sink_bars(full):
+    bars = views.sink_bars(full, 0)
+    assert (bars.last_layer == bars.creation_layer + bars.lifetime - 1).all()
+    assert bars.kind.iloc[0] == "primary" and bars.label.iloc[0].endswith("@0")
+
+
+def test_token_difference_and_prompt_comparison(full, critical):
+    a = views.token_metric_frame(full, 0, "entropy")
+    b = a.assign(value=a.value * 2)
+    pd.testing.assert_series_equal(views.token_difference(a, b).value, a.value)
+    with pytest.raises(ValueError, match="tokenise"):
+        views.token_difference(a, views.token_metric_frame(full, 1, "entropy"))
+    table = views.prompt_comparison(full, critical)
+    assert table.same_text.all() and (table.mean_entropy_diff == 0).all()
+    assert (table.sink_rate_diff == 0).all()
+
+
+def test_missing_probe_names_the_probe_and_command(root):
+    partial = tokenprobe.open_run(root / "partial")
+    with pytest.raises(views.MissingProbe) as err:
+        views.head_grid(partial, 0)
+    assert err.value.command == ("tokenprobe run --model tiny-llama --probes sinks "
+                                 "--prompts PROMPTS_FILE --out RUN_DIR")
+    with pytest.raises(views.MissingProbe, match="--probes entropy --lens"):
+        views.layer_grid(partial, 0, "lens_entropy")
+    with pytest.raises(views.MissingProbe, match="tokenprobe critical --model tiny-llama "
+                                                 "--task FILE --out RUN_DIR"):
+        views.critical_prefixes(partial, 0)
+    with pytest.raises(views.MissingProbe) as err:
+        views.token_metric_frame(partial, 0, "attribution")
+    assert err.value.command is None and "no tokenprobe command" in err.value.reason
+    assert views.available_metrics(partial) == ["resid_norm", "massive"]
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+def test_token_html_shows_every_token_with_exact_values(full):
+    frame = views.token_metric_frame(full, 1, "entropy")
+    page = figures.token_html(frame, "entropy")
+    assert page.count('class="tp-tok"') == len(frame)
+    for value in frame.value.dropna():
+        assert f"entropy: {value:.6g}" in page
+    assert "<br>" in page  # the newline token breaks the line
+    colours, scale = figures.token_colours(frame.value)
+    assert colours[0] == figures.NO_VALUE  # NA at pos 0
+    assert colours[int(frame.value.idxmax())] == "rgb(128, 0, 38)"  # YlOrRd's top
+    assert scale["lo"] == frame.value.min() and scale["hi"] == frame.value.max()
+    colours, scale = figures.token_colours(pd.Series(["low", "high", None]), kind="category")
+    assert colours == ["#c6dbef", "#ef6548", figures.NO_VALUE]
+
+
+def test_heatmap_log_scale_keeps_exact_values(full):
+    grid = views.layer_grid(full, 0, "resid_norm")
+    fig = figures.heatmap(grid, title="t", x_title="position", value="resid_norm", log=True,
+                          x_labels=list(views.prompt_tokens(full, 0).shown))
+    trace = fig.data[0]
+    np.testing.assert_allclose(trace.z, np.log10(grid.to_numpy()))
+    np.testing.assert_array_equal(trace.customdata, grid.to_numpy())
+    assert trace.x[0].startswith("0:")
+
+
+# ---- the app (AppTest) ---------------------------------------------------------------------
+
+def app(root: Path, monkeypatch, **query) -> AppTest:
+    monkeypatch.setenv(runs.ROOT_ENV, str(root))
+    at = AppTest.from_file(DASHBOARD, default_timeout=60)
+    at.query_params.update(query)
+    return at.run()
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def token_text(page: str) -> str:
+    """The token view's text, its spans' contents joined."""
+    return html.unescape("".join(re.findall(r'class="tp-tok"[^>]*>([^<]*)</span>', page)))
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_run_page_all_views(root, monkeypatch, full):
+    at = app(root, monkeypatch, run="full")
+    assert not at.exception and not at.error
+    assert [t.label for t in at.tabs] == ["Tokens", "Heads", "Layers", "Massive", "Sinks",
+                                          "Critical", "Tables"]
+    assert token_text(at.html[0].value) == "".join(views.prompt_tokens(full, 0).shown)
+    assert charts(at) == 3  # heads and layers heatmaps, sink lifetimes
+    assert "No massive activations" in texts(at.info)
+    assert "tokenprobe critical --model tiny-llama --task FILE --out RUN_DIR" in texts(at.code)
+    assert len(at.download_button) >= 2 * (3 + len(full.tables))
+    for metric in views.METRICS:
+        at.selectbox(key="run-metric").set_value(metric).run()
+        assert not at.exception, metric
+    at.selectbox(key="run-metric").set_value("resid_norm").run()
+    at.selectbox(key="run-layer").set_value(1).run()
+    assert "resid_norm at layer 1" in at.html[0].value
+    for column in views.HEAD_COLUMNS:
+        at.selectbox(key="run-headcol").set_value(column).run()
+    for column in views.LAYER_COLUMNS:
+        at.selectbox(key="run-layercol").set_value(column).run()
+    at.selectbox(key="run-prompt").set_value(1).run()
+    assert not at.exception and not at.error and charts(at) == 3
+
+
+def test_run_missing_probes_says_which_probe_and_command(root, monkeypatch):
+    at = app(root, monkeypatch, run="partial")
+    assert not at.exception and not at.error
+    assert "residual norm" in at.html[0].value  # the first metric the run has
+    info, code = texts(at.info), texts(at.code)
+    assert "written by the sinks probe" in info
+    assert "tokenprobe run --model tiny-llama --probes sinks --prompts PROMPTS_FILE" in code
+    assert "tokenprobe critical --model tiny-llama --task FILE --out RUN_DIR" in code
+    at.selectbox(key="run-metric").set_value("entropy").run()
+    assert "written by the entropy probe" in texts(at.info)
+    assert "--probes entropy --prompts" in texts(at.code)
+    at.selectbox(key="run-layercol").set_value("lens_entropy").run()
+    assert "--probes entropy --lens" in texts(at.code)
+    assert charts(at) == 0
+
+
+def test_critical_run(root, monkeypatch):
+    at = app(root, monkeypatch, run="critical")
+    assert not at.exception and not at.error
+    assert charts(at) == 5  # + massive points and the success rate per prefix
+    assert any("at pos 3" in str(m.value) for m in at.markdown)
+    rollouts = [d.value for d in at.dataframe if "correct" in d.value.columns]
+    assert rollouts[0].text.tolist() == ["no", "nope"]
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc", "full/../../x"])
+def test_path_outside_the_root_is_refused(root, monkeypatch, path):
+    at = app(root, monkeypatch, run=path)
+    assert not at.exception
+    assert "outside the runs root" in texts(at.error)
+    assert charts(at) == 0
+    at = app(root, monkeypatch)
+    at.text_input(key="run-path").set_value(path).run()
+    assert "outside the runs root" in texts(at.error)
+
+
+def test_empty_root(tmp_path, monkeypatch):
+    at = app(tmp_path, monkeypatch)
+    assert not at.exception
+    assert "No runs under" in texts(at.info)
+
+
+def test_compare_page(root, monkeypatch):
+    at = app(root, monkeypatch, page="Compare")
+    assert not at.exception and not at.error
+    at.selectbox(key="cmpA-name").set_value("full")
+    at.selectbox(key="cmpB-name").set_value("critical").run()
+    assert len(at.html) == 3  # A, B and B - A
+    assert "B - A" in at.html[2].value
+    at.radio(key="cmp-kind").set_value("Heads").run()
+    assert charts(at) == 3 and not at.warning
+    at.radio(key="cmp-kind").set_value("Layers").run()
+    at.selectbox(key="cmp-Layers").set_value("resid_norm").run()
+    assert charts(at) == 3 and not at.exception
+    at.selectbox(key="cmpB-name").set_value("partial").run()
+    assert charts(at) == 3  # resid_norm is in both
+    at.radio(key="cmp-kind").set_value("Heads").run()
+    assert "written by the sinks probe" in texts(at.info)
+    tables = [d.value for d in at.dataframe if "same_text" in d.value.columns]
+    assert tables[0].same_text.all()
+
+
+def test_live_run(root, monkeypatch):
+    at = app(root, monkeypatch, page="Live run")
+    assert not at.exception
+    at.text_area(key="form-prompt").set_value("Hello live world")
+    at.selectbox(key="form-model").set_value("tiny-llama")
+    at.multiselect(key="form-probes").set_value(["activations", "sinks"])
+    at.text_input(key="form-name").set_value("live-test")
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert "Saved as run live-test" in texts(at.success)
+    assert tokenprobe.open_run(root / "live-test").prompts.text.tolist() == ["Hello live world"]
+    assert token_text(at.html[0].value) == "Hello·live·world"
+    assert charts(at) == 3
+    at.text_input(key="form-name").set_value("../escape")
+    at.button[0].click().run()
+    assert "letters, digits" in texts(at.error)
+    at.text_input(key="form-name").set_value("")
+    at.text_area(key="form-prompt").set_value("   ")
+    at.button[0].click().run()
+    assert "empty" in texts(at.error).lower() or "whitespace" in texts(at.error).lower()
