@@ -214,6 +214,14 @@ def critical_prefixes(run: Run, prompt_id: int) -> pd.DataFrame:
     return out
 
 
+def critical_summary(run: Run, prompt_id: int) -> pd.DataFrame:
+    """The prompt's row of the critical-token search summary (run.json `summary.critical`:
+    task, status, critical position and token, success before / at it, counterfactual);
+    empty if the run has none."""
+    items = run.meta.get("summary", {}).get("critical", [])
+    return pd.DataFrame([i for i in items if i.get("prompt_id") == prompt_id])
+
+
 def rollouts(run: Run, prompt_id: int, pos: int | None = None) -> pd.DataFrame:
     """The prompt's rows of the `rollouts` table, only those at `pos` if given."""
     table = require(run, "rollouts", None, "critical", "rollouts table")

@@ -19,6 +19,7 @@ PAGES = ["Run", "Compare", "Live run"]
 TABS = ["Tokens", "Heads", "Layers", "Massive", "Sinks", "Critical", "Tables"]
 LIVE_MODELS = ["smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3"]
 LIVE_PROBES = ["activations", "sinks", "entropy"]
+QUERY = {"run": "run", "cmpA": "a", "cmpB": "b"}  # URL parameters naming the runs shown
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -43,9 +44,10 @@ def open_named(root: Path, name: str) -> Run | None:
 
 
 def pick_run(root: Path, label: str, key: str, index: int = 0) -> tuple[str, Run] | None:
-    """A run chosen from those under the root (or typed as a path inside it)."""
+    """A run chosen from those under the root or typed as a path inside it (default: the URL's
+    `?run=` on the Run page, `?a=` / `?b=` on Compare)."""
     names = runs.list_runs(root)
-    wanted = st.query_params.get("run") if key == "run" else None
+    wanted = st.query_params.get(QUERY[key])
     typed = st.sidebar.text_input(f"{label}: or a path inside the runs root", value=(
         wanted if wanted and wanted not in names else ""), key=f"{key}-path")
     if typed:
@@ -67,10 +69,15 @@ def pick_prompt(run: Run, key: str) -> int:
 
 def run_header(name: str, run: Run) -> None:
     meta = run.meta
-    probes = ", ".join(p["name"] for p in meta.get("probes", [])) or "none"
-    st.caption(f"**{name}**: model `{meta.get('model')}` ({meta.get('n_layers')} layers), "
-               f"probes: {probes}; {meta.get('n_prompts')} prompt(s); created "
-               f"{meta.get('created', '?')}; tables: {', '.join(sorted(run.tables))}")
+    parts = [f"**{name}**: model `{meta.get('model', '?')}`"
+             + (f" ({meta['n_layers']} layers)" if meta.get("n_layers") else "")]
+    if meta.get("probes"):
+        parts.append("probes: " + ", ".join(p["name"] for p in meta["probes"]))
+    if meta.get("analysis"):
+        parts.append(f"analysis: {meta['analysis']}")
+    parts += [f"{len(run.prompts)} prompt(s)", f"created {meta.get('created', '?')}",
+              f"tables: {', '.join(sorted(run.tables))}"]
+    st.caption("; ".join(parts))
 
 
 def show_run(name: str, run: Run, key: str) -> None:

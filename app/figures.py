@@ -66,24 +66,27 @@ def _format(value: object) -> str:
 
 
 def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: bool = False,
-               diverging: bool = False) -> str:
+               diverging: bool = False, marked: frozenset[int] = frozenset()) -> str:
     """The prompt as coloured tokens with exact values on hover, followed by a legend.
 
     `frame` is a `views.token_metric_frame` (pos, token_id, token, is_special, shown, value).
     Whitespace is visible (· ↵ ⇥), a newline token also breaks the line, special tokens are
-    boxed, and each token's tooltip gives its position, exact text, id and value.
+    boxed, tokens at `marked` positions (e.g. the critical token) outlined in red, and each
+    token's tooltip gives its position, exact text, id and value.
     """
     colours, scale = token_colours(frame.value, kind=kind, log=log, diverging=diverging)
     spans = []
     for row, colour in zip(frame.itertuples(index=False), colours):
         rgb = colour if colour.startswith("rgb") else _hex_to_rgb(colour)
-        border = "1px dashed #888" if row.is_special else "1px solid transparent"
+        border = ("2px solid #d62728" if row.pos in marked else
+                  "1px dashed #888" if row.is_special else "1px solid transparent")
         tip = (f"pos {row.pos} | token {row.token!r} (id {row.token_id})"
-               f"{' special' if row.is_special else ''} | {label}: {_format(row.value)}")
+               f"{' special' if row.is_special else ''}{' MARKED' if row.pos in marked else ''}"
+               f" | {label}: {_format(row.value)}")
         spans.append(
             f'<span class="tp-tok" data-pos="{row.pos}" title="{html.escape(tip)}" '
             f'style="background:{colour};color:{_text_colour(rgb)};border:{border};'
-            f'border-radius:3px;padding:1px 2px;margin:1px;white-space:pre">'
+            f'border-radius:3px;padding:0 2px;margin:1px;white-space:pre;display:inline-block">'
             f"{html.escape(row.shown)}</span>" + ("<br>" if "\n" in row.token else ""))
     body = ('<div class="tp-tokens" style="font-family:ui-monospace,monospace;font-size:15px;'
             'line-height:2.2">' + "".join(spans) + "</div>")
@@ -147,8 +150,9 @@ def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bo
     return fig
 
 
-def massive_figure(points: pd.DataFrame, *, n_layers: int, n_pos: int) -> go.Figure:
-    """Massive activations as (layer, pos) points, one colour per dim, size by log |value|."""
+def massive_figure(points: pd.DataFrame, *, n_layers: int, tokens: list[str]) -> go.Figure:
+    """Massive activations as (layer, pos) points, one colour per dim, size by log |value|;
+    `tokens` (the prompt's, readable) label the position axis."""
     fig = go.Figure()
     for i, (dim, rows) in enumerate(points.groupby("dim")):
         fig.add_trace(go.Scatter(
@@ -160,9 +164,13 @@ def massive_figure(points: pd.DataFrame, *, n_layers: int, n_pos: int) -> go.Fig
                            "value %{customdata[0]:.6g}<br>ratio to median %{customdata[1]:.4g}"
                            "<extra></extra>")))
     fig.update_layout(title="Massive activations (layer, pos, dim)", xaxis_title="layer",
-                      yaxis_title="position", height=420, legend_title="dim")
+                      yaxis_title="position", height=min(900, max(320, 120 + 18 * len(tokens))),
+                      legend_title="dim", showlegend=True)
     fig.update_xaxes(range=[-0.5, n_layers - 0.5], dtick=1)
-    fig.update_yaxes(range=[n_pos - 0.5, -0.5])
+    fig.update_yaxes(range=[len(tokens) - 0.5, -0.5])
+    if len(tokens) <= 60:  # one labelled tick per token while they fit
+        fig.update_yaxes(tickvals=list(range(len(tokens))),
+                         ticktext=[f"{p}:{t}" for p, t in enumerate(tokens)])
     return fig
 
 
@@ -184,7 +192,8 @@ def sink_lifetimes_figure(bars: pd.DataFrame, *, n_layers: int) -> go.Figure:
 
 
 def critical_figure(prefixes: pd.DataFrame) -> go.Figure:
-    """Rollout success rate per prefix, the critical token(s) marked."""
+    """Rollout success rate per sampled prefix, the critical token(s) marked."""
+    prefixes = prefixes[prefixes.critical_success.notna() | prefixes.critical]
     x = [f"{p}:{s}" for p, s in zip(prefixes.pos, prefixes.shown)]
     fig = go.Figure(go.Scatter(x=x, y=prefixes.critical_success, mode="lines+markers",
                                name="success rate",

@@ -46,7 +46,12 @@ def token_view(run: Run, prompt_id: int, metric: str, layer: int | None, key: st
     except MissingProbe as err:
         return empty_state(err)
     label = spec.label if layer is None else f"{spec.column} at layer {layer}"
-    st.html(figures.token_html(frame, label, kind=spec.kind, log=spec.log))
+    marked = frozenset()
+    if metric == "critical":  # outline the critical token
+        prefixes = views.critical_prefixes(run, prompt_id)
+        marked = frozenset(int(p) for p in prefixes.pos[prefixes.critical])
+        label += "; critical token outlined in red"
+    st.html(figures.token_html(frame, label, kind=spec.kind, log=spec.log, marked=marked))
     downloads(frame, f"tokens_{metric}_p{prompt_id}", key)
 
 
@@ -108,8 +113,8 @@ def massive_view(run: Run, prompt_id: int, key: str) -> None:
                 f"{config.get('median_ratio', 1000)} x the median |h| of its layer); the Layers "
                 "tab shows max_abs per layer.")
         return
-    n_pos = int(run.prompts.set_index("prompt_id").n_tokens[prompt_id])
-    st.plotly_chart(figures.massive_figure(points, n_layers=n_layers(run), n_pos=n_pos),
+    shown = list(views.prompt_tokens(run, prompt_id).shown)
+    st.plotly_chart(figures.massive_figure(points, n_layers=n_layers(run), tokens=shown),
                     key=f"{key}-fig")
     st.dataframe(points, hide_index=True)
     downloads(points, f"massive_p{prompt_id}", key)
@@ -125,7 +130,7 @@ def sinks_view(run: Run, prompt_id: int, key: str) -> None:
     except MissingProbe as err:
         return empty_state(err)
     rate = sink_rate(run).set_index("prompt_id").loc[prompt_id]
-    st.metric(f"Sink rate (eps {rate.eps}, k = {rate.k_pos}, T = {int(rate['T'])})",
+    st.metric(f"Sink rate (eps {rate.eps:g}, k = {int(rate.k_pos)}, T = {int(rate['T'])})",
               f"{rate.sink_rate:.1f}%")
     if bars.empty:
         st.info("No sink tokens found in this prompt.")
@@ -141,6 +146,9 @@ def critical_view(run: Run, prompt_id: int, key: str) -> None:
         prefixes = views.critical_prefixes(run, prompt_id)
     except MissingProbe as err:
         return empty_state(err)
+    summary = views.critical_summary(run, prompt_id)
+    if len(summary):
+        st.dataframe(summary, hide_index=True)
     st.plotly_chart(figures.critical_figure(prefixes), key=f"{key}-fig")
     marked = prefixes[prefixes.critical]
     st.write("Critical token: " + (", ".join(f"`{s}` at pos {p}" for s, p in

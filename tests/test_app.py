@@ -49,8 +49,10 @@ def root(tmp_path_factory, tiny_llama) -> Path:
     attributions = pd.DataFrame({"prompt_id": 0, "pos": [0, 1, 2, 1], "method": [
         "knockout", "removal", "removal", "knockout"], "layer_range": ["0-1", "", "", "0-1"],
         "delta_logprob": [-9.0, -1.5, 0.25, -7.0]})
+    summary = {**full.meta["summary"], "critical": [{"prompt_id": 0, "status": "critical",
+                                                     "critical_pos": 3, "success_at": 0.0}]}
     Run({**full.tables, "tokens": tokens, "rollouts": rollouts, "massive": massive,
-         "attributions": attributions}, full.meta).save(root / "critical")
+         "attributions": attributions}, {**full.meta, "summary": summary}).save(root / "critical")
     (root / "group").mkdir()
     full.save(root / "group" / "inner")
     (root / ".hidden").mkdir()
@@ -162,6 +164,15 @@ def test_massive_and_critical_frames(critical):
     assert prefixes.critical.tolist()[:5] == [False, False, False, True, False]
     assert prefixes.critical_success.iloc[3] == 0.0
     assert views.rollouts(critical, 0, 3).text.tolist() == ["no", "nope"]
+    assert views.critical_summary(critical, 0).critical_pos.tolist() == [3]
+    assert views.critical_summary(critical, 1).empty
+    shown = list(views.prompt_tokens(critical, 0).shown)
+    fig = figures.massive_figure(points, n_layers=3, tokens=shown)
+    assert [list(t.y) for t in fig.data] == [[0, 0], [2]]  # dims 5 and 7
+    assert fig.layout.yaxis.ticktext[2] == f"2:{shown[2]}"
+    fig = figures.critical_figure(prefixes)
+    assert list(fig.data[0].y) == [0.5, 0.25, 0.0, 0.75]  # scored prefixes only
+    assert list(fig.data[1].x) == [f"3:{prefixes.shown[3]}"]
     assert len(views.rollouts(critical, 1)) == 0
 
 
@@ -309,6 +320,9 @@ def test_critical_run(root, monkeypatch):
     assert not at.exception and not at.error
     assert charts(at) == 5  # + massive points and the success rate per prefix
     assert any("at pos 3" in str(m.value) for m in at.markdown)
+    at.selectbox(key="run-metric").set_value("critical").run()
+    assert 'data-pos="3" title="pos 3' in at.html[0].value
+    assert at.html[0].value.count("2px solid #d62728") == 1  # the critical token outlined
     rollouts = [d.value for d in at.dataframe if "correct" in d.value.columns]
     assert rollouts[0].text.tolist() == ["no", "nope"]
 
@@ -331,10 +345,10 @@ def test_empty_root(tmp_path, monkeypatch):
 
 
 def test_compare_page(root, monkeypatch):
-    at = app(root, monkeypatch, page="Compare")
+    at = app(root, monkeypatch, page="Compare", a="full", b="critical")  # runs from the URL
     assert not at.exception and not at.error
-    at.selectbox(key="cmpA-name").set_value("full")
-    at.selectbox(key="cmpB-name").set_value("critical").run()
+    assert at.selectbox(key="cmpA-name").value == "full"
+    assert at.selectbox(key="cmpB-name").value == "critical"
     assert len(at.html) == 3  # A, B and B - A
     assert "B - A" in at.html[2].value
     at.radio(key="cmp-kind").set_value("Heads").run()
@@ -370,3 +384,13 @@ def test_live_run(root, monkeypatch):
     at.text_area(key="form-prompt").set_value("   ")
     at.button[0].click().run()
     assert "empty" in texts(at.error).lower() or "whitespace" in texts(at.error).lower()
+
+
+def test_cli_app_refuses_a_missing_root(tmp_path, capsys):
+    from tokenprobe.cli import EXIT_USAGE, main
+
+    assert main(["app", str(tmp_path / "missing")]) == EXIT_USAGE
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    assert "--port" in capsys.readouterr().out

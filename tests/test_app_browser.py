@@ -25,7 +25,9 @@ ARTIFACTS = Path(os.environ.get("TOKENPROBE_ARTIFACTS", Path(__file__).parent / 
 PROMPT = "The cat sat on the mat.\nThen it rained."
 
 
+@pytest.fixture()
 def chromium() -> tuple[str, str]:
+    """Paths of Debian's chromium and chromedriver; skips, saying what is missing, without."""
     pytest.importorskip("streamlit")
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -60,7 +62,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 
 @pytest.fixture()
-def server(tmp_path, tiny_llama):
+def server(chromium, tmp_path, tiny_llama):
     """`tokenprobe app ROOT --port P` serving a runs root holding the run `demo`."""
     tokenprobe.run(tiny_llama, [PROMPT, "Hi!"], out=tmp_path / "demo", progress=False)
     port = free_port()
@@ -80,8 +82,8 @@ def server(tmp_path, tiny_llama):
             proc.wait()
 
 
-def test_dashboard_in_headless_chromium(server):
-    browser, driver_path = chromium()
+def test_dashboard_in_headless_chromium(chromium, server):
+    browser, driver_path = chromium
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
