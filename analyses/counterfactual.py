@@ -1,0 +1,268 @@
+"""Counterfactual token generation with a Gumbel-max structural causal model (Chatzi et al.).
+
+Definition (shared/methods.md, "Critical tokens"; Chatzi, Benz, Straitouri, Tsirtsis,
+Gomez-Rodriguez, "Counterfactual Token Generation in Large Language Models", 2024): sampling
+from softmax(z_t / T) is written as a deterministic function of the logits and exogenous noise,
+
+    y_t = argmax_v ( z_t[v] / T + g_t[v] ),   g_t[v] ~ Gumbel(0, 1) iid over v and t,
+
+(the Gumbel-max trick: y_t is distributed as softmax(z_t / T)). A factual generation records
+its noise; a counterfactual one intervenes (sets the token at one generation step, or changes
+the prompt) and regenerates every later step with the *same* noise g_t, answering "what would
+the model have written, had this token been different, all else (the noise) equal?".
+
+Noise storage: the noise is never stored as a (steps, V) tensor. Step t's noise is the t-th
+draw of V uniforms from a CPU `torch.Generator` seeded with `Generation.seed`, so
+(seed, step) regenerates it exactly on any device; the draws do not depend on the tokens, so an
+intervention leaves the noise of every step unchanged. Decoding is incremental with the KV
+cache: one forward over the prompt (plus the forced prefix), then one token per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tokenprobe.models import LoadedModel
+from tokenprobe.tokens import token_text
+
+COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
+           "counterfactual_token_id", "counterfactual_token", "intervened", "differs"]
+GENERATION_COLUMNS = ["generation_id", "seed", "temperature", "intervention_step",
+                      "intervention_token_id", "prompt", "counterfactual_prompt",
+                      "factual_text", "counterfactual_text", "first_difference"]
+
+
+@dataclass(frozen=True)
+class GumbelConfig:
+    """Sampling settings of the Gumbel-max SCM (Chatzi et al. 2024).
+
+    Attributes:
+        temperature: T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
+        max_new_tokens: generation steps at most (factual and counterfactual alike).
+        stop_at_eos: stop after the tokenizer's EOS token is generated.
+    """
+
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generation and what regenerates its noise.
+
+    Attributes:
+        prompt_ids: the prompt's token ids.
+        token_ids: the generated token ids, step 0 first.
+        seed: seed of the CPU generator whose t-th draw is step t's noise (`gumbel_noise`).
+        config: the sampling settings used.
+        forced: step -> token id set by intervention (steps before an intervention on a token
+            are forced to the factual tokens); empty for a factual generation.
+    """
+
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    seed: int
+    config: GumbelConfig
+    forced: tuple[tuple[int, int], ...] = ()
+
+    def text(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The generated text (without the prompt)."""
+        return tokenizer.decode(list(self.token_ids))
+
+
+def gumbel_noise(seed: int, vocab: int) -> Iterator[torch.Tensor]:
+    """Step-by-step Gumbel(0, 1) noise: the t-th item is g_t, a (vocab,) float32 CPU tensor.
+
+    g = -log(-log(u)) with u uniform from a CPU `torch.Generator` seeded with `seed`, so the
+    same seed gives the same noise on every device.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tiny = torch.finfo(torch.float32).tiny
+    while True:
+        u = torch.rand(vocab, generator=gen, dtype=torch.float32)  # (V,) in [0, 1)
+        yield -torch.log(-torch.log(u.clamp_min(tiny)))
+
+
+def gumbel_max(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The Gumbel-max sample argmax(logits / T + g) over the last dimension.
+
+    Args:
+        logits: (..., V) logits z.
+        noise: (..., V) Gumbel(0, 1) noise g (broadcastable).
+        temperature: T > 0.
+
+    Returns:
+        (...) long token ids, distributed as softmax(z / T) when g is Gumbel(0, 1) iid.
+    """
+    return (logits.float() / temperature + noise.to(logits.device)).argmax(-1)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def _decode(loaded: LoadedModel, prompt_ids: Sequence[int], forced: dict[int, int], seed: int,
+            config: GumbelConfig) -> list[int]:
+    """Generate with Gumbel-max noise from `seed`; steps in `forced` take the given token.
+
+    The forced steps that form a prefix (0, 1, ..., k) go into the first forward with the
+    prompt; every other step is one KV-cached forward of the previous token.
+    """
+    model, eos = loaded.model, loaded.tokenizer.eos_token_id
+    prefix = []
+    while len(prefix) in forced:
+        prefix.append(forced[len(prefix)])
+    ids = torch.tensor([list(prompt_ids) + prefix], device=_device(model))  # (1, P + k)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    logits, cache = out.logits[0, -1], out.past_key_values  # (V,)
+    noise = gumbel_noise(seed, logits.shape[-1])
+    tokens = []
+    for step in range(config.max_new_tokens):
+        g = next(noise)  # drawn at every step, used or not, so step t always gets g_t
+        if step < len(prefix):
+            token = prefix[step]
+        else:
+            token = forced.get(step, int(gumbel_max(logits, g, config.temperature)))
+            if step < config.max_new_tokens - 1:
+                out = model(input_ids=torch.tensor([[token]], device=ids.device),
+                            past_key_values=cache, use_cache=True)
+                logits, cache = out.logits[0, -1], out.past_key_values
+        tokens.append(token)
+        if config.stop_at_eos and token == eos:
+            break
+    return tokens
+
+
+def sample(loaded: LoadedModel, prompt: str | Sequence[int], *, seed: int,
+           config: GumbelConfig = GumbelConfig()) -> Generation:
+    """A factual generation: Gumbel-max sampling with noise from `seed` (Chatzi et al. 2024).
+
+    Args:
+        loaded: a `tokenprobe.load()` result.
+        prompt: text (tokenised with the tokenizer's default special tokens) or token ids.
+        seed: seed of the noise; the same seed and prompt give the same generation.
+        config: temperature, length and stopping.
+    """
+    prompt_ids = _prompt_ids(loaded, prompt)
+    tokens = _decode(loaded, prompt_ids, {}, seed, config)
+    return Generation(tuple(prompt_ids), tuple(tokens), seed, config)
+
+
+def counterfactual(loaded: LoadedModel, factual: Generation, *, step: int | None = None,
+                   token_id: int | None = None, prompt: str | Sequence[int] | None = None
+                   ) -> Generation:
+    """Regenerate `factual` under an intervention, with the same Gumbel noise.
+
+    Interventions (either or both):
+    - on a token: the token at generation `step` is set to `token_id`; steps before it keep
+      their factual tokens and steps after it are regenerated with their factual noise g_t;
+    - on the prompt: `prompt` replaces the factual prompt and every step is regenerated with
+      its factual noise (Chatzi et al.'s interventions on the input). With a token intervention
+      too, the factual tokens before `step` are forced as well.
+
+    With no intervention the result reproduces `factual` token for token.
+    """
+    if (step is None) != (token_id is None):
+        raise ValueError("give both step and token_id for an intervention on a token, or neither")
+    forced: dict[int, int] = {}
+    if step is not None:
+        if not 0 <= step < len(factual.token_ids):
+            raise ValueError(f"step {step} is outside the factual generation "
+                             f"(0..{len(factual.token_ids) - 1})")
+        forced = dict(enumerate(factual.token_ids[:step]))
+        forced[step] = int(token_id)
+    prompt_ids = factual.prompt_ids if prompt is None else tuple(_prompt_ids(loaded, prompt))
+    tokens = _decode(loaded, prompt_ids, forced, factual.seed, factual.config)
+    return replace(factual, prompt_ids=tuple(prompt_ids), token_ids=tuple(tokens),
+                   forced=tuple(sorted(forced.items())))
+
+
+def _prompt_ids(loaded: LoadedModel, prompt: str | Sequence[int]) -> list[int]:
+    ids = loaded.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    return [int(i) for i in ids]
+
+
+def compare(tokenizer: PreTrainedTokenizerBase, factual: Generation, counter: Generation, *,
+            generation_id: int = 0) -> pd.DataFrame:
+    """Factual vs counterfactual tokens, one row per generation step.
+
+    Columns: generation_id; step (0-based generation step); factual_token_id, factual_token;
+    counterfactual_token_id, counterfactual_token (null ids / tokens where that generation
+    is shorter); intervened (the counterfactual's token at this step was set by the
+    intervention, not sampled; the forced factual prefix does not count); differs (the two
+    token ids differ, or only one generation reaches this step).
+    """
+    intervened_step = counter.forced[-1][0] if counter.forced else None
+    rows = []
+    for step in range(max(len(factual.token_ids), len(counter.token_ids))):
+        f = factual.token_ids[step] if step < len(factual.token_ids) else None
+        c = counter.token_ids[step] if step < len(counter.token_ids) else None
+        rows.append((generation_id, step, f, None if f is None else token_text(tokenizer, f),
+                     c, None if c is None else token_text(tokenizer, c),
+                     step == intervened_step, f != c))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("factual_token_id", "counterfactual_token_id"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One counterfactual query: on a prompt, sample with `seed`, then intervene.
+
+    Attributes:
+        prompt: the factual prompt.
+        seed: noise seed of the factual generation.
+        step, token_id: the token intervention (both None for none).
+        counterfactual_prompt: the prompt intervention (None for none).
+    """
+
+    prompt: str
+    seed: int = 0
+    step: int | None = None
+    token_id: int | None = None
+    counterfactual_prompt: str | None = None
+
+
+def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
+                    config: GumbelConfig = GumbelConfig()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sample each query's factual generation, apply its intervention, tabulate both.
+
+    Returns:
+        `steps`: one row per (generation_id, step), columns `COLUMNS` (see `compare`).
+        `generations`: one row per generation_id, columns `GENERATION_COLUMNS`: seed,
+        temperature, intervention_step and intervention_token_id (null for none), prompt,
+        counterfactual_prompt (null for none), factual_text and counterfactual_text (the
+        generated text only), first_difference (first step whose tokens differ, null if none).
+    """
+    steps, gens = [], []
+    for gid, q in enumerate(queries):
+        fact = sample(loaded, q.prompt, seed=q.seed, config=config)
+        if q.step is not None and q.step < 0:  # from the end, as Python indexes
+            q = replace(q, step=len(fact.token_ids) + q.step)
+        cf = counterfactual(loaded, fact, step=q.step, token_id=q.token_id,
+                            prompt=q.counterfactual_prompt)
+        table = compare(loaded.tokenizer, fact, cf, generation_id=gid)
+        diff = table.step[table.differs]
+        gens.append((gid, q.seed, config.temperature, q.step, q.token_id, q.prompt,
+                     q.counterfactual_prompt, fact.text(loaded.tokenizer),
+                     cf.text(loaded.tokenizer), int(diff.iat[0]) if len(diff) else None))
+        steps.append(table)
+    generations = pd.DataFrame(gens, columns=GENERATION_COLUMNS)
+    for col in ("intervention_step", "intervention_token_id", "first_difference"):
+        generations[col] = generations[col].astype("Int64")
+    return pd.concat(steps, ignore_index=True), generations
