@@ -40,8 +40,8 @@ from tokenprobe.tables import conform, merge_parts
 from tokenprobe.tasks import Task, load_tasks, prompt_ids, stopper
 from tokenprobe.tokens import token_text
 
-STRIDE = 100_000  # checkpoint index: task * STRIDE + (0 trajectory | 1 + t prefix | STRIDE - 1)
-COUNTERFACTUAL = STRIDE - 1
+STRIDE = 100_000  # checkpoint index: task * STRIDE + (0 trajectory | 1 + t prefix | one below)
+COUNTERFACTUAL, PROMPT_ONLY = STRIDE - 1, STRIDE - 2
 
 
 @dataclass
@@ -189,6 +189,13 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
                 if on_prefix is not None:
                     on_prefix(i, t)
             t = find_critical(counts, reset_above=config.reset_above)
+            if t == 0 and i * STRIDE + PROMPT_ONLY not in done:  # success before the first token
+                scorer = _Scorer(tok, task, [])
+                seeds = [rollout_seed(config.seed, task.task_id, "prefix", -1, j)
+                         for j in range(config.n_rollouts)]
+                conts = _sample(loaded, scorer, prompt, seeds, bar=rbar, **sample)
+                parts.write(i * STRIDE + PROMPT_ONLY,
+                            {"rollouts": scorer.rows(conts, i, len(prompt) - 1, "prefix")})
             if config.counterfactual and t is not None and i * STRIDE + COUNTERFACTUAL not in done:
                 scorer = _Scorer(tok, task, response[:t])
                 seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
@@ -247,7 +254,8 @@ def add_critical_columns(tokens: pd.DataFrame, rollouts: pd.DataFrame | None,
     critical = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
     critical[in_response] = False
     for pid, group in (stats.groupby(level="prompt_id") if len(stats) else []):
-        counts = {int(pos): int(c) for (_, pos), c in group["sum"].items()}
+        counts = {int(pos): int(c) for (_, pos), c in group["sum"].items()
+                  if pos >= prompt_lens[pid]}  # the prompt-only prefix is not a candidate
         pos = find_critical(counts, reset_above=reset_above)
         if pos is not None:
             critical[(tokens.prompt_id == pid) & (tokens.pos == pos)] = True
@@ -274,7 +282,7 @@ def summarise(tables: dict[str, pd.DataFrame], tasks: list[Task], prompt_lens: d
             out.append({**item, "status": "no critical token"})
             continue
         pos = int(hit[0])
-        before = rows.critical_success.get(pos - 1) if pos > prompt_lens[i] else None
+        before = rows.critical_success.get(pos - 1)
         item.update(status="critical", critical_pos=pos, critical_index=pos - prompt_lens[i],
                     critical_token=str(rows.token[pos]),
                     success_before=None if before is None or pd.isna(before) else float(before),

@@ -115,7 +115,11 @@ def test_sampled_trajectory_and_seeds(tiny_llama):
         pd.testing.assert_frame_equal(a.tables[name], b.tables[name])
     traj = a.rollouts[a.rollouts.kind == "trajectory"]
     assert len(traj) == 3 and traj.seed.nunique() == 3 and not traj.correct.any()
-    assert summary_frame(a).critical_index.tolist() == [0, 3]
+    summary = summary_frame(a)
+    assert summary.critical_index.tolist() == [0, 3]
+    assert summary.success_before[0] == 0  # the prompt alone, sampled because t = 0
+    prompt_only = a.tokens[(a.tokens.prompt_id == 0) & a.tokens.critical_success.notna()]
+    assert prompt_only.pos.min() == len("x") - 1 and pd.isna(prompt_only.critical.iloc[0])
     c = critical_search(tiny_llama, [task], _config(seed=1, trajectory_attempts=3,
                                                     max_trajectory_tokens=5), progress=False)
     assert set(c.rollouts.seed).isdisjoint(a.rollouts.seed)

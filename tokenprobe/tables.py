@@ -35,7 +35,8 @@ tokens (grain: prompt x position)
     critical_ce float64 cDPO contrastive score softmax((1+beta) z_p - beta z_q)[token_id]
     -- critical-token search (tokenprobe critical; Lin et al., cDPO); prompt + trajectory rows
     critical_success float64 share of the n continuations of the prefix ending at pos that
-                       the verifier accepts (NA: prompt tokens, prefixes the search skipped)
+                       the verifier accepts (NA: prefixes the search skipped, and prompt
+                       tokens but the last, sampled when the critical token is the first)
     critical   boolean  the critical token (the search rule of shared/methods.md); at most one
                        per prompt; NA on prompt tokens
 

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-INSTRUCTION = ("Solve the problem. Think step by step, then finish with the sentence "
-               "\"The answer is N.\" where N is a number.")
+# A short answer keeps trajectories short (the search samples every needed prefix); an
+# instruction mentioning a placeholder ("The answer is N.") made SmolLM2-135M talk about N.
+INSTRUCTION = 'Answer briefly and end with "The answer is" followed by the number.'
 ANSWER = re.compile(r"answer is\s*[:=]?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 BUILTIN = "arithmetic"
