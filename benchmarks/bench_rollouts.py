@@ -1,8 +1,10 @@
 """Benchmark: rollout sampling (KV-shared batches) against plain HF `generate`, and one search.
 
 Providers, all sampling at temperature 0.5 from the full distribution (no top-k / top-p), the
-same prefixes (the shipped arithmetic tasks' chat prompts) and exactly `--new-tokens` tokens
-per continuation (no EOS or stop test, so every provider does the same work):
+same prefixes and exactly `--new-tokens` tokens per continuation (no EOS or stop test, so every
+provider does the same work). A prefix is a shipped arithmetic task's chat prompt followed by
+the first `--trajectory-tokens` tokens of the model's greedy answer, as in a rollout search,
+where every prefix is the prompt plus part of a trajectory:
 
 - tokenprobe_kv_shared: `tokenprobe.sampling.sample_continuations`, one seed per rollout, the
   prefix encoded once and its cache replicated to the batch;
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[8, 16], help="rollouts per prefix")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefixes", type=int, default=2, help="shipped task prompts used")
+    p.add_argument("--trajectory-tokens", type=int, default=48,
+                   help="greedy answer tokens appended to each prompt (0: the prompt alone)")
     p.add_argument("--search-rollouts", type=int, default=8, help="0 skips the search")
     p.add_argument("--skip", nargs="*", default=[], help="providers to skip")
     p.add_argument("--threads", type=int)
@@ -78,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = loaded.model, loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tasks = load_tasks("arithmetic")
-    prefixes = [prompt_ids(tok, t) for t in tasks[:args.prefixes]]
+    prefixes = []
+    for task in tasks[:args.prefixes]:
+        prompt = prompt_ids(tok, task)
+        answer = sample_continuations(model, prompt, [0], temperature=0,
+                                      max_new_tokens=args.trajectory_tokens)[0].ids if \
+            args.trajectory_tokens else []
+        prefixes.append(prompt + answer)
+    print(f"prefix lengths {[len(x) for x in prefixes]}, {args.new_tokens} new tokens")
     providers = {"tokenprobe_kv_shared": lambda pr, s, n: kv_shared(model, pr, s, n),
                  "hf_generate_batched": lambda pr, s, n: hf_batched(model, pr, s, n, pad),
                  "hf_generate_per_seed": lambda pr, s, n: hf_per_seed(model, pr, s, n, pad)}
@@ -96,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - start
             rate[name] = tokens / wall
             rows += [[NAME, name, "n", n, "tokens_per_s", round(rate[name], 2), where],
+                     [NAME, name, "n", n, "mean_prefix_tokens",
+                      sum(map(len, prefixes)) / len(prefixes), where],
+                     [NAME, name, "n", n, "new_tokens", args.new_tokens, where],
                      [NAME, name, "n", n, "wall_s", round(wall, 3), where]]
             print(f"n={n:3d} {name:24s} {rate[name]:8.1f} tok/s  ({tokens} tokens, {wall:.1f} s)",
                   flush=True)
