@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tokenprobe.models import LoadedModel
+from tokenprobe.sampling import eos_ids
 from tokenprobe.tokens import token_text
 
 COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
@@ -43,7 +44,8 @@ class GumbelConfig:
     Attributes:
         temperature: T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
         max_new_tokens: generation steps at most (factual and counterfactual alike).
-        stop_at_eos: stop after the tokenizer's EOS token is generated.
+        stop_at_eos: stop after an EOS token (the generation config's or the tokenizer's,
+            `tokenprobe.sampling.eos_ids`) is generated.
     """
 
     temperature: float = 1.0
@@ -120,7 +122,7 @@ def _decode(loaded: LoadedModel, prompt_ids: Sequence[int], forced: dict[int, in
     The forced steps that form a prefix (0, 1, ..., k) go into the first forward with the
     prompt; every other step is one KV-cached forward of the previous token.
     """
-    model, eos = loaded.model, loaded.tokenizer.eos_token_id
+    model, eos = loaded.model, set(eos_ids(loaded.model, loaded.tokenizer))
     prefix = []
     while len(prefix) in forced:
         prefix.append(forced[len(prefix)])
@@ -140,7 +142,7 @@ def _decode(loaded: LoadedModel, prompt_ids: Sequence[int], forced: dict[int, in
                             past_key_values=cache, use_cache=True)
                 logits, cache = out.logits[0, -1], out.past_key_values
         tokens.append(token)
-        if config.stop_at_eos and token == eos:
+        if config.stop_at_eos and token in eos:
             break
     return tokens
 

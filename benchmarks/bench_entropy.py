@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_sinks import _peak_rss_mb, _rss_mb, benchmark_input, machine, write_csv
+from harness import peak_rss_mb, rss_mb, benchmark_input, machine, write_csv
 
 NAME = "entropy"
 PROVIDERS = {
@@ -92,7 +92,7 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
     call = calls[provider]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gc.collect()
-    loaded_rss = _rss_mb()
+    loaded_rss = rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         loaded_gpu = torch.cuda.memory_allocated() / 2**20
@@ -108,7 +108,7 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
             times.append(time.perf_counter() - start)
             del out
             gc.collect()
-    result = {"provider": provider, "loaded_rss_mb": loaded_rss, "peak_rss_mb": _peak_rss_mb(),
+    result = {"provider": provider, "loaded_rss_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(),
               "time_min_s": min(times), "time_median_s": statistics.median(times),
               "threads": torch.get_num_threads(), "T": int(hidden.shape[0]) + 1,
               "V": int(weight.shape[0]), "D": int(weight.shape[1])}

@@ -34,7 +34,7 @@ from tokenprobe.sampling import sample_continuations
 from tokenprobe.tasks import load_tasks, prompt_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sinks import machine, write_csv
+from harness import machine, write_csv
 
 NAME = "rollouts"
 TEMPERATURE = 0.5

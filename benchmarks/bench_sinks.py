@@ -13,13 +13,8 @@ from __future__ import annotations
 # RSS of the process that spawned it (Linux carries the pre-exec high-water mark over), so
 # a parent holding torch and a model would set a floor under every measurement.
 import argparse
-import csv
 import hashlib
-import importlib.metadata
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +23,8 @@ import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from harness import peak_rss_mb, rss_mb, benchmark_input, machine, write_csv
 
 NAME = "sinks"
 PROVIDERS: dict[str, str] = {
@@ -45,64 +42,6 @@ PROBES = {"tokenprobe_default": ["activations", "sinks", "entropy"],
           "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"]}
 SLOW = ("eager_output_attentions", "transformerlens_run_with_cache")  # [L, H, T, T] held
 BASELINE = "plain_sdpa"
-COLUMNS = ["name", "provider", "x_name", "x_value", "metric", "value", "machine"]
-
-# Deterministic natural-language input, repeated until it is long enough for any T.
-PARAGRAPHS = (
-    "The ferry left the harbour a little after seven, when the fog had thinned enough for the "
-    "pilot to see the green light on the breakwater. Most of the passengers stayed inside, "
-    "reading or sleeping against the windows, but a few stood at the rail with their collars "
-    "turned up and watched the town shrink behind them until only the church tower remained.",
-    "In the library of the old school, the catalogue was still kept on cards. Each drawer held "
-    "a few hundred of them, typed on a machine whose letter e sat slightly above the line, and "
-    "the librarian claimed she could date a card to within a year by the colour of its ribbon.",
-    "Bread rises because yeast turns sugar into carbon dioxide and alcohol. The gas is caught "
-    "in a web of gluten, which stretches as the bubbles grow; the oven then sets the web, drives "
-    "off the alcohol and browns the crust, which is why a loaf smells different from its dough.",
-    "When the committee finally met, nobody had read the report. The chair summarised it from "
-    "memory, got two of the numbers wrong, and was corrected by the treasurer, who had not read "
-    "it either but had written the spreadsheet the numbers came from three years before.",
-)
-
-
-def benchmark_input(tokenizer: Any, tokens: int) -> tuple[str, list[int]]:
-    """A text whose tokenisation (with the tokenizer's default special tokens) is exactly
-    `tokens` ids, and those ids; deterministic for a given tokenizer.
-
-    Raises:
-        RuntimeError: no window of the repeated paragraphs re-tokenises to exactly `tokens`.
-    """
-    specials = len(tokenizer("a")["input_ids"]) - len(
-        tokenizer("a", add_special_tokens=False)["input_ids"])
-    body_len = tokens - specials
-    unit = "\n\n".join(PARAGRAPHS) + "\n\n"
-    per_unit = len(tokenizer(unit, add_special_tokens=False)["input_ids"])
-    body = tokenizer(unit * (body_len // per_unit + 3), add_special_tokens=False)["input_ids"]
-    for offset in range(64):  # shift the window until its decoded text round-trips
-        text = tokenizer.decode(body[offset:offset + body_len])
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) == tokens and text.strip():
-            return text, ids
-    raise RuntimeError(f"no text of the benchmark paragraphs re-tokenises to exactly {tokens} "
-                       "tokens; the token-id comparison between providers would be unfair")
-
-
-# ----------------------------------------------------------------------------- worker side
-
-
-def _rss_mb() -> float:
-    """Current resident set size in MB (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Callable, Callable]:
@@ -175,7 +114,7 @@ def measure(provider: str, tokens: int, repeats: int, model_name: str,
         for p in loaded.model.parameters():  # page the (mmap-backed) weights in before "loaded"
             p.sum()
     gc.collect()
-    loaded_rss = _rss_mb()
+    loaded_rss = rss_mb()
     times = []
     with torch.inference_mode():
         start = time.perf_counter()
@@ -192,7 +131,7 @@ def measure(provider: str, tokens: int, repeats: int, model_name: str,
             del out
             gc.collect()
     return {"provider": provider, "T": tokens, "loaded_rss_mb": loaded_rss,
-            "peak_rss_mb": _peak_rss_mb(), "time_min_s": min(times),
+            "peak_rss_mb": peak_rss_mb(), "time_min_s": min(times),
             "time_median_s": statistics.median(times), "context": context,
             "threads": torch.get_num_threads(), "input_ids": _digest(ids)}
 
@@ -202,15 +141,6 @@ def _digest(ids: list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------- parent side
-
-
-def machine() -> str:
-    """Platform, CPU count and torch version (read without importing torch)."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        torch_version = "?"
-    return f"{platform.platform()}; {os.cpu_count()} cpus; torch {torch_version}"
 
 
 def run_worker(provider: str, tokens: int, args: argparse.Namespace) -> tuple[dict | None, str]:
@@ -270,22 +200,6 @@ def rows_for(results: list[dict], args: argparse.Namespace, where: str) -> list[
         for metric, value in ratios.items():
             add(r["provider"], r["T"], metric, round(value, 4))
     return rows
-
-
-def write_csv(rows: list[list], out: Path) -> None:
-    """Write `rows` to `out` atomically (a temporary file in the same folder, then renamed)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def table(results: list[dict]) -> str:

@@ -119,10 +119,6 @@ class Unembedding:
         return cls(norm, head.weight, getattr(head, "bias", None),
                    getattr(config, "final_logit_softcapping", None), config.num_hidden_layers)
 
-    def normed(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states of a (..., D) block-L residual."""
-        return self.norm(h)
-
 
 def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
     """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
@@ -217,7 +213,7 @@ class EntropyProbe(Probe):
     def observe(self, site: str, layer: int, h: torch.Tensor) -> None:
         last = layer == self.unembed.n_layers - 1
         if last or self.config.lens:
-            normed = self.unembed.normed(h)  # (B, T, D)
+            normed = self.unembed.norm(h)  # (B, T, D), as the model's lm_head sees it
             if self.config.lens:
                 self.lens_h[layer] = normed
             if last:

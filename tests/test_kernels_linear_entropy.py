@@ -268,14 +268,10 @@ def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     hidden, weight = torch.randn(64, 256, generator=g), torch.randn(300, 256, generator=g) / 16
     targets = torch.randint(0, 300, (64,), generator=g)
     weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
-    tile = hidden @ weight.T  # (T, V)
-    separate = (hidden * weight[targets]).sum(-1)
-    others = torch.arange(300)[None, :] != targets[:, None]
-    naive = 1 + ((tile > separate[:, None]) & others).sum(-1)
     z = logits64(hidden, weight, None, None)
     want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
-    if torch.equal(naive, want):
-        pytest.skip("this BLAS rounds the separate dot product like the matmul")
+    # Where a BLAS rounds the separate dot product exactly like the matmul, no recount is
+    # needed; the rank must be exact either way.
     got = linear_entropy(hidden, weight, targets=targets, impl=impl, token_chunk=64,
                          vocab_chunk=128)
     assert torch.equal(got["target_rank"], want)

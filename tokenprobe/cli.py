@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
+
+from tokenprobe.jsonl import iter_jsonl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_CODES = f"""exit codes:
@@ -36,17 +37,14 @@ def read_prompts(path: Path) -> list[str]:
                          f"{raw[err.start:err.start + 1]!r}); re-encode it as UTF-8") from err
     if path.suffix == ".jsonl":
         prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as err:
-                raise UsageError(f"{path}:{n}: not valid JSON ({err})") from err
-            item = item.get("text", item.get("prompt")) if isinstance(item, dict) else item
-            if not isinstance(item, str):
-                raise UsageError(f'{path}:{n}: expected a string or an object with "text"')
-            prompts.append(item)
+        try:
+            for n, item in iter_jsonl(text, path):
+                item = item.get("text", item.get("prompt")) if isinstance(item, dict) else item
+                if not isinstance(item, str):
+                    raise UsageError(f'{path}:{n}: expected a string or an object with "text"')
+                prompts.append(item)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     else:
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -208,7 +206,7 @@ LAZY = {
               "active vs dormant heads: loss change when each head is ablated, per domain"),
     "toy": ("tokenprobe.analyses.toy",
             "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
-    "critical": ("tokenprobe.analyses.critical",
+    "critical": ("tokenprobe.analyses.critical_cli",
                  "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
     "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
 }

@@ -138,13 +138,18 @@ def _token_tables(tokenizer: PreTrainedTokenizerBase, members: list[int], texts:
     return {"tokens": conform("tokens", tokens), "prompts": conform("prompts", prompts)}
 
 
-def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **settings) -> dict:
+def package_versions() -> dict[str, str]:
+    """Installed versions of tokenprobe and the packages that shape its numbers."""
     versions = {}
     for package in VERSIONED:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **settings) -> dict:
     config = backend.hf_model.config
     return {
         "model": backend.name,
@@ -159,7 +164,7 @@ def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **setting
         "probes": [p.describe() for p in probes],
         "n_prompts": len(texts),
         "prompts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        "versions": versions,
+        "versions": package_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **settings,
     }

@@ -17,7 +17,6 @@ regex verifier, `"pattern"`. The shipped set is `tokenprobe/data/tasks/arithmeti
 from __future__ import annotations
 
 import importlib.resources
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
+
+from tokenprobe.jsonl import iter_jsonl
 
 # A short answer keeps trajectories short (the search samples every needed prefix); an
 # instruction mentioning a placeholder ("The answer is N.") made SmolLM2-135M talk about N.
@@ -160,15 +161,7 @@ def load_tasks(path: str | Path = BUILTIN) -> list[Task]:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read task file {path}: {err}") from err
-    tasks = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-        tasks.append(parse_task(item, where=f"{path}:{n}"))
+    tasks = [parse_task(item, where=f"{path}:{n}") for n, item in iter_jsonl(text, path)]
     ids = [t.task_id for t in tasks]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate task ids")

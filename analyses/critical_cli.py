@@ -1,0 +1,117 @@
+"""`tokenprobe critical`: the command line of the critical-token search (analyses/critical.py)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenprobe.analyses.critical import CriticalConfig, critical_search
+from tokenprobe.store import Run
+from tokenprobe.tasks import load_tasks
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
+    d = CriticalConfig()
+    p = subparsers.add_parser(
+        "critical", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="critical tokens of wrong answers by rollout search with a verifier (cDPO)",
+        description="Critical-token search (Lin et al., \"Critical Tokens Matter\"): for each\n"
+                    "task, sample a trajectory the verifier rejects, sample --rollouts\n"
+                    "continuations of its prefixes, and flag the first token after which none\n"
+                    "is correct (a later prefix with more than 3 correct resets the search);\n"
+                    "then resample that token with its own probability set to 0. Prefixes are\n"
+                    "scanned from the end and those the rule no longer needs are skipped.\n"
+                    f"The paper samples 64 rollouts per prefix; the default here is "
+                    f"{d.n_rollouts}, for CPUs.\n"
+                    "Each sampled prefix is checkpointed beside --out: run the same command\n"
+                    "again after an interruption and completed prefixes are not sampled again.",
+        epilog="example:\n  tokenprobe critical --task arithmetic --limit 3 --rollouts 8 "
+               "--out runs/crit\n\ntask files: JSONL, one "
+               '{"id", "question", "answer", "verifier": "final_number" | "exact_string" | '
+               '"regex"} per line\n(optional "trajectory", "pattern"); "arithmetic" is the '
+               "shipped set.\n\n" + _exit_codes())
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
+                        "hub id (default: smollm2-135m)")
+    p.add_argument("--task", default="arithmetic", metavar="FILE",
+                   help="task file (.jsonl) or `arithmetic` (the shipped set; default)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N tasks")
+    p.add_argument("--rollouts", type=int, default=d.n_rollouts, metavar="N",
+                   help=f"continuations per prefix (default {d.n_rollouts}; the paper uses 64)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"rollout temperature (default {d.temperature}, the paper's)")
+    p.add_argument("--scan", choices=["backward", "all"], default=d.scan,
+                   help="backward: skip prefixes the search rule no longer needs (default); "
+                        "all: sample every prefix (a full success curve)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"length limit of a rollout (default {d.max_new_tokens})")
+    p.add_argument("--attempts", type=int, default=d.trajectory_attempts,
+                   help="trajectories sampled per task (temperature "
+                        f"{d.trajectory_temperature}) until one is wrong "
+                        f"(default {d.trajectory_attempts})")
+    p.add_argument("--max-trajectory-tokens", type=int, default=d.max_trajectory_tokens,
+                   help=f"length limit of a sampled trajectory (default {d.max_trajectory_tokens})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"rollouts decoded together (default {d.batch_size})")
+    p.add_argument("--no-counterfactual", action="store_true",
+                   help="skip the counterfactual resampling check")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="base seed; each rollout's seed derives from it and is in the "
+                        "rollouts table (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_critical)
+    return p
+
+
+def _exit_codes() -> str:
+    from tokenprobe.cli import EXIT_CODES
+
+    return EXIT_CODES.replace("finished batches are kept", "finished prefixes are kept")
+
+
+def cmd_critical(args: argparse.Namespace) -> int:
+    """Handler of `tokenprobe critical`; returns the exit code."""
+    import tokenprobe
+    from tokenprobe.cli import EXIT_OK, UsageError
+    from tokenprobe.store import check_target
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    try:
+        tasks = load_tasks(args.task)[:args.limit]
+        config = CriticalConfig(n_rollouts=args.rollouts, temperature=args.temperature,
+                                scan=args.scan, max_new_tokens=args.max_new_tokens,
+                                trajectory_attempts=args.attempts, batch_size=args.batch_size,
+                                max_trajectory_tokens=args.max_trajectory_tokens,
+                                counterfactual=not args.no_counterfactual, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    check_target(Path(args.out), overwrite=args.overwrite)
+    loaded = tokenprobe.load(args.model, device=args.device)
+    run = critical_search(loaded, tasks, config, out=args.out, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    print_summary(run)
+    print(f"\nrun saved to {args.out}  (tables: {', '.join(run.meta['tables'])})")
+    return EXIT_OK
+
+
+def print_summary(run: Run) -> None:
+    """One line per task: the critical token, success before / at it, the counterfactual."""
+    n = run.meta["config"]["n_rollouts"]
+    print(f"model {run.meta['model']}, {len(run.meta['tasks'])} task(s), n = {n} rollouts "
+          f"per prefix, temperature {run.meta['config']['temperature']}")
+    for item in run.meta["summary"]["critical"]:
+        head = f"  [{item['prompt_id']}] {item['task_id']:<10}"
+        if item["status"] != "critical":
+            print(f"{head} {item['status']} ({item['prefixes_sampled']} prefixes sampled)")
+            continue
+        before = ("n/a" if item["success_before"] is None else f"{item['success_before']:.2f}")
+        cf = item.get("counterfactual_success")
+        print(f"{head} critical {item['critical_token']!r} at token "
+              f"{item['critical_index']} of {item['trajectory_tokens']}: success {before} before,"
+              f" {item['success_at']:.2f} after"
+              + ("" if cf is None else f", counterfactual {cf:.2f}")
+              + f" ({item['prefixes_sampled']} prefixes sampled)")
