@@ -13,7 +13,18 @@ probabilities, the statistics the sinks probe reports (definitions: shared/metho
   gamma = inf moves all of the row's attention to key 0 (the "attend to the sink" ablation).
 
 Implementations (`impl`): "reference" materialises the full masked score matrix in float64
-(tests only); "torch" streams query blocks (CPU path, CUDA fallback); "auto" picks "torch".
+(tests only); "torch" streams query blocks (any device, any mask, softcapping, ZeroTuning);
+"flash" makes two calls of PyTorch's fused CPU flash-attention kernel, which returns each row's
+log-sum-exp (CPU, causal or causal + right padding masks, no softcapping or ZeroTuning);
+"auto" picks "flash" where it applies and "torch" elsewhere.
+
+The "flash" path. With lse_i from the forward call, A[i, j] = exp(s_ij - lse_i), so column
+sums are a second attention with the roles swapped: key j as the query, the real queries i >= j
+as keys, -lse_i as an additive bias. Its log-sum-exp is log sum_{i >= j} A[i, j] (the
+received mass; the sink mass is its column k), and with the queries as values its output times
+that sum is sum_i A[i, j] q_i, from which sum_ij A[i, j] s_ij = scale sum_j k_j . (sum_i A[i, j]
+q_i), the dot product of the mean row entropy H_i = lse_i - sum_j A[i, j] s_ij. Reversing the
+sequence makes "i >= j" the kernel's causal mask, so nothing of size [T, T] is ever built.
 """
 from __future__ import annotations
 
@@ -21,7 +32,8 @@ import math
 
 import torch
 
-IMPLS = ("auto", "torch", "reference")
+IMPLS = ("auto", "torch", "flash", "reference")
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -50,7 +62,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_pos: key position whose received mass is `sink_mass`.
         gamma: (H,) ZeroTuning factor per head (1 = unchanged), or None.
         block: queries per block (torch impl).
-        impl: "auto", "torch" or "reference".
+        impl: "auto", "torch", "flash" or "reference" ("flash" raises where it does not apply).
 
     Returns:
         out (B, T, H, Dh) in q's dtype, and stats: sink_mass (B, H), attn_entropy (B, H),
@@ -61,6 +73,12 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "reference":
         return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
                           k_pos=k_pos, gamma=gamma)
+    flash_ok = _flash_applies(q, mask, lengths, softcap, gamma)
+    if impl == "flash" and not flash_ok:
+        raise ValueError("impl='flash' needs CPU tensors, a causal (+ right padding) mask and "
+                         "no softcapping or ZeroTuning; use impl='torch' or 'auto'")
+    if flash_ok and impl in ("auto", "flash"):
+        return _flash(q, k, v, lengths, scaling=scaling, k_pos=k_pos)
     return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
                       gamma=gamma, block=block)
 
@@ -135,6 +153,54 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
     return out, stats
 
 
+def _flash_applies(q: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor,
+                   softcap: float | None, gamma: torch.Tensor | None) -> bool:
+    """Whether the fused CPU path gives the model's attention at every real query: CPU, no
+    softcapping or ZeroTuning, and a mask that at real queries is plain causal (a sliding
+    window shorter than the prompt, or left padding, is not)."""
+    if _FLASH_CPU is None or q.device.type != "cpu" or softcap is not None or gamma is not None:
+        return False
+    if mask is None:
+        return True
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        return False
+    t = q.shape[-2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    for b, n in enumerate(lengths.tolist()):
+        if not torch.equal(mask[b, 0, :n, :n], causal[:n, :n]):
+            return False
+    return True
+
+
+def _flash(q, k, v, lengths, *, scaling, k_pos):
+    bsz, heads, t, dh = q.shape
+    groups = heads // k.shape[1]
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qw = q.to(work)
+    kw = k.to(work).repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
+    out, lse = _FLASH_CPU(qw, kw, v.to(work).repeat_interleave(groups, dim=1), 0.0, True,
+                          scale=scaling)  # (B, H, T, Dh), (B, H, T)
+    real = torch.arange(t, device=q.device)[None, :] < lengths[:, None]  # (B, T)
+    bias = torch.where(real[:, None, :], -lse, -math.inf)  # padding queries weigh nothing
+    # Swapped roles on the reversed sequence: query j' = T-1-j attends to keys i' <= j'.
+    rq = qw.flip(2)
+    wq, col_lse = _FLASH_CPU(kw.flip(2), rq, rq, 0.0, True, attn_mask=bias.flip(2)[:, :, None]
+                             .contiguous(), scale=scaling)  # non-contiguous masks are slow
+    col_lse, wq = col_lse.flip(2), wq.flip(2)  # (B, H, T), (B, H, T, Dh): back in order
+    # sum_{real i >= j} A[i, j]; a padding key's row has every key masked (its lse comes back
+    # as 0 or nan, not -inf): padding keys receive nothing
+    col = torch.where(real[:, None], torch.exp(col_lse), 0.0)
+    weighted = torch.where(real[:, None], (wq * kw).sum(-1), 0.0) * col  # k_j . sum_i A[i, j] q_i
+    n_real = lengths.to(work)
+    real_w = real.to(work)[:, None]
+    sink = col[..., k_pos] if k_pos < t else torch.zeros_like(col[..., 0])
+    stats = {"sink_mass": sink / (n_real - k_pos).clamp_min(1)[:, None],
+             "attn_entropy": ((lse * real_w).sum(-1) - scaling * weighted.sum(-1))
+             / n_real[:, None],
+             "received": col.sum(1)}
+    return out.transpose(1, 2).to(q.dtype), stats
+
+
 def _reference(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma):
     """Everything materialised in float64: explicit softmax over the full masked score matrix."""
     bsz, heads, t, dh = q.shape
@@ -163,6 +229,7 @@ def _reference(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma):
         pi = p[i, :, :n, :n]  # real queries and keys only
         plogp = torch.where(pi > 0, pi * torch.log(pi), torch.zeros_like(pi))
         stats["attn_entropy"][i] = -plogp.sum(-1).mean(-1)
-        stats["sink_mass"][i] = pi[:, k_pos:, k_pos].sum(-1) / (n - k_pos)
+        if k_pos < n:  # else no query reaches key k_pos: 0, as the fast paths give
+            stats["sink_mass"][i] = pi[:, k_pos:, k_pos].sum(-1) / (n - k_pos)
         stats["received"][i, :n] = pi.sum(dim=(0, 1))
     return out, stats

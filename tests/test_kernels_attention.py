@@ -37,12 +37,18 @@ def explicit_eager(q, k, v, mask, scaling):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 41, 16, [41, 29]), (1, 9, 3, 67, 8, [67]),
                                    (3, 2, 1, 13, 32, [5, 13, 1])])
 @pytest.mark.parametrize("window", [None, 7])
-def test_blockwise_matches_reference(shape, dtype, tol, window):
+@pytest.mark.parametrize("impl", ["torch", "flash", "auto"])
+@pytest.mark.parametrize("k_pos", [0, 2])
+def test_fast_paths_match_reference(shape, dtype, tol, window, impl, k_pos):
     bsz, heads, kvh, t, dh, lengths = shape
     q, k, v, mask, lens = make_inputs(bsz, heads, kvh, t, dh, dtype, lengths, window)
-    kw = dict(scaling=dh ** -0.5, k_pos=0)
+    kw = dict(scaling=dh ** -0.5, k_pos=k_pos)
+    if impl == "flash" and window is not None:  # a window shorter than the prompt: not causal
+        with pytest.raises(ValueError, match="impl='flash' needs"):
+            attention_with_stats(q, k, v, mask, lens, impl=impl, **kw)
+        return
     ref_out, ref = attention_with_stats(q, k, v, mask, lens, impl="reference", **kw)
-    out, got = attention_with_stats(q, k, v, mask, lens, impl="torch", block=5, **kw)
+    out, got = attention_with_stats(q, k, v, mask, lens, impl=impl, block=5, **kw)
     for b, n in enumerate(lengths):  # outputs at real queries only
         torch.testing.assert_close(out[b, :n].float(), ref_out[b, :n].float(), rtol=tol, atol=tol)
     for name in ("sink_mass", "attn_entropy", "received"):
@@ -94,6 +100,23 @@ def test_zerotuning_equals_explicit_renormalisation():
     base, _ = attention_with_stats(q, k, v, mask, lens, scaling=8 ** -0.5, impl="torch")
     torch.testing.assert_close(out[:, :, 0], base[:, :, 0])  # gamma 1 leaves head 0 unchanged
     assert not torch.allclose(out[:, 1:, 1], base[:, 1:, 1])
+
+
+def test_flash_with_no_mask_equals_causal_mask_and_refuses_what_it_cannot_do():
+    q, k, v, mask, lens = make_inputs(1, 4, 2, 37, 8, torch.float32, [37])
+    out, got = attention_with_stats(q, k, v, None, lens, scaling=0.4, impl="flash")
+    ref_out, ref = attention_with_stats(q, k, v, mask, lens, scaling=0.4, impl="reference")
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-4, atol=1e-5)
+    for name in ("sink_mass", "attn_entropy", "received"):
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-5)
+    for extra in (dict(softcap=5.0), dict(gamma=torch.tensor([1.0, 2.0, 1.0, 1.0]))):
+        with pytest.raises(ValueError, match="impl='flash' needs"):
+            attention_with_stats(q, k, v, mask, lens, scaling=0.4, impl="flash", **extra)
+        # auto falls back to the blockwise path and still matches the reference
+        _, auto = attention_with_stats(q, k, v, mask, lens, scaling=0.4, impl="auto", **extra)
+        _, ref = attention_with_stats(q, k, v, mask, lens, scaling=0.4, impl="reference", **extra)
+        torch.testing.assert_close(auto["sink_mass"].double(), ref["sink_mass"], rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_unknown_impl_raises():
