@@ -16,7 +16,9 @@ Implementations (`impl`): "reference" materialises the full masked score matrix 
 (tests only); "torch" streams query blocks (any device, any mask, softcapping, ZeroTuning);
 "flash" makes two calls of PyTorch's fused CPU flash-attention kernel, which returns each row's
 log-sum-exp (CPU, causal or causal + right padding masks, no softcapping or ZeroTuning);
-"auto" picks "flash" where it applies and "torch" elsewhere.
+"triton" is the same two passes as Triton kernels (kernels/attention_triton.py: CUDA, or CPU
+under TRITON_INTERPRET=1; causal + right padding, softcapping, no ZeroTuning); "auto" picks
+"triton" on CUDA and "flash" on CPU where they apply, and "torch" elsewhere.
 
 The "flash" path. With lse_i from the forward call, A[i, j] = exp(s_ij - lse_i), so column
 sums are a second attention with the roles swapped: key j as the query, the real queries i >= j
@@ -29,10 +31,16 @@ sequence makes "i >= j" the kernel's causal mask, so nothing of size [T, T] is e
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-IMPLS = ("auto", "torch", "flash", "reference")
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+
+IMPLS = ("auto", "torch", "flash", "triton", "reference")
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -62,7 +70,8 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_pos: key position whose received mass is `sink_mass`.
         gamma: (H,) ZeroTuning factor per head (1 = unchanged), or None.
         block: queries per block (torch impl).
-        impl: "auto", "torch", "flash" or "reference" ("flash" raises where it does not apply).
+        impl: "auto", "torch", "flash", "triton" or "reference" ("flash" and "triton" raise
+            where they do not apply).
 
     Returns:
         out (B, T, H, Dh) in q's dtype, and stats: sink_mass (B, H), attn_entropy (B, H),
@@ -73,11 +82,21 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "reference":
         return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
                           k_pos=k_pos, gamma=gamma)
-    flash_ok = _flash_applies(q, mask, lengths, softcap, gamma)
+    causal = gamma is None and _is_causal(mask, lengths, q.shape[-2])
+    flash_ok = (causal and softcap is None and _FLASH_CPU is not None
+                and q.device.type == "cpu")
+    triton_ok = causal and triton is not None and (
+        q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
     if impl == "flash" and not flash_ok:
         raise ValueError("impl='flash' needs CPU tensors, a causal (+ right padding) mask and "
                          "no softcapping or ZeroTuning; use impl='torch' or 'auto'")
-    if flash_ok and impl in ("auto", "flash"):
+    if impl == "triton" and not triton_ok:
+        raise ValueError("impl='triton' needs triton, CUDA tensors (or CPU under "
+                         "TRITON_INTERPRET=1), a causal (+ right padding) mask and no "
+                         "ZeroTuning; use impl='torch' or 'auto'")
+    if impl == "triton" or (impl == "auto" and triton_ok and q.is_cuda):
+        return _triton(q, k, v, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos)
+    if impl == "flash" or (impl == "auto" and flash_ok):
         return _flash(q, k, v, lengths, scaling=scaling, k_pos=k_pos)
     return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
                       gamma=gamma, block=block)
@@ -153,23 +172,49 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
     return out, stats
 
 
-def _flash_applies(q: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor,
-                   softcap: float | None, gamma: torch.Tensor | None) -> bool:
-    """Whether the fused CPU path gives the model's attention at every real query: CPU, no
-    softcapping or ZeroTuning, and a mask that at real queries is plain causal (a sliding
-    window shorter than the prompt, or left padding, is not)."""
-    if _FLASH_CPU is None or q.device.type != "cpu" or softcap is not None or gamma is not None:
-        return False
+def _is_causal(mask: torch.Tensor | None, lengths: torch.Tensor, t: int) -> bool:
+    """Whether `mask` is plain causal at every real query (None is; a sliding window shorter
+    than the prompt, or left padding, is not). Padding queries may see anything: their rows
+    never reach a table or a real token."""
     if mask is None:
         return True
     if mask.dim() != 4 or mask.shape[1] != 1:
         return False
-    t = q.shape[-2]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    for b, n in enumerate(lengths.tolist()):
-        if not torch.equal(mask[b, 0, :n, :n], causal[:n, :n]):
-            return False
-    return True
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    return all(torch.equal(mask[b, 0, :n, :n], causal[:n, :n])
+               for b, n in enumerate(lengths.tolist()))
+
+
+def _finish(col: torch.Tensor, row_term: torch.Tensor, lengths: torch.Tensor,
+            k_pos: int) -> dict[str, torch.Tensor]:
+    """Stats from column sums col (B, H, T) and the real rows' summed entropy row_term (B, H)."""
+    n_real = lengths.to(col.dtype)
+    sink = col[..., k_pos] if k_pos < col.shape[-1] else torch.zeros_like(col[..., 0])
+    return {"sink_mass": sink / (n_real - k_pos).clamp_min(1)[:, None],
+            "attn_entropy": row_term / n_real[:, None], "received": col.sum(1)}
+
+
+def _triton(q, k, v, lengths, *, scaling, softcap, k_pos, bm: int = 32, bn: int = 32):
+    from tokenprobe.kernels.attention_triton import _columns, _forward
+
+    bsz, heads, t, dh = q.shape
+    kvh = k.shape[1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(bsz, t, heads, dh, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz, heads, t, dtype=torch.float32, device=q.device)
+    ent = torch.empty_like(lse)
+    col = torch.empty_like(lse)
+    lens = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    cap = float(softcap) if softcap is not None else 1.0
+    dhp = max(16, triton.next_power_of_2(dh))
+    _forward[(bsz * heads, triton.cdiv(t, bm))](
+        q, k, v, out, lse, ent, t, heads, kvh, dh, float(scaling), cap,
+        HAS_CAP=softcap is not None, BM=bm, BN=bn, DH=dhp)
+    _columns[(bsz * heads, triton.cdiv(t, bn))](
+        q, k, lse, lens, col, t, heads, kvh, dh, float(scaling), cap,
+        HAS_CAP=softcap is not None, BM=bm, BN=bn, DH=dhp)
+    real = (torch.arange(t, device=q.device)[None, :] < lens[:, None])[:, None]  # (B, 1, T)
+    return out.to(q.dtype), _finish(col, torch.where(real, ent, 0.0).sum(-1), lengths, k_pos)
 
 
 def _flash(q, k, v, lengths, *, scaling, k_pos):
@@ -191,14 +236,8 @@ def _flash(q, k, v, lengths, *, scaling, k_pos):
     # as 0 or nan, not -inf): padding keys receive nothing
     col = torch.where(real[:, None], torch.exp(col_lse), 0.0)
     weighted = torch.where(real[:, None], (wq * kw).sum(-1), 0.0) * col  # k_j . sum_i A[i, j] q_i
-    n_real = lengths.to(work)
-    real_w = real.to(work)[:, None]
-    sink = col[..., k_pos] if k_pos < t else torch.zeros_like(col[..., 0])
-    stats = {"sink_mass": sink / (n_real - k_pos).clamp_min(1)[:, None],
-             "attn_entropy": ((lse * real_w).sum(-1) - scaling * weighted.sum(-1))
-             / n_real[:, None],
-             "received": col.sum(1)}
-    return out.transpose(1, 2).to(q.dtype), stats
+    row_term = torch.where(real[:, None], lse, 0.0).sum(-1) - scaling * weighted.sum(-1)
+    return out.transpose(1, 2).to(q.dtype), _finish(col, row_term, lengths, k_pos)
 
 
 def _reference(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma):

@@ -37,14 +37,14 @@ def explicit_eager(q, k, v, mask, scaling):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 41, 16, [41, 29]), (1, 9, 3, 67, 8, [67]),
                                    (3, 2, 1, 13, 32, [5, 13, 1])])
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("impl", ["torch", "flash", "auto"])
+@pytest.mark.parametrize("impl", ["torch", "flash", "triton", "auto"])
 @pytest.mark.parametrize("k_pos", [0, 2])
 def test_fast_paths_match_reference(shape, dtype, tol, window, impl, k_pos):
     bsz, heads, kvh, t, dh, lengths = shape
     q, k, v, mask, lens = make_inputs(bsz, heads, kvh, t, dh, dtype, lengths, window)
     kw = dict(scaling=dh ** -0.5, k_pos=k_pos)
-    if impl == "flash" and window is not None:  # a window shorter than the prompt: not causal
-        with pytest.raises(ValueError, match="impl='flash' needs"):
+    if impl in ("flash", "triton") and window is not None:  # a window shorter than the prompt
+        with pytest.raises(ValueError, match=f"impl='{impl}' needs"):
             attention_with_stats(q, k, v, mask, lens, impl=impl, **kw)
         return
     ref_out, ref = attention_with_stats(q, k, v, mask, lens, impl="reference", **kw)
@@ -81,6 +81,20 @@ def test_sink_at_other_position_and_softcap():
     s = torch.tanh(s / 5.0) * 5.0
     a = torch.softmax(s.masked_fill(~mask, -math.inf), -1)
     assert ref["sink_mass"][0, 1].item() == pytest.approx(a[0, 1, 3:, 3].mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_softcap_matches_reference(impl):
+    q, k, v, mask, lens = make_inputs(2, 4, 2, 45, 8, torch.float32, [45, 30])
+    kw = dict(scaling=0.7, softcap=3.0, k_pos=1)
+    ref_out, ref = attention_with_stats(q, k, v, mask, lens, impl="reference", **kw)
+    out, got = attention_with_stats(q, k, v, mask, lens, impl=impl, block=8, **kw)
+    for b, n in enumerate([45, 30]):
+        torch.testing.assert_close(out[b, :n], ref_out[b, :n].float(), rtol=1e-4, atol=1e-5)
+    for name in ("sink_mass", "attn_entropy", "received"):
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-5)
+    _, plain = attention_with_stats(q, k, v, mask, lens, impl="reference", scaling=0.7, k_pos=1)
+    assert not torch.allclose(plain["attn_entropy"], ref["attn_entropy"], rtol=1e-3)  # capped
 
 
 def test_zerotuning_equals_explicit_renormalisation():
