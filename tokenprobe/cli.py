@@ -209,6 +209,7 @@ LAZY = {
     "critical": ("tokenprobe.analyses.critical_cli",
                  "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
     "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
+    "report": ("tokenprobe.analyses.report_cli", "HTML report, static figures, LaTeX tables"),
 }
 
 

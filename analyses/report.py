@@ -1,0 +1,324 @@
+"""Scripted reports: one self-contained HTML page, static figures and LaTeX tables from runs.
+
+`write_report(runs, out)` writes `out/report.html` (plotly.js inlined once, so it opens with no
+network), `out/figures/<name>.{png,svg,pdf}` and `out/tables/<name>.{csv,tex}`. Frames come
+from `tokenprobe.analyses.views` and the other analyses, figures from `tokenprobe.app.figures`:
+the dashboard's own data and figure functions. The cross-run summary is SQL over the run
+directories (`tokenprobe.query`). The report is staged beside `out` and renamed into place.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from tokenprobe.analyses import views
+from tokenprobe.analyses.replication import replication_cards
+from tokenprobe.analyses.report_export import STYLES, export_figures, find_browser, write_table
+from tokenprobe.store import Run, open_run
+
+TOKEN_METRICS = ("entropy", "sink_received", "resid_norm")  # token view: first the run has
+
+
+@dataclass
+class Section:
+    """Part of a report: HTML blocks in order, with the figures and tables they show.
+
+    `blocks` holds ("html", text), ("figure", name) or ("table", name) items; `figures` and
+    `tables` map names (unique in the report) to a figure or to (frame, caption).
+    """
+
+    title: str
+    anchor: str
+    blocks: list[tuple[str, str]] = field(default_factory=list)
+    figures: dict[str, go.Figure] = field(default_factory=dict)
+    tables: dict[str, tuple[pd.DataFrame, str]] = field(default_factory=dict)
+
+    def text(self, markup: str) -> None:
+        self.blocks.append(("html", markup))
+
+    def figure(self, name: str, fig: go.Figure) -> None:
+        self.figures[name] = fig
+        self.blocks.append(("figure", name))
+
+    def table(self, name: str, frame: pd.DataFrame, caption: str) -> None:
+        self.tables[name] = (frame.reset_index(drop=True), caption)
+        self.blocks.append(("table", name))
+
+
+def load_runs(runs: Sequence[Run | str | os.PathLike],
+              scratch: Path) -> list[tuple[str, Run, Path]]:
+    """(label, run, directory) per run: a directory is opened (label: the path as given); a Run
+    is saved under `scratch` so that DuckDB can read it (label: run<i>)."""
+    out = []
+    for i, item in enumerate(runs):
+        if isinstance(item, Run):
+            directory = item.save(scratch / f"run{i}")
+            out.append((f"run{i}", item, directory))
+        else:
+            out.append((str(item), open_run(item), Path(item)))
+    return out
+
+
+def cross_run_summary(labelled: list[tuple[str, Run, Path]]) -> pd.DataFrame:
+    """One row per run, by SQL over the run directories: model, n_prompts, T_min / T_max, and
+    where the run has them sink_rate (% of prompt x layer x head with sink_mass > the run's
+    eps), eps, first_massive_layer, massive_dims, max_massive, mean_entropy."""
+    from tokenprobe.query import connect
+
+    info = pd.DataFrame({"run": [str(d) for _, _, d in labelled],
+                         "label": [lab for lab, _, _ in labelled],
+                         "model": [str(r.meta.get("model")) for _, r, _ in labelled],
+                         "eps": [next((p["eps"] for p in r.meta.get("probes", [])
+                                       if p.get("name") == "sinks"), None)
+                                 for _, r, _ in labelled]})
+    with connect([d for _, _, d in labelled]) as con:
+        con.register("run_info", info)
+        views_ = set(con.execute(
+            "SELECT table_name FROM information_schema.tables").df().table_name)
+        out = con.execute("""
+            SELECT i.label AS run, i.model, count(*) AS n_prompts, min(p.n_tokens) AS T_min,
+                   max(p.n_tokens) AS T_max
+            FROM prompts p JOIN run_info i USING (run) GROUP BY i.label, i.model""").df()
+        if "heads" in views_:
+            out = out.merge(con.execute("""
+                SELECT i.label AS run, 100 * avg(CAST(h.sink_mass > i.eps AS DOUBLE)) AS sink_rate,
+                       any_value(i.eps) AS eps
+                FROM heads h JOIN run_info i USING (run) GROUP BY i.label""").df(),
+                on="run", how="left")
+        if "massive" in views_:
+            out = out.merge(con.execute("""
+                SELECT i.label AS run, min(m.layer) AS first_massive_layer,
+                       array_to_string(list_sort(list(DISTINCT m.dim)), ',') AS massive_dims,
+                       max(abs(m.value)) AS max_massive
+                FROM massive m JOIN run_info i USING (run) GROUP BY i.label""").df(),
+                on="run", how="left")
+        columns = set(con.execute("DESCRIBE tokens").df().column_name)
+        if "entropy" in columns:
+            out = out.merge(con.execute("""
+                SELECT i.label AS run, avg(t.entropy) AS mean_entropy
+                FROM tokens t JOIN run_info i USING (run)
+                WHERE t.entropy IS NOT NULL GROUP BY i.label""").df(), on="run", how="left")
+    order = {lab: k for k, (lab, _, _) in enumerate(labelled)}
+    return out.sort_values("run", key=lambda s: s.map(order), ignore_index=True)
+
+
+def _prompt_table(run: Run) -> pd.DataFrame:
+    cols = [c for c in ["prompt_id", "n_tokens", "mean_entropy", "mean_self_certainty",
+                        "perplexity", "forking_share"] if c in run.prompts]
+    out = run.prompts[cols].copy()
+    out.insert(2, "text", [t if len(t) <= 70 else t[:67] + "..." for t in run.prompts.text])
+    return out
+
+
+def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None = None,
+                max_prompts: int = 2) -> Section:
+    """A run's section: model, prompts, per-probe summaries, figures of its first prompts,
+    token views and replication cards."""
+    from tokenprobe.analyses.massive import massive_summary
+    from tokenprobe.analyses.sinks import sink_rate
+    from tokenprobe.app import figures
+
+    model, p = views.model_of(run), f"r{index}"
+    n_layers = int(run.meta.get("n_layers", 0))
+    sec = Section(f"{label}: {model}", f"run-{index}")
+    probes = ", ".join(pr.get("name", "?") for pr in run.meta.get("probes", [])) or "none recorded"
+    sec.text(f"<p>Model <b>{html.escape(model)}</b> ({n_layers} blocks), "
+             f"{len(run.prompts)} prompt(s), probes: {html.escape(probes)}, created "
+             f"{html.escape(str(run.meta.get('created', '?')))}.</p>")
+    sec.table(f"{p}_prompts", _prompt_table(run), f"Prompts of {label} ({model})")
+    if "massive" in run.tables:
+        sec.table(f"{p}_massive", massive_summary(run),
+                  f"Massive activations per prompt, {model} (Sun et al. criterion)")
+    if "heads" in run.tables:
+        sec.table(f"{p}_sink_rate", sink_rate(run), f"Sink rate per prompt, {model} (Gu et al.)")
+    if run.meta.get("summary", {}).get("critical"):
+        from tokenprobe.analyses.critical import summary_frame
+        sec.table(f"{p}_critical", summary_frame(run), f"Critical tokens, {model} (Lin et al.)")
+    for pid in run.prompts.prompt_id[:max_prompts]:
+        _prompt_views(sec, run, int(pid), f"{p}_p{pid}", n_layers, figures)
+    for card in replication_cards(run, curve=curve):
+        sec.text(f"<h3>Replication: {html.escape(card.measure.replace('_', ' '))}</h3><p>"
+                 f"{html.escape(card.paper)}. Paper setting: {html.escape(card.setting)}. "
+                 f"Ours: {html.escape(card.ours_setting)}. {html.escape(card.note)}</p>")
+        sec.table(f"{p}_card_{card.measure}", card.frame(),
+                  f"{card.measure.replace('_', ' ')}: paper vs ours ({model})")
+    return sec
+
+
+def _prompt_views(sec: Section, run: Run, pid: int, name: str, n_layers: int, figures) -> None:
+    """Token view and figures of one prompt (each only if the run has what it needs)."""
+    sec.text(f"<h3>Prompt {pid}</h3>")
+    metric = next((m for m in TOKEN_METRICS if m in views.available_metrics(run)), None)
+    if metric is not None:
+        spec = views.METRICS[metric]
+        frame = views.token_metric_frame(run, pid, metric)
+        sec.text(figures.token_html(frame, spec.label, kind=spec.kind, log=spec.log))
+    if "heads" in run.tables:
+        sec.figure(f"{name}_sink_mass", figures.heatmap(
+            views.head_grid(run, pid, "sink_mass"), title=f"sink_mass, prompt {pid}",
+            x_title="head", value="sink_mass"))
+    if "token_layers" in run.tables and "resid_norm" in run.token_layers:
+        tokens = views.prompt_tokens(run, pid).shown.tolist()
+        sec.figure(f"{name}_resid_norm", figures.heatmap(
+            views.layer_grid(run, pid, "resid_norm"), title=f"resid_norm, prompt {pid}",
+            x_title="position", value="||h||", log=True,
+            x_labels=tokens if len(tokens) <= 60 else None))
+    if "massive" in run.tables:
+        points = views.massive_points(run, pid)
+        if len(points):
+            sec.figure(f"{name}_massive", figures.massive_figure(
+                points, n_layers=n_layers, tokens=views.prompt_tokens(run, pid).shown.tolist()))
+    if "sinks" in run.tables:
+        bars = views.sink_bars(run, pid)
+        if len(bars):
+            sec.figure(f"{name}_sinks", figures.sink_lifetimes_figure(bars, n_layers=n_layers))
+    if "critical_success" in run.tokens:
+        prefixes = views.critical_prefixes(run, pid)
+        if prefixes.critical_success.notna().any():
+            sec.figure(f"{name}_critical", figures.critical_figure(prefixes))
+
+
+def curve_section(curve: pd.DataFrame) -> Section:
+    """The sink rate against T: the table and its figure."""
+    from tokenprobe.app import figures
+
+    sec = Section("Sink rate against T", "sink-curve")
+    sec.text("<p>Gu et al.'s Sink_1^eps at each T; a text shorter than T is not padded, so "
+             "T_reached_min / T_reached_max give the lengths actually measured.</p>")
+    sec.table("sink_rate_curve", curve, "Sink rate (%) against T")
+    sec.figure("sink_rate_curve", figures.sink_rate_curve_figure(curve))
+    return sec
+
+
+def render_html(sections: list[Section], *, title: str, notes: list[str]) -> str:
+    """The report page: contents, then each section; plotly.js inlined in the first figure."""
+    parts, first = [], True
+    for sec in sections:
+        parts.append(f'<section id="{sec.anchor}"><h2>{html.escape(sec.title)}</h2>')
+        for kind, value in sec.blocks:
+            if kind == "html":
+                parts.append(value)
+            elif kind == "figure":
+                fig_html = sec.figures[value].to_html(
+                    full_html=False, include_plotlyjs=first, div_id=f"fig-{value}",
+                    config={"displaylogo": False})
+                first = False
+                parts.append(f'<figure>{fig_html}<figcaption>figures/{value}.png|svg|pdf'
+                             "</figcaption></figure>")
+            else:
+                frame, caption = sec.tables[value]
+                parts.append(f"<p class=\"cap\">{html.escape(caption)} (tables/{value}.csv|tex)"
+                             "</p>" + frame.to_html(index=False, na_rep="", float_format=_fmt,
+                                                    classes="tp", border=0))
+        parts.append("</section>")
+    toc = "".join(f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a></li>' for s in sections)
+    note = "".join(f"<p class=\"note\">{html.escape(n)}</p>" for n in notes)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+            f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{note}"
+            f"<ul>{toc}</ul>{''.join(parts)}</body></html>\n")
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+       "table.tp{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
+       "table.tp td,table.tp th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
+       ".cap{font-weight:600;margin-bottom:2px}.note{color:#8a5a00}"
+       "figcaption{font-size:12px;color:#666}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def write_report(runs: Sequence[Run | str | os.PathLike], out: str | os.PathLike, *,
+                 style: str = "screen", overwrite: bool = False,
+                 curve: pd.DataFrame | None = None, static: bool | None = None,
+                 max_prompts: int = 2) -> Path:
+    """Write the report of `runs` (run directories or Run objects) into `out`.
+
+    Args:
+        runs: the runs (at least one, unless `curve` is given).
+        out: the report directory; staged beside it and renamed into place when complete.
+        style: "screen" (900 x 460 px figures) or "paper" (3.3 in wide, 9 pt serif, 300 dpi PNG).
+        overwrite: replace an existing non-empty `out`.
+        curve: a `sink_curve.sink_rate_curve` frame to include (table, figure, T = 64 cards).
+        static: write PNG / SVG / PDF figures: True requires a browser, False skips them, None
+            writes them if `find_browser()` finds one and says in the report if not.
+        max_prompts: prompts per run with figures and token views.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        FileExistsError: `out` exists, is not empty and `overwrite` is False.
+        RunNotFoundError: a directory is not a complete run.
+        ValueError: an unknown style, or nothing to report.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+    if not runs and curve is None:
+        raise ValueError("nothing to report: give at least one run (or a sink-rate curve)")
+    target = Path(out)
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose another --out or pass "
+                              "--overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write(runs, staging, style=style, curve=curve, static=static, max_prompts=max_prompts)
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write(runs, staging: Path, *, style: str, curve, static: bool | None,
+           max_prompts: int) -> None:
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        labelled = load_runs(runs, Path(scratch))
+        sections = []
+        if labelled:
+            summary = Section("Summary across runs", "summary")
+            summary.table("summary", cross_run_summary(labelled),
+                          "Per run: sink rate, first massive layer, mean entropy")
+            sections.append(summary)
+        if curve is not None:
+            sections.append(curve_section(curve))
+        sections += [run_section(i, lab, run, curve=curve, max_prompts=max_prompts)
+                     for i, (lab, run, _) in enumerate(labelled)]
+    figures = {k: v for s in sections for k, v in s.figures.items()}
+    browser = find_browser()
+    if static or (static is None and browser is not None):
+        export_figures(figures, staging / "figures", STYLES[style])
+    elif static is None:
+        notes.append("Static figures (PNG/SVG/PDF) were skipped: no Chrome or Chromium found "
+                     "(install Debian's chromium or set BROWSER_PATH).")
+    for sec in sections:
+        for name, (frame, caption) in sec.tables.items():
+            write_table(frame, staging / "tables", name, caption)
+    title = "tokenprobe report: " + ", ".join(dict.fromkeys(
+        views.model_of(r) for _, r, _ in labelled)) if labelled else "tokenprobe report"
+    (staging / "report.html").write_text(render_html(sections, title=title, notes=notes),
+                                         encoding="utf-8")
+    manifest = {"style": style, "runs": [lab for lab, _, _ in labelled], "notes": notes,
+                "figures": sorted(figures), "tables": sorted(t for s in sections for t in s.tables)}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the finished report into place; an old one is removed only after."""
+    old = target.parent / f".{target.name}.old"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
