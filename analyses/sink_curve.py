@@ -23,15 +23,23 @@ def long_prose() -> list[str]:
     return [i["text"] if isinstance(i, dict) else i for i in items]
 
 
-def rotated_documents(passages: Sequence[str], *, sep: str = "\n\n") -> list[str]:
-    """One document per passage: all passages joined, starting from that one.
+def rotated_documents(passages: Sequence[str], *, sep: str = "\n\n",
+                      tail: str = "") -> list[str]:
+    """One document per passage: all passages joined, starting from that one, then `tail`.
 
     The shipped passages are far shorter than 1024 tokens; joined they reach about 600 on
     SmolLM2's tokenizer, and rotating the order keeps one text per passage with a different
-    first token for each.
+    first token for each. The default curve adds the shipped story of
+    `tokenprobe/data/toy_text.txt` (about 1,500 tokens) as the tail, so T = 1024 is reached.
     """
     n = len(passages)
-    return [sep.join(passages[(i + j) % n] for j in range(n)) for i in range(n)]
+    end = sep + tail if tail else ""
+    return [sep.join(passages[(i + j) % n] for j in range(n)) + end for i in range(n)]
+
+
+def story() -> str:
+    """The prose of `tokenprobe/data/toy_text.txt` (the toy's training text, about 6.8 kB)."""
+    return resources.files("tokenprobe").joinpath("data/toy_text.txt").read_text("utf-8")
 
 
 def toy_texts(model_dir: str | Path, n: int = 8, *, seed: int = 0) -> list[str]:
@@ -92,14 +100,14 @@ def curve_for(model_name: str, Ts: Sequence[int] = DEFAULT_TS, *,
     """`sink_rate_curve` for a registered name or a model directory.
 
     A toy model directory (one holding `toy.json`) is measured on its own held-out sequences;
-    any other model on `texts`, by default `rotated_documents(long_prose())`.
+    any other model on `texts`, by default `rotated_documents(long_prose(), tail=story())`.
     """
     import tokenprobe
 
     if (Path(model_name) / "toy.json").exists():
         texts = toy_texts(model_name)
     elif texts is None:
-        texts = rotated_documents(long_prose())
+        texts = rotated_documents(long_prose(), tail=story())
     model = tokenprobe.load(model_name)
     return sink_rate_curve(model, texts, Ts, name=Path(model_name).name or model_name,
                            progress=progress)

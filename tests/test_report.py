@@ -185,6 +185,7 @@ def test_sink_rate_curve_matches_single_runs(tiny_llama):
 def test_rotated_documents():
     docs = rotated_documents(["a", "b", "c"])
     assert docs == ["a\n\nb\n\nc", "b\n\nc\n\na", "c\n\na\n\nb"]
+    assert rotated_documents(["a", "b"], tail="z") == ["a\n\nb\n\nz", "b\n\na\n\nz"]
     assert len(long_prose()) == 8
 
 
