@@ -11,6 +11,7 @@ import tokenprobe
 from tokenprobe.probes.activations import (
     ActivationsConfig,
     ActivationsProbe,
+    lower_median,
     massive_activations,
     residual_stats,
 )
@@ -65,6 +66,20 @@ def test_residual_stats_odd_shape_matches_numpy():
     for col in ["resid_norm", "max_abs", "median_abs", "cos_to_first"]:
         np.testing.assert_allclose(got[col].numpy(), ref[col].to_numpy(), rtol=1e-6)
     assert got["max_abs_dim"].tolist() == ref["max_abs_dim"].tolist()
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (7, 5), (41, 576), (3, 4, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lower_median_is_torch_median(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g, dtype=dtype).abs()
+    x.view(-1)[:: 3] = x.view(-1)[0]  # ties
+    got = lower_median(x)
+    assert got.shape == () and got.dtype == dtype and got.item() == x.median().item()
+    for dim in range(x.dim()):
+        assert torch.equal(lower_median(x, dim=dim), x.median(dim=dim).values)
+    x.view(-1)[-1] = float("nan")  # torch.median's NaN rule is kept
+    assert torch.isnan(lower_median(x))
 
 
 def test_massive_criterion_needs_both_conditions():
