@@ -33,13 +33,17 @@ PROVIDERS: dict[str, str] = {
     "tokenprobe_default": "tokenprobe.run(..., ['activations', 'sinks', 'entropy']) (CLI default)",
     "tokenprobe_sinks_activations": "tokenprobe.run(..., ['activations', 'sinks'])",
     "tokenprobe_sinks": "tokenprobe.run(..., ['sinks'])",
+    "tokenprobe_sinks_activations_blockwise": "the same as tokenprobe_sinks_activations with "
+                                              "the blockwise torch attention statistics "
+                                              "(SinksConfig(impl='torch'), the CUDA fallback)",
     "tokenprobe_activations": "tokenprobe.run(..., ['activations'])",
     "eager_output_attentions": "HF forward, eager attention, output_attentions=True",
     "transformerlens_run_with_cache": "TransformerLens 4.x TransformerBridge.run_with_cache",
 }
 PROBES = {"tokenprobe_default": ["activations", "sinks", "entropy"],
           "tokenprobe_sinks_activations": ["activations", "sinks"],
-          "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"]}
+          "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"],
+          "tokenprobe_sinks_activations_blockwise": ["activations", "sinks:torch"]}
 SLOW = ("eager_output_attentions", "transformerlens_run_with_cache")  # [L, H, T, T] held
 BASELINE = "plain_sdpa"
 
@@ -76,8 +80,11 @@ def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Cal
         call = lambda: bridge.run_with_cache(input_ids)
         check = lambda out: _expect(out[0].shape[:2] == (1, t) and len(out[1]) > 0, "TL cache")
     elif provider in PROBES:
-        call = lambda: tokenprobe.run(loaded, [text], PROBES[provider], progress=False,
-                                      truncate=True)
+        from tokenprobe.probes import SinksConfig, SinksProbe
+
+        probes = lambda: [SinksProbe(SinksConfig(impl="torch")) if p == "sinks:torch" else p
+                          for p in PROBES[provider]]
+        call = lambda: tokenprobe.run(loaded, [text], probes(), progress=False, truncate=True)
 
         def check(result: Any) -> None:
             _expect(result.tokens.token_id.tolist() == ids, "tokenprobe saw other token ids")
