@@ -26,7 +26,8 @@ eager (additive float mask), sdpa and tokenprobe (boolean mask) attention implem
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import datetime
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
@@ -34,6 +35,8 @@ import torch
 
 from tokenprobe.backends import decoder_layers_path
 from tokenprobe.models import LoadedModel
+from tokenprobe.store import Run
+from tokenprobe.tables import conform
 from tokenprobe.tokens import token_text
 
 METHODS = ("removal", "knockout")
@@ -274,3 +277,75 @@ def attributions(loaded: LoadedModel, prompts: Sequence[str],
     frame = pd.concat(frames, ignore_index=True)
     frame.attrs.update(targets=[f.attrs["target"] for f in frames])
     return frame
+
+
+def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
+                    targets: Sequence[str | None] | None = None,
+                    config: AttributionConfig = AttributionConfig(), *,
+                    layer_sets: Sequence[Sequence[int]] | None = None,
+                    progress: bool = False) -> Run:
+    """Attribution of several prompts as a run: tables `prompts`, `tokens`, `attributions`.
+
+    Args:
+        loaded: a `tokenprobe.load()` result.
+        prompts: prompt texts (prompt_id = index).
+        targets: one target text per prompt (None entries, or None: the greedy next token).
+        config: methods, knockout queries, window and batch size.
+        layer_sets: knockout layer sets, each its own `layer_range` (e.g. [[0..8], [9..17]]);
+            None: `config.layers` (with `config.window`, windows centred on those layers).
+        progress: a tqdm bar over (prompt, layer set) passes.
+
+    Returns:
+        The run; `tokens` holds each prompt's tokens followed by its target's, and
+        `meta["summary"]["attribution"]` per prompt: target, target_ids, prompt_tokens
+        (target rows start there) and base_logprob (nats).
+    """
+    from tqdm.auto import tqdm
+
+    from tokenprobe.runner import package_versions
+
+    targets = list(targets) if targets is not None else [None] * len(prompts)
+    if len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if layer_sets is not None and config.window is not None:
+        raise ValueError("give layer_sets or a window, not both")
+    sets = [config.layers] if layer_sets is None else [tuple(s) for s in layer_sets]
+    tok, frames, tokens, rows, summary = loaded.tokenizer, [], [], [], []
+    special = set(tok.all_special_ids)
+    with tqdm(total=len(prompts) * len(sets), desc="attribution", unit="pass",
+              disable=not progress) as bar:
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            parts = []
+            for k, layers in enumerate(sets):
+                methods = tuple(m for m in config.methods if m == "knockout" or k == 0)
+                if methods:
+                    parts.append(attribute(loaded, prompt, target,
+                                           replace(config, methods=methods, layers=layers),
+                                           prompt_id=i))
+                bar.update(1)
+            frames += parts
+            p_ids, c_ids = tok(prompt)["input_ids"], parts[0].attrs["target_ids"]
+            ids = list(p_ids) + list(c_ids)
+            rows.append((i, prompt, len(ids)))
+            tokens.append(pd.DataFrame({
+                "prompt_id": i, "pos": range(len(ids)), "token_id": ids,
+                "token": [token_text(tok, t) for t in ids],
+                "is_special": [t in special for t in ids]}))
+            summary.append({"prompt_id": i, "target": parts[0].attrs["target"],
+                            "target_ids": list(c_ids), "prompt_tokens": len(p_ids),
+                            "base_logprob": float(parts[0].base_logprob.iat[0])})
+    tables = {
+        "prompts": conform("prompts", pd.DataFrame(rows, columns=["prompt_id", "text",
+                                                                  "n_tokens"])),
+        "tokens": conform("tokens", pd.concat(tokens, ignore_index=True)),
+        "attributions": conform("attributions", pd.concat(frames, ignore_index=True)),
+    }
+    meta = {"model": loaded.name, "weights_fingerprint": loaded.fingerprint,
+            "analysis": "attribution", "n_layers": loaded.model.config.num_hidden_layers,
+            "config": {**asdict(config), "layer_sets": [list(s) if s is not None else None
+                                                        for s in sets]},
+            "versions": package_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "summary": {"attribution": summary}, "status": "complete", "tables": sorted(tables)}
+    return Run(tables, meta)

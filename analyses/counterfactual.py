@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenprobe.models import LoadedModel
 from tokenprobe.sampling import eos_ids
+from tokenprobe.store import Run
 from tokenprobe.tokens import token_text
 
 COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
@@ -241,19 +242,34 @@ class Intervention:
 
 
 def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
-                    config: GumbelConfig = GumbelConfig()) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    config: GumbelConfig = GumbelConfig(), *,
+                    progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sample each query's factual generation, apply its intervention, tabulate both.
 
+    Queries with the same prompt and seed share one factual generation (it is sampled once).
+
+    Args:
+        loaded: a `tokenprobe.load()` result.
+        queries: the interventions; generation_id = index.
+        config: temperature, length and stopping, shared by all queries.
+        progress: a tqdm bar over the queries.
+
     Returns:
-        `steps`: one row per (generation_id, step), columns `COLUMNS` (see `compare`).
-        `generations`: one row per generation_id, columns `GENERATION_COLUMNS`: seed,
-        temperature, intervention_step and intervention_token_id (null for none), prompt,
-        counterfactual_prompt (null for none), factual_text and counterfactual_text (the
-        generated text only), first_difference (first step whose tokens differ, null if none).
+        `steps`: one row per (generation_id, step), columns `COLUMNS` (see `compare`; the
+        `counterfactuals` table). `generations`: one row per generation_id, columns
+        `GENERATION_COLUMNS` (the `generations` table): seed, temperature, intervention_step
+        and intervention_token_id (null for none), prompt, counterfactual_prompt (null for
+        none), factual_text and counterfactual_text (the generated text only),
+        first_difference (first step whose tokens differ, null if none).
     """
-    steps, gens = [], []
-    for gid, q in enumerate(queries):
-        fact = sample(loaded, q.prompt, seed=q.seed, config=config)
+    from tqdm.auto import tqdm
+
+    steps, gens, factuals = [], [], {}
+    for gid, q in enumerate(tqdm(queries, desc="counterfactuals", unit="generation",
+                                 disable=not progress)):
+        if (q.prompt, q.seed) not in factuals:
+            factuals[q.prompt, q.seed] = sample(loaded, q.prompt, seed=q.seed, config=config)
+        fact = factuals[q.prompt, q.seed]
         if q.step is not None and q.step < 0:  # from the end, as Python indexes
             q = replace(q, step=len(fact.token_ids) + q.step)
         cf = counterfactual(loaded, fact, step=q.step, token_id=q.token_id,
@@ -268,3 +284,39 @@ def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
     for col in ("intervention_step", "intervention_token_id", "first_difference"):
         generations[col] = generations[col].astype("Int64")
     return pd.concat(steps, ignore_index=True), generations
+
+
+def counterfactual_run(loaded: LoadedModel, queries: Sequence[Intervention],
+                       config: GumbelConfig = GumbelConfig(), *, progress: bool = False) -> Run:
+    """`counterfactuals` as a run: tables `prompts` and `tokens` (each distinct factual prompt,
+    prompt_id in order of first use), `counterfactuals` (per step) and `generations`."""
+    import datetime
+    from dataclasses import asdict
+
+    from tokenprobe.runner import package_versions
+    from tokenprobe.tables import conform
+
+    steps, generations = counterfactuals(loaded, queries, config, progress=progress)
+    tok, texts = loaded.tokenizer, list(dict.fromkeys(q.prompt for q in queries))
+    special, tokens = set(tok.all_special_ids), []
+    for i, text in enumerate(texts):
+        ids = _prompt_ids(loaded, text)
+        tokens.append(pd.DataFrame({"prompt_id": i, "pos": range(len(ids)), "token_id": ids,
+                                    "token": [token_text(tok, t) for t in ids],
+                                    "is_special": [t in special for t in ids]}))
+    tables = {
+        "prompts": conform("prompts", pd.DataFrame({
+            "prompt_id": range(len(texts)), "text": texts,
+            "n_tokens": [len(t) for t in tokens]})),
+        "tokens": conform("tokens", pd.concat(tokens, ignore_index=True)),
+        "counterfactuals": conform("counterfactuals", steps),
+        "generations": conform("generations", generations),
+    }
+    meta = {"model": loaded.name, "weights_fingerprint": loaded.fingerprint,
+            "analysis": "counterfactual", "n_layers": loaded.model.config.num_hidden_layers,
+            "config": asdict(config), "queries": [asdict(q) for q in queries],
+            "versions": package_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "status": "complete", "tables": sorted(tables)}
+    return Run(tables, meta)

@@ -14,6 +14,10 @@ import pandas as pd
 from tokenprobe.store import Run
 
 CRITICAL_COMMAND = "tokenprobe critical --model {model} --task FILE --out RUN_DIR"
+ATTRIBUTION_COMMAND = ("tokenprobe attribute --model {model} --prompt TEXT --target TEXT "
+                       "--out RUN_DIR")
+WRITERS = {"critical": "the critical-token search",
+           "attribution": "attribution by ablation (tokenprobe attribute)"}
 
 
 class MissingProbe(LookupError):
@@ -26,14 +30,8 @@ class MissingProbe(LookupError):
 
     def __init__(self, what: str, probe: str, model: str = "MODEL") -> None:
         self.probe, self.command = probe, probe_command(probe, model)
-        if self.command is None:
-            self.reason = (f"This run has no {what}: no tokenprobe command writes it into a "
-                           "run yet; save the table of tokenprobe.analyses.attribution."
-                           "attributions(...) as `attributions` in the run.")
-        else:
-            writer = ("the critical-token search" if probe == "critical"
-                      else f"the {probe.split()[0]} probe")
-            self.reason = f"This run has no {what}: it is written by {writer}."
+        writer = WRITERS.get(probe, f"the {probe.split()[0]} probe")
+        self.reason = f"This run has no {what}: it is written by {writer}."
         super().__init__(self.reason + (f" Make a run with it: {self.command}"
                                         if self.command else ""))
 
@@ -43,7 +41,7 @@ def probe_command(probe: str, model: str = "MODEL") -> str | None:
     if probe == "critical":
         return CRITICAL_COMMAND.format(model=model)
     if probe == "attribution":
-        return None
+        return ATTRIBUTION_COMMAND.format(model=model)
     name, *flags = probe.split()
     return " ".join(["tokenprobe run --model", model, "--probes", name, *flags,
                      "--prompts PROMPTS_FILE --out RUN_DIR"])

@@ -222,7 +222,9 @@ def test_missing_probe_names_the_probe_and_command(root):
         views.critical_prefixes(partial, 0)
     with pytest.raises(views.MissingProbe) as err:
         views.token_metric_frame(partial, 0, "attribution")
-    assert err.value.command is None and "no tokenprobe command" in err.value.reason
+    assert err.value.command == ("tokenprobe attribute --model tiny-llama --prompt TEXT "
+                                 "--target TEXT --out RUN_DIR")
+    assert "tokenprobe attribute" in err.value.reason
     assert views.available_metrics(partial) == ["resid_norm", "massive"]
 
 

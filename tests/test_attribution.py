@@ -230,3 +230,44 @@ def test_smollm2_paris(smollm2):
     by_window = windows.set_index("layer_range").delta_logprob
     print(by_window.round(3).to_string())
     assert by_window["15-23"] < -1.0 < by_window["0-8"]
+
+
+def test_cli_run_matches_fresh_forwards(tiny_llama, tmp_path):
+    """`tokenprobe attribute` writes a run whose removal deltas equal fresh forwards of the
+    shortened inputs, with one knockout layer_range per --layers set and removal once."""
+    from tokenprobe.analyses import views
+    from tokenprobe.cli import main
+    from tokenprobe.store import open_run
+    from tokenprobe.tables import SCHEMAS
+
+    out = tmp_path / "run"
+    args = ["attribute", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET,
+            "--layers", "0", "1-2", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    run = open_run(out)
+    table = run.attributions
+    assert list(table.columns) == list(SCHEMAS["attributions"])
+    p_ids, c_ids = _ids(tiny_llama)
+    assert run.tokens.token_id.tolist() == p_ids + c_ids
+    assert run.meta["summary"]["attribution"][0]["target"] == TARGET
+    base = _logprob(tiny_llama.model, p_ids + c_ids, len(c_ids))
+    removal = table[table.method == "removal"].set_index("pos")
+    assert removal.index.tolist() == list(range(len(p_ids)))  # once, not once per layer set
+    for j in (0, 3, len(p_ids) - 1):
+        short = p_ids[:j] + p_ids[j + 1:] + c_ids
+        expected = _logprob(tiny_llama.model, short, len(c_ids)) - base
+        assert removal.delta_logprob[j] == pytest.approx(expected, abs=1e-4)
+    knock = table[table.method == "knockout"]
+    assert sorted(knock.layer_range.unique()) == ["0", "1-2"]
+    assert knock.groupby("layer_range").size().tolist() == [len(p_ids)] * 2
+    shown = views.token_metric_frame(run, 0, "attribution").value
+    assert np.allclose(shown[:len(p_ids)], removal.delta_logprob)
+    assert shown[len(p_ids):].isna().all()
+    assert main(args) == 4
+    assert main(args + ["--overwrite", "--method", "removal"]) == 0
+    assert set(open_run(out).attributions.method) == {"removal"}
+    bad = tmp_path / "bad"
+    assert main(args[:-2] + ["--out", str(bad), "--layers", "x"]) == 2
+    assert main(args[:-2] + ["--out", str(bad), "--layers", "7"]) == 2
+    assert main(["attribute", "--model", "tiny-llama", "--out", str(bad)]) == 2
+    assert not bad.exists()

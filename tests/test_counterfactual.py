@@ -166,3 +166,44 @@ def test_smollm2_counterfactual_story(smollm2):
     print("counterfactual:", repr(cf.text(smollm2.tokenizer)))
     print("differs after step 0:", int(table.differs.iloc[1:].sum()), "of", len(table) - 1)
     assert table.intervened.tolist()[0] and table.differs.iat[0] == (fact.token_ids[0] != london[0])
+
+
+def test_cli_run_matches_reference_decoding(tiny_llama, tmp_path, capsys):
+    """`tokenprobe counterfactual` writes generations equal to cache-free Gumbel-max decoding
+    with the factual noise, the intervened token forced."""
+    from tokenprobe.cli import main
+    from tokenprobe.store import open_run
+    from tokenprobe.tables import SCHEMAS
+
+    out, seed, n = tmp_path / "run", 3, 6
+    args = ["counterfactual", "--model", "tiny-llama", "--prompt", PROMPT, "--seed", str(seed),
+            "--max-new-tokens", str(n), "--no-eos-stop", "--intervene", "2=x",
+            "--intervene=-1=#66", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    assert "first differs at step" in capsys.readouterr().out
+    run = open_run(out)
+    assert list(run.counterfactuals.columns) == list(SCHEMAS["counterfactuals"])
+    assert list(run.generations.columns) == list(SCHEMAS["generations"])
+    tok, config = tiny_llama.tokenizer, GumbelConfig(temperature=1.0, max_new_tokens=n,
+                                                     stop_at_eos=False)
+    p_ids = tok(PROMPT)["input_ids"]
+    assert run.tokens.token_id.tolist() == p_ids
+    fact = _reference_decode(tiny_llama, p_ids, {}, seed, config)
+    x = tok("x", add_special_tokens=False)["input_ids"][0]
+    expected = [_reference_decode(tiny_llama, p_ids, {0: fact[0], 1: fact[1], 2: x}, seed, config),
+                fact[:-1] + [66]]
+    steps = run.counterfactuals
+    for gid in (0, 1):
+        rows = steps[steps.generation_id == gid]
+        assert rows.factual_token_id.tolist() == fact
+        assert rows.counterfactual_token_id.tolist() == expected[gid]
+    assert run.generations.intervention_step.tolist() == [2, n - 1]
+    assert run.generations.factual_text.iat[0] == tok.decode(fact)
+    assert main(args) == 4
+    bad = tmp_path / "bad"
+    base = args[:-2] + ["--out", str(bad)]
+    assert main([a for a in base if a not in ("--intervene", "2=x", "--intervene=-1=#66")]) == 2
+    assert main(base + ["--intervene", "1=xy"]) == 2  # two tokens
+    assert main(base + ["--intervene", f"{n}=x"]) == 2  # outside the generation
+    assert main(base + ["--intervene", "a=x"]) == 2
+    assert not bad.exists()

@@ -172,3 +172,58 @@ def test_cli(tmp_path, capsys):
     tasks.write_text("not json\n")
     assert main(args[:-2] + ["--out", str(tmp_path / "r3")]) == 2
     assert main(["critical", "--model", "no-such-model", "--out", str(tmp_path / "r4")]) == 3
+
+
+@pytest.mark.embedded
+def test_smollm2_search_end_to_end(smollm2):
+    """The search on SmolLM2-135M over a given wrong answer to a shipped task, n = 4.
+
+    Checked against independent recomputation: critical_success is the prefix's verdict share
+    in the rollouts table; the flag is where a hand-written rule puts it (the first zero after
+    the last prefix with more than 3 correct); a rollout is redrawn by the cache-free sampler
+    from its seed; the backward schedule draws exactly the all-prefix scan's rollouts at the
+    prefixes it samples (seeds depend on task, prefix and index only).
+    """
+    from tokenprobe.sampling import eos_ids, sample_reference
+    from tokenprobe.tasks import load_tasks, prompt_ids, stopper
+
+    task = load_tasks("arithmetic")[0]  # add-01: 27 + 15 = 42
+    task = Task(task.task_id, task.question, task.verifier, task.answer,
+                trajectory="27 + 15 = 43.")
+    config = CriticalConfig(n_rollouts=4, max_new_tokens=10, batch_size=4, scan="all")
+    run = critical_search(smollm2, [task], config, progress=False)
+    tokens, rollouts = run.tokens, run.rollouts
+    prefix = rollouts[rollouts.kind == "prefix"]
+    assert (prefix.groupby("pos").size() == 4).all()
+    share = prefix.groupby("pos").correct.mean()
+    sampled = tokens.set_index("pos").critical_success.dropna()
+    assert sampled.between(0, 1).all()
+    pd.testing.assert_series_equal(sampled, share, check_names=False, check_dtype=False)
+    assert tokens.critical.fillna(False).sum() <= 1
+    n_prompt = len(prompt_ids(smollm2.tokenizer, task))
+    counts = prefix[prefix.pos >= n_prompt].groupby("pos").correct.sum()
+    last_reset = max([p for p, c in counts.items() if c > 3], default=-1)
+    zeros = [p for p, c in counts.items() if c == 0 and p > last_reset]
+    flagged = tokens.pos[tokens.critical.fillna(False).astype(bool)].tolist()
+    assert flagged == zeros[:1]
+    print("\n" + tokens[["pos", "token", "critical_success", "critical"]].tail(16).to_string())
+    # one rollout, redrawn without the KV cache from its seed
+    ids = tokens.token_id.tolist()
+    row = prefix.iloc[len(prefix) // 2]
+    response = ids[n_prompt:row.pos + 1]
+    done = stopper(task.verifier)
+    ref = sample_reference(
+        smollm2.model, ids[:row.pos + 1], int(row.seed), temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens, eos_ids=eos_ids(smollm2.model, smollm2.tokenizer),
+        stop=lambda c: done(smollm2.tokenizer.decode(response + c, skip_special_tokens=True)))
+    assert ref.ids[0] == row.first_token_id and len(ref.ids) == row.n_tokens
+    # the backward schedule samples a subset of the prefixes, with the same draws
+    back = critical_search(smollm2, [task], CriticalConfig(**{**config.__dict__,
+                                                              "scan": "backward"}),
+                           progress=False)
+    key = ["prompt_id", "pos", "kind", "rollout"]
+    both = back.rollouts.merge(rollouts, on=key, suffixes=("", "_all"))
+    assert len(both) == len(back.rollouts)
+    for col in ("seed", "text", "correct", "n_tokens"):
+        assert (both[col] == both[f"{col}_all"]).all(), col
+    assert back.tokens.critical.fillna(False).tolist() == tokens.critical.fillna(False).tolist()

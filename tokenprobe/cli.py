@@ -208,6 +208,10 @@ LAZY = {
             "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
     "critical": ("tokenprobe.analyses.critical_cli",
                  "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
+    "attribute": ("tokenprobe.analyses.attribution_cli",
+                  "attribution by ablation: how much each prompt token matters to a target"),
+    "counterfactual": ("tokenprobe.analyses.counterfactual_cli",
+                       "counterfactual generation with a Gumbel-max causal model (Chatzi et al.)"),
     "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
     "report": ("tokenprobe.analyses.report_cli", "HTML report, static figures, LaTeX tables"),
 }

@@ -79,6 +79,36 @@ rollouts (grain: prompt x position x kind x rollout; tokenprobe critical, Lin et
     finish         string  eos / stop (the verifier's answer is complete) / length
     text           string  the continuation's text
     correct        bool    the verifier's verdict on the response (trajectory prefix + text)
+
+attributions (grain: prompt x position x method x layer set; tokenprobe attribute,
+        analyses/attribution.py; the target is in meta["summary"]["attribution"])
+    prompt_id, pos  int64  keys; pos is the ablated input position (0-based)
+    token_id, token        the ablated token
+    method         string  removal (token deleted, sequence re-run) / knockout (its key
+                           masked for all heads of the layers in layer_range; Geva et al.)
+    layer_range    string  knocked-out layers, 0-based, as '0-8' or '0-2,5'; '' for removal
+    base_logprob   float64 the target's total log-prob without ablation (nats)
+    ablated_logprob float64 the same under the ablation (nats)
+    delta_logprob  float64 ablated - base (nats; negative: the token supported the target)
+
+counterfactuals (grain: generation x step; tokenprobe counterfactual, Gumbel-max SCM of
+        Chatzi et al., analyses/counterfactual.py)
+    generation_id  int64   key; one factual/counterfactual pair per intervention
+    step           int64   key; 0-based generation step (prompt tokens excluded)
+    factual_token_id, factual_token  Int64, string  the factual sample (NA past its end)
+    counterfactual_token_id, counterfactual_token  Int64, string  the counterfactual one,
+                           decoded with the factual Gumbel noise of the same step
+    intervened     bool    this step's counterfactual token was set by the intervention
+    differs        bool    the two tokens differ (or only one generation reaches the step)
+
+generations (grain: generation; tokenprobe counterfactual)
+    generation_id  int64   key
+    seed           int64   seed of the Gumbel noise (the same for factual and counterfactual)
+    temperature    float64 sampling temperature T of argmax(z / T + g)
+    intervention_step, intervention_token_id  Int64  the token intervention (NA: none)
+    prompt, counterfactual_prompt  string  the factual prompt; the intervened prompt (NA: none)
+    factual_text, counterfactual_text  string  the generated texts (prompt excluded)
+    first_difference Int64  first step whose tokens differ (NA: identical)
 """
 from __future__ import annotations
 
@@ -112,6 +142,19 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "rollouts": {"prompt_id": "int64", "pos": "int64", "kind": "string", "rollout": "int64",
                  "seed": "int64", "first_token_id": "Int64", "n_tokens": "int64",
                  "finish": "string", "text": "string", "correct": "bool"},
+    "attributions": {"prompt_id": "int64", "pos": "int64", "token_id": "int64",
+                     "token": "string", "method": "string", "layer_range": "string",
+                     "base_logprob": "float64", "ablated_logprob": "float64",
+                     "delta_logprob": "float64"},
+    "counterfactuals": {"generation_id": "int64", "step": "int64",
+                        "factual_token_id": "Int64", "factual_token": "string",
+                        "counterfactual_token_id": "Int64", "counterfactual_token": "string",
+                        "intervened": "bool", "differs": "bool"},
+    "generations": {"generation_id": "int64", "seed": "int64", "temperature": "float64",
+                    "intervention_step": "Int64", "intervention_token_id": "Int64",
+                    "prompt": "string", "counterfactual_prompt": "string",
+                    "factual_text": "string", "counterfactual_text": "string",
+                    "first_difference": "Int64"},
 }
 
 KEYS: dict[str, list[str]] = {
@@ -122,6 +165,9 @@ KEYS: dict[str, list[str]] = {
     "rollouts": ["prompt_id", "pos", "kind", "rollout"],
     "heads": ["prompt_id", "layer", "head"],
     "sinks": ["prompt_id", "pos"],
+    "attributions": ["prompt_id", "pos", "method", "layer_range"],
+    "counterfactuals": ["generation_id", "step"],
+    "generations": ["generation_id"],
 }
 
 
