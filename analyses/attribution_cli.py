@@ -85,16 +85,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe attribute`; returns the exit code."""
     import tokenprobe
     from tokenprobe.analyses.attribution import attribution_run
-    from tokenprobe.cli import EXIT_OK, UsageError, read_prompts
+    from tokenprobe.cli import EXIT_OK, UsageError, gather_prompts
     from tokenprobe.store import check_target
-    from tokenprobe.tokens import check_nonempty
 
-    prompts = list(args.prompt or [])
-    for file in args.prompts or []:
-        prompts += read_prompts(Path(file))
-    if not prompts:
-        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
-    check_nonempty(prompts)
+    prompts = gather_prompts(args)
     if args.target is not None and not args.target:
         raise UsageError("--target is empty")
     methods = METHODS if args.method == "both" else (args.method,)

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from tokenprobe.analyses import views
 from tokenprobe.analyses.replication import replication_cards
 from tokenprobe.analyses.report_export import STYLES, export_figures, find_browser, write_table
-from tokenprobe.store import Run, open_run
+from tokenprobe.store import Run, open_run, publish
 
 TOKEN_METRICS = ("entropy", "sink_received", "resid_norm")  # token view: first the run has
 
@@ -274,7 +274,7 @@ def write_report(runs: Sequence[Run | str | os.PathLike], out: str | os.PathLike
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write(runs, staging, style=style, curve=curve, static=static, max_prompts=max_prompts)
-        _publish(staging, target)
+        publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -313,12 +313,3 @@ def _write(runs, staging: Path, *, style: str, curve, static: bool | None,
                 "figures": sorted(figures), "tables": sorted(t for s in sections for t in s.tables)}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move the finished report into place; an old one is removed only after."""
-    old = target.parent / f".{target.name}.old"
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -52,12 +52,8 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
-    import tokenprobe
-    from tokenprobe.probes import EntropyConfig, EntropyProbe, make_probes
-    from tokenprobe.store import check_target
+def gather_prompts(args: argparse.Namespace) -> list[str]:
+    """The --prompt texts, then each --prompts file's, checked non-empty before a model loads."""
     from tokenprobe.tokens import check_nonempty
 
     prompts = list(args.prompt or [])
@@ -65,7 +61,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompts += read_prompts(Path(file))
     if not prompts:
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
-    check_nonempty(prompts)  # before the model loads
+    check_nonempty(prompts)
+    return prompts
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import tokenprobe
+    from tokenprobe.probes import EntropyConfig, EntropyProbe, make_probes
+    from tokenprobe.store import check_target
+
+    prompts = gather_prompts(args)
     names = [p.strip() for p in args.probes.split(",")] if args.probes else None
     try:
         chosen = make_probes(names)  # unknown names fail before the model loads
