@@ -28,8 +28,8 @@ demo: $(STAMP)
 	@echo "Open the dashboard on this run:  $(BIN)/tokenprobe app runs --port 8501"
 	@echo "then browse to http://127.0.0.1:8501/?run=demo (or pick 'demo' in the sidebar)."
 
-# Debian's chromium and chromium-driver for the dashboard's browser test, which fails under
-# `make test` without them (run alone, pytest skips it and says why).
+# Debian's chromium and chromium-driver for the tests marked `browser` (the dashboard in
+# headless Chromium, the report's static figures), which fail without them.
 browser-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
@@ -41,7 +41,7 @@ browser-deps:
 	else echo "note: no apt-get: install chromium and its driver to run the browser test"; fi
 
 # pdflatex with booktabs (texlive-latex-base + texlive-latex-recommended, about 150 MB, 40 s)
-# for the report test that compiles its LaTeX tables; required under `make test`.
+# for the report test that compiles its LaTeX tables (marker `latex`), which fails without it.
 latex-deps:
 	@if command -v pdflatex >/dev/null && kpsewhich booktabs.sty >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null; then \
@@ -54,7 +54,7 @@ latex-deps:
 	else echo "note: no apt-get: install pdflatex with booktabs to run the report's LaTeX test"; fi
 
 test: $(STAMP) browser-deps latex-deps
-	TOKENPROBE_REQUIRE_BROWSER=1 TOKENPROBE_REQUIRE_LATEX=1 $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -56,3 +56,15 @@ def block_outputs(loaded: LoadedModel, text: str) -> tuple[list[int], torch.Tens
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
     return ids, torch.stack(out.hidden_states[1:])[:, 0].double()
+
+
+def require_tool(what: str, found: object, marker: str) -> None:
+    """Fail, saying what to install, when a system tool a test drives is missing.
+
+    `make test` installs these tools (Debian's chromium, chromium-driver, texlive), so a missing
+    one is a broken set-up, not a reason to pass quietly; deselect such tests by their marker
+    (`pytest -m "not browser and not latex"`) to run without them.
+    """
+    if not found:
+        pytest.fail(f"needs {what} (`make test` installs it with apt-get; or deselect with "
+                    f"-m 'not {marker}')")

@@ -11,16 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("streamlit")
-pytest.importorskip("plotly")
+from streamlit.testing.v1 import AppTest
 
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-import tokenprobe  # noqa: E402
-from tokenprobe.analyses import views  # noqa: E402
-from tokenprobe.app import figures, runs  # noqa: E402
-from tokenprobe.probes import EntropyConfig, EntropyProbe  # noqa: E402
-from tokenprobe.store import Run  # noqa: E402
+import tokenprobe
+from tokenprobe.analyses import views
+from tokenprobe.app import figures, runs
+from tokenprobe.probes import EntropyConfig, EntropyProbe
+from tokenprobe.store import Run
 
 DASHBOARD = str(Path(runs.__file__).with_name("dashboard.py"))
 PROMPTS = ["The cat sat on the mat.", "Hi there\n\tfriend!"]

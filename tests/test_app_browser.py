@@ -1,7 +1,8 @@
 """End to end: the real `tokenprobe app` on loopback, driven in headless Chromium.
 
 Needs Debian's `chromium` and `chromium-driver` (`make test` installs them with apt-get) and
-selenium; skips, saying which is missing, without them. Screenshots go to
+selenium; fails, saying which is missing, without them (deselect with -m "not browser").
+Screenshots go to
 $TOKENPROBE_ARTIFACTS (default tests/artifacts/).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 import tokenprobe
 from tokenprobe.analyses import views
@@ -27,19 +29,12 @@ PROMPT = "The cat sat on the mat.\nThen it rained."
 
 @pytest.fixture()
 def chromium() -> tuple[str, str]:
-    """Paths of Debian's chromium and chromedriver; skips, saying what is missing, without."""
-    pytest.importorskip("streamlit")
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
+    """Paths of Debian's chromium and chromedriver; fails, saying what is missing, without."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver") or (
         "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists()
         else None)
-    if not (browser and driver):
-        why = ("needs Debian's chromium and chromium-driver (apt-get install chromium "
-               "chromium-driver; `make test` installs them)")
-        if os.environ.get("TOKENPROBE_REQUIRE_BROWSER"):  # `make test`: the set-up promised them
-            pytest.fail(why)
-        pytest.skip(why)
+    require_tool("Debian's chromium and chromium-driver", browser and driver, "browser")
     return browser, driver
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import require_tool
 
 import tokenprobe
 from tokenprobe.analyses import report_export
@@ -22,15 +22,6 @@ from tokenprobe.probes import ActivationsProbe, EntropyProbe, SinksConfig, Sinks
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hi_there: 100% & {braces} #1\n\tok",
            "the cat sat on the mat."]
-
-
-def _needs(what: str, found: bool, env: str) -> None:
-    """Skip (bare pytest) or fail (`make test`, which sets `env`) when a system tool is missing."""
-    if not found:
-        why = f"needs {what} (`make test` installs it with apt-get)"
-        if os.environ.get(env):
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +84,9 @@ def test_tables_as_csv_and_booktabs(report, run_dirs):
     assert rates.sink_rate.to_list() == pytest.approx(expected.sink_rate.to_list())
 
 
+@pytest.mark.latex
 def test_latex_tables_compile(report, tmp_path):
-    _needs("pdflatex with booktabs", bool(shutil.which("pdflatex")), "TOKENPROBE_REQUIRE_LATEX")
+    require_tool("pdflatex with booktabs", shutil.which("pdflatex"), "latex")
     files = sorted((report / "tables").glob("*.tex"))
     inputs = "\n".join(rf"\input{{{p.as_posix()}}}" for p in files)
     (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n"
@@ -111,9 +103,9 @@ def test_latex_escape_handles_specials_and_unicode():
     assert report_export.latex_escape("x\\y") == r"x\textbackslash{}y"
 
 
+@pytest.mark.browser
 def test_static_figures(run_dirs, tmp_path):
-    _needs("Chrome or Chromium for kaleido", report_export.find_browser() is not None,
-           "TOKENPROBE_REQUIRE_BROWSER")
+    require_tool("Chrome or Chromium for kaleido", report_export.find_browser(), "browser")
     out = write_report(run_dirs[:1], tmp_path / "rep", style="paper", static=True, max_prompts=1)
     names = json.loads((out / "manifest.json").read_text())["figures"]
     assert {"r0_p0_sink_mass", "r0_p0_resid_norm"} <= set(names)
