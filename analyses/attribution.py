@@ -26,7 +26,6 @@ eager (additive float mask), sdpa and tokenprobe (boolean mask) attention implem
 from __future__ import annotations
 
 import contextlib
-import datetime
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
@@ -37,7 +36,7 @@ from tokenprobe.backends import decoder_layers_path
 from tokenprobe.models import LoadedModel
 from tokenprobe.store import Run
 from tokenprobe.tables import conform
-from tokenprobe.tokens import token_text
+from tokenprobe.tokens import token_rows, token_text
 
 METHODS = ("removal", "knockout")
 KNOCKOUT_TO = ("later", "target")
@@ -302,7 +301,7 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
     """
     from tqdm.auto import tqdm
 
-    from tokenprobe.runner import package_versions
+    from tokenprobe.runner import provenance
 
     targets = list(targets) if targets is not None else [None] * len(prompts)
     if len(targets) != len(prompts):
@@ -311,7 +310,6 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
         raise ValueError("give layer_sets or a window, not both")
     sets = [config.layers] if layer_sets is None else [tuple(s) for s in layer_sets]
     tok, frames, tokens, rows, summary = loaded.tokenizer, [], [], [], []
-    special = set(tok.all_special_ids)
     with tqdm(total=len(prompts) * len(sets), desc="attribution", unit="pass",
               disable=not progress) as bar:
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
@@ -327,10 +325,7 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
             p_ids, c_ids = tok(prompt)["input_ids"], parts[0].attrs["target_ids"]
             ids = list(p_ids) + list(c_ids)
             rows.append((i, prompt, len(ids)))
-            tokens.append(pd.DataFrame({
-                "prompt_id": i, "pos": range(len(ids)), "token_id": ids,
-                "token": [token_text(tok, t) for t in ids],
-                "is_special": [t in special for t in ids]}))
+            tokens.append(token_rows(tok, i, ids))
             summary.append({"prompt_id": i, "target": parts[0].attrs["target"],
                             "target_ids": list(c_ids), "prompt_tokens": len(p_ids),
                             "base_logprob": float(parts[0].base_logprob.iat[0])})
@@ -344,8 +339,5 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
             "analysis": "attribution", "n_layers": loaded.model.config.num_hidden_layers,
             "config": {**asdict(config), "layer_sets": [list(s) if s is not None else None
                                                         for s in sets]},
-            "versions": package_versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "summary": {"attribution": summary}, "status": "complete", "tables": sorted(tables)}
+            **provenance(), "summary": {"attribution": summary}, "status": "complete", "tables": sorted(tables)}
     return Run(tables, meta)

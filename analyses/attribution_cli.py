@@ -10,7 +10,7 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `attribute` subcommand to `subparsers`; its handler is `cmd_attribute`."""
-    from tokenprobe.cli import EXIT_CODES
+    from tokenprobe.cli import EXIT_CODES_NO_RESUME, add_model_argument
 
     p = subparsers.add_parser(
         "attribute", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -29,12 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "--method knockout \\\n      --to target --layers 0-14 15-29 --out runs/paris-"
                "halves\n"
                '  tokenprobe attribute --prompt "..." --method knockout --to target --window 9 '
-               "--out runs/windows\n\n" + EXIT_CODES.replace(
-                   "interrupted; finished batches are kept, run the same command to resume",
-                   "interrupted; nothing is written"))
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
-                        "hub id (default: smollm2-135m)")
+               "--out runs/windows\n\n" + EXIT_CODES_NO_RESUME)
+    add_model_argument(p)
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt; repeat for several (prompt ids: --prompt texts first, then "
                         "--prompts files)")

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from tokenprobe.models import LoadedModel
 from tokenprobe.sampling import eos_ids
 from tokenprobe.store import Run
-from tokenprobe.tokens import token_text
+from tokenprobe.tokens import token_rows, token_text
 
 COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
            "counterfactual_token_id", "counterfactual_token", "intervened", "differs"]
@@ -290,20 +290,14 @@ def counterfactual_run(loaded: LoadedModel, queries: Sequence[Intervention],
                        config: GumbelConfig = GumbelConfig(), *, progress: bool = False) -> Run:
     """`counterfactuals` as a run: tables `prompts` and `tokens` (each distinct factual prompt,
     prompt_id in order of first use), `counterfactuals` (per step) and `generations`."""
-    import datetime
     from dataclasses import asdict
 
-    from tokenprobe.runner import package_versions
+    from tokenprobe.runner import provenance
     from tokenprobe.tables import conform
 
     steps, generations = counterfactuals(loaded, queries, config, progress=progress)
     tok, texts = loaded.tokenizer, list(dict.fromkeys(q.prompt for q in queries))
-    special, tokens = set(tok.all_special_ids), []
-    for i, text in enumerate(texts):
-        ids = _prompt_ids(loaded, text)
-        tokens.append(pd.DataFrame({"prompt_id": i, "pos": range(len(ids)), "token_id": ids,
-                                    "token": [token_text(tok, t) for t in ids],
-                                    "is_special": [t in special for t in ids]}))
+    tokens = [token_rows(tok, i, _prompt_ids(loaded, text)) for i, text in enumerate(texts)]
     tables = {
         "prompts": conform("prompts", pd.DataFrame({
             "prompt_id": range(len(texts)), "text": texts,
@@ -315,8 +309,5 @@ def counterfactual_run(loaded: LoadedModel, queries: Sequence[Intervention],
     meta = {"model": loaded.name, "weights_fingerprint": loaded.fingerprint,
             "analysis": "counterfactual", "n_layers": loaded.model.config.num_hidden_layers,
             "config": asdict(config), "queries": [asdict(q) for q in queries],
-            "versions": package_versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "status": "complete", "tables": sorted(tables)}
+            **provenance(), "status": "complete", "tables": sorted(tables)}
     return Run(tables, meta)

@@ -10,7 +10,7 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `counterfactual` subcommand to `subparsers`; its handler is `cmd_counterfactual`."""
-    from tokenprobe.cli import EXIT_CODES
+    from tokenprobe.cli import EXIT_CODES_NO_RESUME, add_model_argument
 
     d = GumbelConfig()
     p = subparsers.add_parser(
@@ -33,12 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                '--counterfactual-prompt "My cat is" --out runs/cf2\n\n'
                "STEP is 0-based over generated tokens (negative: from the end of the factual\n"
                "generation, written --intervene=-1=TOKEN); TOKEN is text that is exactly one\n"
-               "token (mind leading spaces) or #ID for a token id.\n\n" + EXIT_CODES.replace(
-                   "interrupted; finished batches are kept, run the same command to resume",
-                   "interrupted; nothing is written"))
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
-                        "hub id (default: smollm2-135m)")
+               "token (mind leading spaces) or #ID for a token id.\n\n" + EXIT_CODES_NO_RESUME)
+    add_model_argument(p)
     p.add_argument("--prompt", required=True, metavar="TEXT",
                    help="the factual prompt (tokenised with the tokenizer's special tokens)")
     p.add_argument("--intervene", action="append", metavar="STEP=TOKEN", default=[],

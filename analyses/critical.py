@@ -16,7 +16,6 @@ Tables: `prompts`, `tokens` (prompt + trajectory, with `critical_success` and `c
 """
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ from tokenprobe.probes.critical import (
 from tqdm.auto import tqdm
 
 from tokenprobe.models import LoadedModel
-from tokenprobe.runner import package_versions
+from tokenprobe.runner import provenance
 from tokenprobe.sampling import Continuation, eos_ids, sample_continuations
 from tokenprobe.store import PartWriter, Run
 from tokenprobe.tables import conform, merge_parts
 from tokenprobe.tasks import Task, prompt_ids, stopper
-from tokenprobe.tokens import token_text
+from tokenprobe.tokens import token_rows
 
 STRIDE = 100_000  # checkpoint index: task * STRIDE + (0 trajectory | 1 + t prefix | one below)
 COUNTERFACTUAL, PROMPT_ONLY = STRIDE - 1, STRIDE - 2
@@ -119,13 +118,10 @@ def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[in
         wrong = [c for c, ok in zip(conts, rollouts.correct) if not ok]
         response = [i for i in wrong[0].ids if i not in eos] if wrong else []
     ids = prompt + response
-    special = set(tok.all_special_ids)
     tables = {
         "prompts": conform("prompts", pd.DataFrame({
             "prompt_id": [prompt_id], "text": [tok.decode(prompt)], "n_tokens": [len(ids)]})),
-        "tokens": conform("tokens", pd.DataFrame({
-            "prompt_id": prompt_id, "pos": range(len(ids)), "token_id": ids,
-            "token": [token_text(tok, i) for i in ids], "is_special": [i in special for i in ids]})),
+        "tokens": conform("tokens", token_rows(tok, prompt_id, ids)),
     }
     if rollouts is not None:
         tables["rollouts"] = rollouts
@@ -224,9 +220,7 @@ def _metadata(loaded: LoadedModel, tasks: list[Task], config: CriticalConfig) ->
         "tasks": [{"id": t.task_id, "question": t.question, "answer": t.answer,
                    "trajectory": t.trajectory, "raw": t.raw, "verifier": _describe(t.verifier)}
                   for t in tasks],
-        "config": asdict(config), "seed": config.seed,
-        "versions": package_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(config), "seed": config.seed, **provenance(),
     }
 
 

@@ -11,6 +11,8 @@ from tokenprobe.tasks import load_tasks
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
+    from tokenprobe.cli import add_model_argument
+
     d = CriticalConfig()
     p = subparsers.add_parser(
         "critical", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -30,9 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                '{"id", "question", "answer", "verifier": "final_number" | "exact_string" | '
                '"regex"} per line\n(optional "trajectory", "pattern"); "arithmetic" is the '
                "shipped set.\n\n" + _exit_codes())
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
-                        "hub id (default: smollm2-135m)")
+    add_model_argument(p)
     p.add_argument("--task", default="arithmetic", metavar="FILE",
                    help="task file (.jsonl) or `arithmetic` (the shipped set; default)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")

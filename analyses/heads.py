@@ -257,6 +257,8 @@ def head_effects(loaded: LoadedModel, domains: dict[str, list[str]],
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `heads` subcommand to `subparsers`; its handler is `cmd_heads`."""
+    from tokenprobe.cli import add_model_argument
+
     p = subparsers.add_parser(
         "heads", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="active vs dormant heads: loss change when each head is ablated, per domain",
@@ -270,9 +272,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "  tokenprobe heads --domains prose,my_prompts.txt --threshold 0.02\n\n"
                "domain files: one prompt per line; the two characters \\n in a line are read "
                "as a newline.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
-                        "hub id (default: smollm2-135m)")
+    add_model_argument(p)
     p.add_argument("--method", choices=METHODS, default=HeadAblationConfig.method,
                    help="zero: zero the head's output; sink: move all its attention to the "
                         "first token (default: zero)")

@@ -82,6 +82,9 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "reference":
         return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
                           k_pos=k_pos, gamma=gamma)
+    if impl == "torch":  # asked for: no need to check the mask (O(B T^2) per layer)
+        return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
+                          gamma=gamma, block=block)
     causal = gamma is None and _is_causal(mask, lengths, q.shape[-2])
     flash_ok = (causal and softcap is None and _FLASH_CPU is not None
                 and q.device.type == "cpu")

@@ -42,8 +42,8 @@ class SinksConfig:
             With the defaults, models of 20 layers or fewer have no secondary band: lower
             `primary_margin` for them (e.g. round(L / 2)).
         block: queries per block in the attention statistics.
-        impl: attention-statistics implementation ("auto", "torch", "flash", "reference"; see
-            kernels/attention.py).
+        impl: attention-statistics implementation ("auto", "torch", "flash", "triton",
+            "reference"; see kernels/attention.py).
     """
 
     k_pos: int = 0

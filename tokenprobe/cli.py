@@ -19,6 +19,18 @@ EXIT_CODES = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted; finished batches are kept, run the same command to resume"""
 
 
+EXIT_CODES_NO_RESUME = EXIT_CODES.replace(
+    "interrupted; finished batches are kept, run the same command to resume",
+    "interrupted; nothing is written")  # commands that write their run only when complete
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--model` option every model-loading subcommand shares."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="registered name (see `tokenprobe models`), HF directory, .gguf "
+                             "file or hub id (default: smollm2-135m)")
+
+
 class UsageError(Exception):
     """Bad input from the user; exits with EXIT_USAGE."""
 
@@ -238,9 +250,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Run probes over prompts on a model and save a run directory (run.json + "
                     "one Parquet file per table). Finished batches are checkpointed next to "
                     "--out; an interrupted run resumes when the same command is run again.")
-    run.add_argument("--model", default="smollm2-135m",
-                     help="registered name (see `tokenprobe models`), HF directory, .gguf file or "
-                          "hub id (default: smollm2-135m)")
+    add_model_argument(run)
     run.add_argument("--probes", help="comma-separated probe names (default: all of "
                                       "activations,sinks,entropy; with --backend "
                                       "bridge|nnsight: activations,entropy)")

@@ -149,6 +149,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def provenance() -> dict[str, object]:
+    """What every run.json records of how it was made: package versions and the UTC time."""
+    return {"versions": package_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **settings) -> dict:
     config = backend.hf_model.config
     return {
@@ -164,7 +170,6 @@ def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **setting
         "probes": [p.describe() for p in probes],
         "n_prompts": len(texts),
         "prompts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        "versions": package_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
         **settings,
     }

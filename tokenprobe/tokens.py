@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +38,14 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
         return f"\\x{piece[3:-1].lower()}"
     return piece
+
+
+def token_rows(tokenizer: PreTrainedTokenizerBase, prompt_id: int, ids: list[int]) -> pd.DataFrame:
+    """The `tokens` rows of one sequence: prompt_id, pos, token_id, token, is_special."""
+    special = set(tokenizer.all_special_ids)
+    return pd.DataFrame({"prompt_id": prompt_id, "pos": range(len(ids)), "token_id": ids,
+                         "token": [token_text(tokenizer, i) for i in ids],
+                         "is_special": [i in special for i in ids]})
 
 
 def check_nonempty(prompts: list[str]) -> None:
