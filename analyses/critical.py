@@ -24,7 +24,7 @@ import pandas as pd
 from tokenprobe.probes.critical import (
     CriticalConfig,
     find_critical,
-    next_prefix,
+    next_prefixes,
     pass_at_k,
     rollout_seed,
 )
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tokenprobe.models import LoadedModel
 from tokenprobe.runner import provenance
-from tokenprobe.sampling import Continuation, eos_ids, sample_continuations
+from tokenprobe.sampling import Continuation, Job, eos_ids, sample_jobs
 from tokenprobe.store import PartWriter, Run
 from tokenprobe.tables import conform, merge_parts
 from tokenprobe.tasks import Task, prompt_ids, stopper
@@ -86,16 +86,27 @@ class _Scorer:
             "correct": [bool(self.verifier(self.text(c.ids))) for c in conts]}))
 
 
-def _sample(loaded: LoadedModel, scorer: _Scorer, prefix: list[int], seeds: list[int], *,
-            temperature: float, max_new_tokens: int, batch_size: int, eos: list[int],
-            ban_first: int | None = None, bar=None) -> list[Continuation]:
-    """Continuations of `prefix`; none are sampled when its answer is already complete."""
-    if ban_first is None and scorer.stop is not None and scorer.response and scorer.stop([]):
-        return [Continuation([], "stop", s) for s in seeds]
-    return sample_continuations(
-        loaded.model, prefix, seeds, temperature=temperature, max_new_tokens=max_new_tokens,
-        eos_ids=eos, stop=scorer.stop, ban_first=ban_first, batch_size=batch_size,
-        on_batch=bar.update if bar is not None else None)
+def _sample(loaded: LoadedModel, requests: list[tuple[_Scorer, list[int], list[int], int | None]],
+            *, temperature: float, max_new_tokens: int, batch_size: int, eos: list[int],
+            bar=None) -> list[list[Continuation]]:
+    """Continuations per (scorer, prefix, seeds, ban_first), decoded together (`sample_jobs`).
+
+    Nothing is sampled for a prefix whose answer is already complete.
+    """
+    results: list[list[Continuation]] = [[] for _ in requests]
+    jobs, where = [], []
+    for k, (scorer, prefix, seeds, ban) in enumerate(requests):
+        if ban is None and scorer.stop is not None and scorer.response and scorer.stop([]):
+            results[k] = [Continuation([], "stop", s) for s in seeds]
+        else:
+            jobs.append(Job(prefix, seeds, scorer.stop, ban))
+            where.append(k)
+    conts = sample_jobs(loaded.model, jobs, temperature=temperature,
+                        max_new_tokens=max_new_tokens, eos_ids=eos, batch_size=batch_size,
+                        on_batch=bar.update if bar is not None else None)
+    for k, found in zip(where, conts):
+        results[k] = found
+    return results
 
 
 def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[int],
@@ -111,9 +122,10 @@ def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[in
         scorer = _Scorer(tok, task, [])
         seeds = [rollout_seed(config.seed, task.task_id, "trajectory", -1, a)
                  for a in range(config.trajectory_attempts)]
-        conts = _sample(loaded, scorer, prompt, seeds, temperature=config.trajectory_temperature,
+        conts = _sample(loaded, [(scorer, prompt, seeds, None)],
+                        temperature=config.trajectory_temperature,
                         max_new_tokens=config.max_trajectory_tokens,
-                        batch_size=config.batch_size, eos=eos)
+                        batch_size=config.batch_size, eos=eos)[0]
         rollouts = scorer.rows(conts, prompt_id, len(prompt) - 1, "trajectory")
         wrong = [c for c, ok in zip(conts, rollouts.correct) if not ok]
         response = [i for i in wrong[0].ids if i not in eos] if wrong else []
@@ -170,33 +182,35 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
             counts = {t: int(parts.read(i * STRIDE + 1 + t, "rollouts").correct.sum())
                       for t in positions if i * STRIDE + 1 + t in done}
             pbar.set_postfix_str(task.task_id)
-            while (t := next_prefix(positions, counts, scan=config.scan,
-                                    reset_above=config.reset_above)) is not None:
-                scorer = _Scorer(tok, task, response[:t + 1])
-                seeds = [rollout_seed(config.seed, task.task_id, "prefix", t, j)
-                         for j in range(config.n_rollouts)]
-                conts = _sample(loaded, scorer, prompt + response[:t + 1], seeds, bar=rbar,
-                                **sample)
-                rows = scorer.rows(conts, i, len(prompt) + t, "prefix")
-                parts.write(i * STRIDE + 1 + t, {"rollouts": rows})
-                counts[t] = int(rows.correct.sum())
-                pbar.update(1)
-                if on_prefix is not None:
-                    on_prefix(i, t)
+            while window := next_prefixes(positions, counts, scan=config.scan,
+                                          reset_above=config.reset_above, limit=config.window):
+                scorers = [_Scorer(tok, task, response[:t + 1]) for t in window]
+                requests = [(scorer, prompt + response[:t + 1],
+                             [rollout_seed(config.seed, task.task_id, "prefix", t, j)
+                              for j in range(config.n_rollouts)], None)
+                            for t, scorer in zip(window, scorers)]
+                for t, scorer, conts in zip(window, scorers,
+                                            _sample(loaded, requests, bar=rbar, **sample)):
+                    rows = scorer.rows(conts, i, len(prompt) + t, "prefix")
+                    parts.write(i * STRIDE + 1 + t, {"rollouts": rows})
+                    counts[t] = int(rows.correct.sum())
+                    pbar.update(1)
+                    if on_prefix is not None:
+                        on_prefix(i, t)
             t = find_critical(counts, reset_above=config.reset_above)
             if t == 0 and i * STRIDE + PROMPT_ONLY not in done:  # success before the first token
                 scorer = _Scorer(tok, task, [])
                 seeds = [rollout_seed(config.seed, task.task_id, "prefix", -1, j)
                          for j in range(config.n_rollouts)]
-                conts = _sample(loaded, scorer, prompt, seeds, bar=rbar, **sample)
+                conts = _sample(loaded, [(scorer, prompt, seeds, None)], bar=rbar, **sample)[0]
                 parts.write(i * STRIDE + PROMPT_ONLY,
                             {"rollouts": scorer.rows(conts, i, len(prompt) - 1, "prefix")})
             if config.counterfactual and t is not None and i * STRIDE + COUNTERFACTUAL not in done:
                 scorer = _Scorer(tok, task, response[:t])
                 seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
                          for j in range(config.n_rollouts)]
-                conts = _sample(loaded, scorer, prompt + response[:t], seeds,
-                                ban_first=response[t], bar=rbar, **sample)
+                conts = _sample(loaded, [(scorer, prompt + response[:t], seeds, response[t])],
+                                bar=rbar, **sample)[0]
                 parts.write(i * STRIDE + COUNTERFACTUAL,
                             {"rollouts": scorer.rows(conts, i, len(prompt) + t, "counterfactual")})
 

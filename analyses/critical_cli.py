@@ -53,7 +53,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-trajectory-tokens", type=int, default=d.max_trajectory_tokens,
                    help=f"length limit of a sampled trajectory (default {d.max_trajectory_tokens})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"rollouts decoded together (default {d.batch_size})")
+                   help=f"rollouts decoded together, from one or several prefixes "
+                        f"(default {d.batch_size})")
+    p.add_argument("--window", type=int, default=d.window, metavar="K",
+                   help=f"prefixes sampled together: the next K positions of the scan share "
+                        f"one forward and fill decode batches together; the backward scan may "
+                        f"then sample up to K - 1 positions it did not need, which cannot "
+                        f"change the critical token (default {d.window}; 1 samples one "
+                        f"prefix at a time)")
     p.add_argument("--no-counterfactual", action="store_true",
                    help="skip the counterfactual resampling check")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -85,6 +92,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
         config = CriticalConfig(n_rollouts=args.rollouts, temperature=args.temperature,
                                 scan=args.scan, max_new_tokens=args.max_new_tokens,
                                 trajectory_attempts=args.attempts, batch_size=args.batch_size,
+                                window=args.window,
                                 max_trajectory_tokens=args.max_trajectory_tokens,
                                 counterfactual=not args.no_counterfactual, seed=args.seed)
     except ValueError as err:

@@ -35,7 +35,12 @@ class CriticalConfig:
         reset_above: a prefix with more than this many correct continuations resets the
             search (paper 3).
         max_new_tokens: length limit of each continuation (ours).
-        batch_size: continuations decoded together from one copy of the prefix cache.
+        batch_size: continuations decoded together (ours); a batch may hold rows of
+            several prefixes of the window.
+        window: prefixes sampled together (ours): the scan's next `window` positions share
+            one forward of the trajectory and fill decode batches together. The backward scan
+            may then sample up to `window` - 1 positions past the one that ends it; they do
+            not change the critical token (see `next_prefixes`).
         scan: "backward" (skip prefixes the rule no longer needs) or "all".
         counterfactual: run the counterfactual resampling check at the critical token.
         trajectory_temperature: temperature of the sampled trajectories searched (ours: 0.7).
@@ -49,7 +54,8 @@ class CriticalConfig:
     temperature: float = 0.5
     reset_above: int = 3
     max_new_tokens: int = 96
-    batch_size: int = 16
+    batch_size: int = 64
+    window: int = 4
     scan: str = "backward"
     counterfactual: bool = True
     trajectory_temperature: float = 0.7
@@ -61,8 +67,8 @@ class CriticalConfig:
     def __post_init__(self) -> None:
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
-        if self.n_rollouts < 1 or self.batch_size < 1 or self.trajectory_attempts < 1:
-            raise ValueError("n_rollouts, batch_size and trajectory_attempts must be >= 1")
+        if min(self.n_rollouts, self.batch_size, self.window, self.trajectory_attempts) < 1:
+            raise ValueError("n_rollouts, batch_size, window and trajectory_attempts must be >= 1")
         if self.temperature < 0 or self.trajectory_temperature < 0:
             raise ValueError("temperatures must be >= 0")
         if self.max_new_tokens < 1 or self.max_trajectory_tokens < 1:
@@ -101,16 +107,28 @@ def next_prefix(positions: list[int], counts: Mapping[int, int], *, scan: str = 
     position down and stops after a position with more than `reset_above` correct: by
     `find_critical`, positions before the last reset cannot change the result.
     """
-    if scan == "all":
-        return next((p for p in positions if p not in counts), None)
-    if scan != "backward":
+    found = next_prefixes(positions, counts, scan=scan, reset_above=reset_above, limit=1)
+    return found[0] if found else None
+
+
+def next_prefixes(positions: list[int], counts: Mapping[int, int], *, scan: str = "backward",
+                  reset_above: int = 3, limit: int = 1) -> list[int]:
+    """The next `limit` positions `next_prefix` would give if none of them ended the scan.
+
+    Sampling them together can only add positions before the backward scan's last reset,
+    which `find_critical` ignores: the critical token is the one the one-at-a-time scan finds.
+    """
+    if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
-    for pos in reversed(positions):
+    found: list[int] = []
+    for pos in (positions if scan == "all" else reversed(positions)):
+        if len(found) == limit:
+            break
         if pos not in counts:
-            return pos
-        if counts[pos] > reset_above:
-            return None
-    return None
+            found.append(pos)
+        elif scan == "backward" and counts[pos] > reset_above:
+            break
+    return found
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -12,6 +12,7 @@ from tokenprobe.probes.critical import (
     CriticalConfig,
     find_critical,
     next_prefix,
+    next_prefixes,
     pass_at_k,
 )
 
@@ -66,6 +67,12 @@ def test_backward_schedule_gives_the_full_rule_and_skips_prefixes():
         assert find_critical(counts) == find_critical(dict(enumerate(full)))
         skipped += len(full) - len(counts)
         assert next_prefix(positions, {}, scan="all") == 0
+        window, together = rng.randint(2, 5), {}
+        while found := next_prefixes(positions, together, limit=window):
+            assert len(found) <= window and found == sorted(found, reverse=True)
+            together.update((t, full[t]) for t in found)
+        assert find_critical(together) == find_critical(counts)
+        assert set(counts) <= set(together) and len(together) - len(counts) < window
     assert skipped > 0
 
 
@@ -80,9 +87,11 @@ def test_pass_at_k_against_enumeration():
         pass_at_k(4, 5, 1)
 
 
-@pytest.mark.parametrize("scan", ["backward", "all"])
-def test_critical_token_found_by_construction(tiny_llama, scan):
-    run = critical_search(tiny_llama, [_task()], _config(scan=scan), progress=False)
+@pytest.mark.parametrize("scan, window", [("backward", 1), ("backward", 3), ("backward", 4),
+                                          ("all", 4)])
+def test_critical_token_found_by_construction(tiny_llama, scan, window):
+    run = critical_search(tiny_llama, [_task()], _config(scan=scan, window=window),
+                          progress=False)
     tokens, rollouts = run.tokens, run.rollouts
     assert list(tokens.columns) == [c for c in SCHEMAS["tokens"] if c in tokens.columns]
     assert "".join(tokens.token) == "Q: " + TRAJECTORY
@@ -91,8 +100,8 @@ def test_critical_token_found_by_construction(tiny_llama, scan):
     assert tokens[tokens.pos < 3].critical.isna().all()
     success = response.critical_success
     assert (success.loc[6:10] == 0).all() and success[5] > 0.5  # 'abc' then 'd' at pos 6
-    if scan == "backward":  # the prefix 'abc' resets the scan: 'a' and 'ab' are never sampled
-        assert success.loc[3:4].isna().all()
+    if scan == "backward" and window < 4:  # 'abc' resets the scan: 'a', 'ab' never sampled
+        assert success.loc[3:4].isna().all()  # (windows of 3: 'abcdefgh'..'abcdef', ..'abc')
     else:
         assert (success.loc[3:4] == 1).all()
     prefix = rollouts[rollouts.kind == "prefix"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenprobe.sampling import draw, eos_ids, sample_continuations, sample_reference
+from tokenprobe.sampling import Job, draw, eos_ids, sample_continuations, sample_jobs, sample_reference
 
 
 def test_draw_follows_the_distribution_and_bans():
@@ -57,6 +57,30 @@ def test_continuations_do_not_depend_on_the_batch(tiny_llama):
     assert one == five
     again = sample_continuations(tiny_llama.model, prefix, [3], batch_size=3, **kwargs)
     assert again[0] == five[2]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+def test_mixed_prefix_batches_equal_full_reencode(request, model):
+    """Rows of nested prefixes (one shared forward, masked holes) and of an unrelated prefix
+    decoded in mixed batches; tiny-gemma3 has sliding-window layers and takes the
+    one-prefix-per-batch path."""
+    loaded = request.getfixturevalue(model)
+    text = loaded.tokenizer("Hello world, once more")["input_ids"]
+    other = loaded.tokenizer("abc")["input_ids"]
+    jobs = [Job(text[:4], [1, 2, 3], stop=_stop), Job(text, [4, 5]),
+            Job(text[:9], [6, 7, 8], ban_first=text[9]), Job(other, [9, 10], stop=_stop),
+            Job(text[:4], [11])]
+    got = sample_jobs(loaded.model, jobs, temperature=1.0, max_new_tokens=7, batch_size=4)
+    assert [len(conts) for conts in got] == [3, 2, 3, 2, 1]
+    for job, conts in zip(jobs, got):
+        for seed, cont in zip(job.seeds, conts):
+            assert cont == sample_reference(loaded.model, job.prefix, seed, temperature=1.0,
+                                            max_new_tokens=7, stop=job.stop,
+                                            ban_first=job.ban_first)
+    alone = sample_continuations(loaded.model, text[:9], [6, 7, 8], temperature=1.0,
+                                 max_new_tokens=7, ban_first=text[9], batch_size=1)
+    assert alone == got[2]
+    assert len({tuple(c.ids) for conts in got for c in conts}) > 5
 
 
 def test_empty_prefix_is_refused(tiny_llama):
