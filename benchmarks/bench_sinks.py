@@ -139,7 +139,7 @@ def measure(provider: str, tokens: int, repeats: int, model_name: str,
             gc.collect()
     return {"provider": provider, "T": tokens, "loaded_rss_mb": loaded_rss,
             "peak_rss_mb": peak_rss_mb(), "time_min_s": min(times),
-            "time_median_s": statistics.median(times), "context": context,
+            "time_median_s": statistics.median(times), "times_s": times, "context": context,
             "threads": torch.get_num_threads(), "input_ids": _digest(ids)}
 
 
@@ -190,6 +190,7 @@ def rows_for(results: list[dict], args: argparse.Namespace, where: str) -> list[
                 add(p, t, metric, round(r[metric], 6 if metric.startswith("time") else 3))
             add(p, t, "extra_rss_mb", round(r["peak_rss_mb"] - r["loaded_rss_mb"], 3))
             add(p, t, "threads", r["threads"])
+            add(p, t, "rounds", r.get("n_rounds", 1))
             if t > r["context"]:
                 add(p, t, "beyond_context", r["context"])
     base = {r["T"]: r for r in results if r["provider"] == BASELINE and "time_min_s" in r}
@@ -234,22 +235,48 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(runs: list[dict]) -> list[dict]:
+    """One result per (T, provider) from its --rounds worker runs: times pooled (min, median),
+    peak and loaded RSS the median over rounds; a failed or skipped round stands for all."""
+    merged: dict[tuple[int, str], dict] = {}
+    for r in runs:
+        key = (r["T"], r["provider"])
+        if key in merged and ("failed" in merged[key] or "skipped" in merged[key]):
+            continue
+        if "time_min_s" not in r or key not in merged:
+            merged[key] = {**r, "rounds": [r]} if "time_min_s" in r else r
+            continue
+        merged[key]["rounds"].append(r)
+    for m in merged.values():
+        if "rounds" in m:
+            rounds = m.pop("rounds")
+            times = [t for r in rounds for t in r["times_s"]]
+            m.update(time_min_s=min(times), time_median_s=statistics.median(times),
+                     peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in rounds),
+                     loaded_rss_mb=statistics.median(r["loaded_rss_mb"] for r in rounds),
+                     n_rounds=len(rounds))
+    return list(merged.values())
+
+
 def main_parent(args: argparse.Namespace) -> int:
-    """Run every (T, provider) measurement in turn, rewriting the CSV after each one."""
+    """Run every (T, provider) measurement in turn, rewriting the CSV after each one.
+
+    With --rounds R the providers of each T run R times, interleaved (baseline, others,
+    baseline, others, ...), so that a slow spell of this shared machine hits them alike."""
     providers = sorted(args.providers, key=lambda p: p != BASELINE)  # baseline first per T
-    where, out, results = machine(), Path(args.out), []
-    plan = [(t, p) for t in args.T for p in providers]
+    where, out, runs = machine(), Path(args.out), []
+    plan = [(t, p) for t in args.T for _ in range(args.rounds) for p in providers]
     for i, (t, p) in enumerate(plan, 1):
         if p in SLOW and t > args.skip_slow_baselines_above:
-            results.append({"provider": p, "T": t, "skipped": args.skip_slow_baselines_above})
+            runs.append({"provider": p, "T": t, "skipped": args.skip_slow_baselines_above})
             print(f"[{i}/{len(plan)}] T={t} {p}: skipped (above "
                   f"--skip-slow-baselines-above {args.skip_slow_baselines_above})", flush=True)
-            write_csv(rows_for(results, args, where), out)
+            write_csv(rows_for(merge(runs), args, where), out)
             continue
         print(f"[{i}/{len(plan)}] T={t} {p} ...", end=" ", flush=True)
         start = time.perf_counter()
         result, log_tail = run_worker(p, t, args)
-        results.append(result)
+        runs.append(result)
         if "failed" in result:
             print(f"FAILED (return code {result['failed']}) after "
                   f"{time.perf_counter() - start:.0f} s; last lines of its output:\n{log_tail}",
@@ -257,7 +284,8 @@ def main_parent(args: argparse.Namespace) -> int:
         else:
             print(f"median {result['time_median_s']:.3f} s, peak {result['peak_rss_mb']:.0f} MB "
                   f"({time.perf_counter() - start:.0f} s wall)", flush=True)
-        write_csv(rows_for(results, args, where), out)
+        write_csv(rows_for(merge(runs), args, where), out)
+    results = merge(runs)
     print(f"\n{machine()}\n{table(results)}\n\nwrote {out}")
     digests = {}
     for r in results:
@@ -285,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement after one warm-up (default: 3); 0 times "
                              "the single checked run itself (cold: for very long contexts)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh worker runs per (T, provider), interleaved across providers; "
+                             "times pooled, peak RSS the median over rounds (default: 1)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS),
                         metavar="PROVIDER", help="subset of the providers above (default: all)")
     parser.add_argument("--out", default="benchmarks/results/bench_sinks.csv",
@@ -304,8 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 0 or min(args.T) < 1:
-        parser.error("--repeats must be >= 0 and every --T positive")
+    if args.repeats < 0 or min(args.T) < 1 or args.rounds < 1:
+        parser.error("--repeats must be >= 0, --rounds >= 1 and every --T positive")
     return args
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Probe
+from tokenprobe.probe import Batch, LayerBuffers, Probe
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,19 @@ class ActivationsProbe(Probe):
 
     def __init__(self, config: ActivationsConfig | None = None) -> None:
         self.config = config or ActivationsConfig()
-        self._stats: list[dict] = []
         self._massive: list[dict] = []
 
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self._stats = LayerBuffers(batch.n_layers)
+
     def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
+        width = max(self.batch.lengths)
         for row, (prompt_id, length) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
             h = tensor[row, :length]  # (T, D) real tokens of this prompt
-            stats = {k: v.cpu().numpy() for k, v in residual_stats(h).items()}
-            self._stats.append({"prompt_id": prompt_id, "layer": layer, **stats})
+            for name, value in residual_stats(h).items():
+                self._stats.put(name, layer, (row, slice(0, length)), value,
+                                (len(self.batch.lengths), width))
             found = massive_activations(h, abs_threshold=self.config.abs_threshold,
                                         median_ratio=self.config.median_ratio)
             if len(found["pos"]):
@@ -116,11 +121,17 @@ class ActivationsProbe(Probe):
                                       **{k: v.cpu().numpy() for k, v in found.items()}})
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        token_layers = pd.concat([_frame(s, pos=np.arange(len(s["resid_norm"])))
-                                  for s in self._stats], ignore_index=True)
+        stats = self._stats
+        token_layers = pd.concat(
+            [_frame({"prompt_id": prompt_id, "layer": layer,
+                     **{name: array[layer, row, :n] for name, array in stats.arrays.items()}},
+                    pos=np.arange(n))
+             for layer in stats.layers
+             for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths))],
+            ignore_index=True)
         massive = (pd.concat([_frame(m) for m in self._massive], ignore_index=True)
                    if self._massive else None)
-        self._stats, self._massive = [], []
+        self._stats, self._massive = LayerBuffers(self.batch.n_layers), []
         return {"token_layers": token_layers, "massive": massive}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Probe
+from tokenprobe.probe import Batch, LayerBuffers, Probe
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,11 @@ class SinksProbe(Probe):
 
     def __init__(self, config: SinksConfig | None = None) -> None:
         self.config = config or SinksConfig()
-        self._heads: list[dict] = []
-        self._received: list[dict] = []
-        self._norms: dict[int, list[np.ndarray]] = {}
-        self._cos: dict[int, list[np.ndarray]] = {}
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self._attn = LayerBuffers(batch.n_layers)  # heads stats, received per token
+        self._resid = LayerBuffers(batch.n_layers)  # candidate norms and cosines
 
     def observe(self, site: str, layer: int, payload) -> None:
         if site == "attention":
@@ -129,47 +130,62 @@ class SinksProbe(Probe):
 
     def _attention(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
         k = self.config.k_pos
-        heads = stats["sink_mass"].shape[1]
-        for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+        rows, heads = stats["sink_mass"].shape
+        width = max(self.batch.lengths)
+        for row, n in enumerate(self.batch.lengths):
             vn = stats["value_norm"][row, :, :n]  # (H, T)
             rest = torch.cat([vn[:, :k], vn[:, k + 1:]], dim=1)
-            self._heads.append({
-                "prompt_id": prompt_id, "layer": layer, "head": np.arange(heads),
-                "sink_mass": stats["sink_mass"][row].cpu().numpy(),
-                "attn_entropy": stats["attn_entropy"][row].cpu().numpy(),
-                "value_drain_sink": (vn[:, k] if k < n else torch.full((heads,), float("nan"))).cpu().numpy(),
-                "value_drain_rest": (rest.mean(-1) if rest.shape[1] else torch.full((heads,), float("nan"))).cpu().numpy(),
-            })
+            nan = torch.full((heads,), float("nan"))
             denom = heads * (n - torch.arange(n, device=vn.device))
-            self._received.append({"prompt_id": prompt_id, "layer": layer, "pos": np.arange(n),
-                                   "attn_received": (stats["received"][row, :n] / denom).cpu().numpy()})
+            for name, value in {
+                    "sink_mass": stats["sink_mass"][row],
+                    "attn_entropy": stats["attn_entropy"][row],
+                    "value_drain_sink": vn[:, k] if k < n else nan,
+                    "value_drain_rest": rest.mean(-1) if rest.shape[1] else nan}.items():
+                self._attn.put(name, layer, (row,), value, (rows, heads))
+            self._attn.put("attn_received", layer, (row, slice(0, n)),
+                           stats["received"][row, :n] / denom, (rows, width))
 
     def _residual(self, layer: int, h: torch.Tensor) -> None:
+        rows, width = len(self.batch.lengths), max(self.batch.lengths)
+        most = len(self.config.candidates)
         for row, n in enumerate(self.batch.lengths):
             cands = [c for c in self.config.candidates if c < n]
             x = h[row, :n].float()  # (T, D)
             ref = x[cands]  # (C, D)
             cos = torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1)  # (C, T)
-            self._norms.setdefault(row, []).append(torch.linalg.vector_norm(ref, dim=-1).cpu().numpy())
-            self._cos.setdefault(row, []).append(cos.cpu().numpy())
+            self._resid.put("norms", layer, (row, slice(0, len(cands))),
+                            torch.linalg.vector_norm(ref, dim=-1), (rows, most))
+            self._resid.put("cos", layer, (row, slice(0, len(cands)), slice(0, n)), cos,
+                            (rows, most, width))
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        sinks = []
+        sinks, heads, received = [], [], []
+        attn, resid = self._attn, self._resid
+        for layer in attn.layers:
+            for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+                heads.append(pd.DataFrame({
+                    "prompt_id": prompt_id, "layer": layer,
+                    "head": np.arange(attn["sink_mass"].shape[-1]),
+                    **{name: attn[name][layer, row] for name in
+                       ("sink_mass", "attn_entropy", "value_drain_sink", "value_drain_rest")}}))
+                received.append(pd.DataFrame({"prompt_id": prompt_id, "layer": layer,
+                                              "pos": np.arange(n),
+                                              "attn_received": attn["attn_received"][layer, row, :n]}))
         for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
             cands = [c for c in self.config.candidates if c < n]
-            found = secondary_sinks(np.stack(self._norms[row]), np.stack(self._cos[row]), cands,
+            found = secondary_sinks(resid["norms"][resid.layers, row, :len(cands)],
+                                    resid["cos"][resid.layers, row, :len(cands), :n], cands,
                                     cos_threshold=self.config.cos_threshold,
                                     primary_margin=self.config.primary_margin,
                                     secondary_min=self.config.secondary_min)
             found.insert(0, "prompt_id", prompt_id)
             found.insert(2, "token", [self.batch.token_texts[row][p] for p in found.pos])
             sinks.append(found)
-        tables = {"heads": pd.concat([pd.DataFrame(r) for r in self._heads], ignore_index=True),
-                  "token_layers": pd.concat([pd.DataFrame(r) for r in self._received],
-                                            ignore_index=True),
-                  "sinks": pd.concat(sinks, ignore_index=True)}
-        self._heads, self._received, self._norms, self._cos = [], [], {}, {}
-        return tables
+        self.begin(self.batch)  # forget this batch
+        return {"heads": pd.concat(heads, ignore_index=True),
+                "token_layers": pd.concat(received, ignore_index=True),
+                "sinks": pd.concat(sinks, ignore_index=True)}
 
     def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
         """Gu et al.'s sink rate over the run, with the prompt lengths it depends on."""

@@ -106,7 +106,8 @@ def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts:
     input_ids, mask = pad_batch(rows, pad_id, backend.device)
     tables = _token_tables(backend.tokenizer, members, texts, encoded)
     token_texts = [tables["tokens"].token[tables["tokens"].prompt_id == i].tolist() for i in members]
-    batch = Batch(members, input_ids, mask, [len(r) for r in rows], token_texts)
+    batch = Batch(members, input_ids, mask, [len(r) for r in rows], token_texts,
+                  backend.n_layers)
     for probe in probes:
         probe.begin(batch)
 
