@@ -136,3 +136,18 @@ def test_bos_model_records_special_first_token(tiny_gemma3, tiny_llama):
     assert gemma.prompts.first_is_special.tolist() == [True]
     assert gemma.tokens.iloc[0].token == "<bos>" and gemma.tokens.iloc[0].is_special
     assert llama.prompts.first_is_special.tolist() == [False]
+
+
+def test_layer_buffers_fill_per_layer_and_keep_dtypes():
+    from tokenprobe.probe import LayerBuffers
+
+    buffers = LayerBuffers(n_layers=3)
+    buffers.put("norm", 2, (1, slice(0, 2)), torch.tensor([1.5, 2.5]), (2, 4))
+    buffers.put("norm", 0, (0, slice(0, 4)), torch.arange(4.0), (2, 4))
+    buffers.put("dim", 2, (1,), np.int64(7), (2,))
+    assert buffers.layers == [2, 0]
+    norm = buffers["norm"]
+    assert norm.shape == (3, 2, 4) and norm.dtype == np.float32
+    assert norm[2, 1, :2].tolist() == [1.5, 2.5] and np.isnan(norm[2, 1, 2:]).all()
+    assert norm[0, 0].tolist() == [0, 1, 2, 3] and np.isnan(norm[1]).all()
+    assert buffers["dim"].dtype == np.int64 and buffers["dim"][2].tolist() == [0, 7]
