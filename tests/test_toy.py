@@ -143,15 +143,20 @@ def test_cli_parser_and_handler(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="tokenprobe")
     toy.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["toy", "bigram-backcopy"])
-    assert (args.out, args.layers, args.steps, args.func) == ("runs/toy", [1, 3],
-                                                              toy.ToyConfig().steps, toy.cmd_toy)
+    assert (args.out, args.layers, args.steps, args.scale, args.func) == (
+        "runs/toy", [1, 3], None, "small", toy.cmd_toy)
     with pytest.raises(SystemExit):
         parser.parse_args(["toy", "other-task"])
     args = parser.parse_args(["toy", "bigram-backcopy", "--out", str(tmp_path), "--steps", "1",
-                              "--layers", "1", "--quiet", "--threads", "1"])
+                              "--layers", "1", "--quiet", "--threads", "1", "--scale", "paper"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "sink_mass" in out and "trigger accuracy" in out
-    assert tokenprobe.load(str(tmp_path / "bigram-backcopy-L1")).model.config.n_layer == 1
+    config = tokenprobe.load(str(tmp_path / "bigram-backcopy-L1")).model.config
+    assert config.n_layer == 1 and config.n_embd == toy.ToyConfig().d_model
+    args.scale = "small"
+    assert args.func(args) == 0
+    config = tokenprobe.load(str(tmp_path / "bigram-backcopy-L1")).model.config
+    assert config.n_embd == toy.SCALES["small"]["d_model"]
     args.steps = 0
     assert args.func(args) == 2
