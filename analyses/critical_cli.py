@@ -11,7 +11,7 @@ from tokenprobe.tasks import load_tasks
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
-    from tokenprobe.cli import add_model_argument
+    from tokenprobe.cli import RESUME_NOTE, add_model_argument
 
     d = CriticalConfig()
     p = subparsers.add_parser(
@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_critical)
+    p.set_defaults(func=cmd_critical, on_interrupt=RESUME_NOTE.replace("batches", "prefixes"))
     return p
 
 

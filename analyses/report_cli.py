@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="texts for the curve (.txt or .jsonl; default: the passages of "
                             "tokenprobe/data/long_prose.jsonl, joined in rotation)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, on_interrupt="nothing was written")
     return p
 
 

@@ -126,3 +126,25 @@ def test_compare_contrast_and_lens(capsys, tmp_path):
     run = tokenprobe.open_run(tmp_path / "r")
     layers = run.token_layers
     assert layers.layer.nunique() == run.meta["n_layers"] and layers.lens_entropy.notna().any()
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("tokenprobe.cli:cmd_run", ["run", "--prompt", "x", "--out", "r"],
+     "interrupted; finished batches are kept, run the same command again to resume"),
+    ("tokenprobe.analyses.critical_cli:cmd_critical", ["critical", "--out", "r"],
+     "interrupted; finished prefixes are kept, run the same command again to resume"),
+    ("tokenprobe.analyses.attribution_cli:cmd_attribute",
+     ["attribute", "--prompt", "x", "--out", "r"], "interrupted; nothing was written"),
+    ("tokenprobe.analyses.report_cli:cmd_report", ["report", "r", "--out", "o"],
+     "interrupted; nothing was written"),
+])
+def test_ctrl_c_says_what_is_kept(monkeypatch, capsys, module, argv, expected):
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    name, attr = module.split(":")
+    monkeypatch.setattr(importlib.import_module(name), attr, interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith(expected)

@@ -17,6 +17,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing)
   {EXIT_EXISTS}    the output directory already holds a complete run (use --overwrite)
   {EXIT_INTERRUPTED}  interrupted; finished batches are kept, run the same command to resume"""
+RESUME_NOTE = "finished batches are kept, run the same command again to resume"
 
 
 EXIT_CODES_NO_RESUME = EXIT_CODES.replace(
@@ -289,7 +290,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                               "run (default) or each prompt")
     run.add_argument("--seed", type=int, default=0, help="torch seed, recorded in run.json")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
 
     models = sub.add_parser("models", help="list registered models and whether weights are present",
                             description="List registered models: layers, heads, width, vocab, "
@@ -338,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return EXIT_OK
-    except KeyboardInterrupt:
-        print("\ntokenprobe: interrupted; finished batches are kept, run the same command "
-              "again to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # what is kept is the subcommand's to say (set_defaults)
+        note = getattr(args, "on_interrupt", None)
+        print(f"\ntokenprobe: interrupted{f'; {note}' if note else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
