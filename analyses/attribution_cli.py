@@ -10,7 +10,13 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `attribute` subcommand to `subparsers`; its handler is `cmd_attribute`."""
-    from tokenprobe.cli import EXIT_CODES_NO_RESUME, add_model_argument
+    from tokenprobe.cli import (
+        EXIT_CODES_NO_RESUME,
+        NOTHING_WRITTEN,
+        add_model_argument,
+        add_prompt_arguments,
+        add_run_dir_arguments,
+    )
 
     p = subparsers.add_parser(
         "attribute", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,12 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                '  tokenprobe attribute --prompt "..." --method knockout --to target --window 9 '
                "--out runs/windows\n\n" + EXIT_CODES_NO_RESUME)
     add_model_argument(p)
-    p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="a prompt; repeat for several (prompt ids: --prompt texts first, then "
-                        "--prompts files)")
-    p.add_argument("--prompts", action="append", metavar="FILE",
-                   help='.txt (one prompt per line) or .jsonl (a string or {"text": ...} per '
-                        "line); repeatable")
+    add_prompt_arguments(p)
     p.add_argument("--target", metavar="TEXT",
                    help='the continuation scored for every prompt, e.g. " Paris" (mind the '
                         "leading space); default: each prompt's greedy next token")
@@ -54,11 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "from the queries that predict the target (target; Geva et al.)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="ablated sequences per forward (default 16)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_attribute, on_interrupt="nothing was written")
+    add_run_dir_arguments(p)
+    p.set_defaults(func=cmd_attribute, on_interrupt=NOTHING_WRITTEN)
     return p
 
 

@@ -10,7 +10,12 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `counterfactual` subcommand to `subparsers`; its handler is `cmd_counterfactual`."""
-    from tokenprobe.cli import EXIT_CODES_NO_RESUME, add_model_argument
+    from tokenprobe.cli import (
+        EXIT_CODES_NO_RESUME,
+        NOTHING_WRITTEN,
+        add_model_argument,
+        add_run_dir_arguments,
+    )
 
     d = GumbelConfig()
     p = subparsers.add_parser(
@@ -51,11 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="seed of the Gumbel noise; the same seed gives the same generations "
                         "(default 0)")
     p.add_argument("--no-eos-stop", action="store_true", help="keep generating after EOS")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_counterfactual, on_interrupt="nothing was written")
+    add_run_dir_arguments(p)
+    p.set_defaults(func=cmd_counterfactual, on_interrupt=NOTHING_WRITTEN)
     return p
 
 

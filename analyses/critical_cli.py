@@ -11,9 +11,10 @@ from tokenprobe.tasks import load_tasks
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
-    from tokenprobe.cli import RESUME_NOTE, add_model_argument
+    from tokenprobe.cli import EXIT_CODES, RESUME_NOTE, add_model_argument, add_run_dir_arguments
 
     d = CriticalConfig()
+    resume = RESUME_NOTE.replace("batches", "prefixes")
     p = subparsers.add_parser(
         "critical", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="critical tokens of wrong answers by rollout search with a verifier (cDPO)",
@@ -31,11 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "--out runs/crit\n\ntask files: JSONL, one "
                '{"id", "question", "answer", "verifier": "final_number" | "exact_string" | '
                '"regex"} per line\n(optional "trajectory", "pattern"); "arithmetic" is the '
-               "shipped set.\n\n" + _exit_codes())
+               "shipped set.\n\n" + EXIT_CODES.replace(RESUME_NOTE, resume))
     add_model_argument(p)
     p.add_argument("--task", default="arithmetic", metavar="FILE",
                    help="task file (.jsonl) or `arithmetic` (the shipped set; default)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N tasks")
     p.add_argument("--rollouts", type=int, default=d.n_rollouts, metavar="N",
                    help=f"continuations per prefix (default {d.n_rollouts}; the paper uses 64)")
@@ -66,17 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=d.seed,
                    help="base seed; each rollout's seed derives from it and is in the "
                         "rollouts table (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_critical, on_interrupt=RESUME_NOTE.replace("batches", "prefixes"))
+    add_run_dir_arguments(p)
+    p.set_defaults(func=cmd_critical, on_interrupt=resume)
     return p
-
-
-def _exit_codes() -> str:
-    from tokenprobe.cli import EXIT_CODES
-
-    return EXIT_CODES.replace("finished batches are kept", "finished prefixes are kept")
 
 
 def cmd_critical(args: argparse.Namespace) -> int:

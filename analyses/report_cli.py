@@ -11,7 +11,7 @@ from tokenprobe.analyses.sink_curve import DEFAULT_TS
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `report` subcommand to `subparsers`; its handler is `cmd_report`."""
-    from tokenprobe.cli import EXIT_CODES
+    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
 
     p = subparsers.add_parser(
         "report", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog="examples:\n  tokenprobe report runs/demo --out runs/demo-report\n"
                "  tokenprobe report runs/a runs/b --out paper-figs --style paper --overwrite\n"
                "  tokenprobe report --curve-models smollm2-135m,gemma3-270m,runs/toy/"
-               "bigram-backcopy-L1 --out runs/curve\n\n" + EXIT_CODES.replace(
+               "bigram-backcopy-L1 --out runs/curve\n\n" + EXIT_CODES_NO_RESUME.replace(
                    "the output directory already holds a complete run (use --overwrite)",
                    "--out exists and is not empty (use --overwrite)"))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="complete run directories")
@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="texts for the curve (.txt or .jsonl; default: the passages of "
                             "tokenprobe/data/long_prose.jsonl, joined in rotation)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=cmd_report, on_interrupt="nothing was written")
+    p.set_defaults(func=cmd_report, on_interrupt=NOTHING_WRITTEN)
     return p
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from tokenprobe.jsonl import iter_jsonl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+RESUME_NOTE = "finished batches are kept, run the same command again to resume"
+NOTHING_WRITTEN = "nothing was written"  # commands that write their output only when complete
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    success
   {EXIT_FAILED}    unexpected failure (a bug: please report the traceback)
@@ -16,13 +18,8 @@ EXIT_CODES = f"""exit codes:
        prompt longer than the context without --truncate, SQL error, not a run dir
   {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing)
   {EXIT_EXISTS}    the output directory already holds a complete run (use --overwrite)
-  {EXIT_INTERRUPTED}  interrupted; finished batches are kept, run the same command to resume"""
-RESUME_NOTE = "finished batches are kept, run the same command again to resume"
-
-
-EXIT_CODES_NO_RESUME = EXIT_CODES.replace(
-    "interrupted; finished batches are kept, run the same command to resume",
-    "interrupted; nothing is written")  # commands that write their run only when complete
+  {EXIT_INTERRUPTED}  interrupted; {RESUME_NOTE}"""
+EXIT_CODES_NO_RESUME = EXIT_CODES.replace(RESUME_NOTE, NOTHING_WRITTEN)
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +27,25 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="registered name (see `tokenprobe models`), HF directory, .gguf "
                              "file or hub id (default: smollm2-135m)")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--prompt` and `--prompts`, read together by `gather_prompts`."""
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt; repeat for several (prompt ids: --prompt texts first, "
+                             "then each --prompts file in order)")
+    parser.add_argument("--prompts", action="append", metavar="FILE",
+                        help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
+                             '{"text": ...} per line); repeatable')
+
+
+def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--out`, `--overwrite`, `--device` and `--quiet` of the commands that write a run."""
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a complete run at --out")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 class UsageError(Exception):
@@ -255,14 +271,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--probes", help="comma-separated probe names (default: all of "
                                       "activations,sinks,entropy; with --backend "
                                       "bridge|nnsight: activations,entropy)")
-    run.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a prompt; repeat for several (prompt ids: --prompt texts first, "
-                          "then each --prompts file in order)")
-    run.add_argument("--prompts", action="append", metavar="FILE",
-                     help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
-                          '{"text": ...} per line); repeatable')
-    run.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    run.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
+    add_prompt_arguments(run)
+    add_run_dir_arguments(run)
     run.add_argument("--truncate", action="store_true",
                      help="cut prompts longer than the model's context instead of refusing them")
     run.add_argument("--max-tokens", type=int, metavar="T",
@@ -270,7 +280,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "rate at T=64)")
     run.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
     run.add_argument("--backend", default="hf", choices=["hf", "bridge", "nnsight"],
                      help="hook through transformers (default), a TransformerLens "
                           "TransformerBridge, or an nnsight LanguageModel")
@@ -289,7 +298,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          help="entropy bands and forking tokens from quantiles over the whole "
                               "run (default) or each prompt")
     run.add_argument("--seed", type=int, default=0, help="torch seed, recorded in run.json")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
 
     models = sub.add_parser("models", help="list registered models and whether weights are present",

@@ -188,9 +188,9 @@ def _encode(model: PreTrainedModel, prefixes: list[list[int]], *, shared: bool):
     device = next(model.parameters()).device
     order = sorted(range(len(prefixes)), key=lambda j: -len(prefixes[j]))
     root_of: dict[int, int] = {}
-    for j in order:
-        root_of[j] = next((r for r in set(root_of.values()) if shared
-                           and prefixes[r][:len(prefixes[j])] == prefixes[j]), j)
+    for j in order:  # longest first: a prefix's root is an earlier root that extends it
+        roots = set(root_of.values()) if shared else ()
+        root_of[j] = next((r for r in roots if prefixes[r][:len(prefixes[j])] == prefixes[j]), j)
     caches, logits = {}, {}
     for root in sorted(set(root_of.values())):
         members = [j for j in root_of if root_of[j] == root]
