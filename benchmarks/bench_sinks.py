@@ -37,39 +37,49 @@ PROVIDERS: dict[str, str] = {
                                               "the blockwise torch attention statistics "
                                               "(SinksConfig(impl='torch'), the CUDA fallback)",
     "tokenprobe_activations": "tokenprobe.run(..., ['activations'])",
+    "tokenprobe_entropy": "tokenprobe.run(..., ['entropy'])",
+    "tokenprobe_entropy_lens": "tokenprobe.run(..., [EntropyProbe(EntropyConfig(lens=True))]) "
+                               "(the logit lens at every layer)",
     "eager_output_attentions": "HF forward, eager attention, output_attentions=True",
     "transformerlens_run_with_cache": "TransformerLens 4.x TransformerBridge.run_with_cache",
 }
 PROBES = {"tokenprobe_default": ["activations", "sinks", "entropy"],
           "tokenprobe_sinks_activations": ["activations", "sinks"],
           "tokenprobe_sinks": ["sinks"], "tokenprobe_activations": ["activations"],
-          "tokenprobe_sinks_activations_blockwise": ["activations", "sinks:torch"]}
+          "tokenprobe_sinks_activations_blockwise": ["activations", "sinks:torch"],
+          "tokenprobe_entropy": ["entropy"], "tokenprobe_entropy_lens": ["entropy:lens"]}
 SLOW = ("eager_output_attentions", "transformerlens_run_with_cache")  # [L, H, T, T] held
 BASELINE = "plain_sdpa"
 
 
-def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Callable, Callable]:
-    """The call to time for `provider` and a check of its output (run once, on the warm-up)."""
+def _prepare(provider: str, loaded: Any, text: str, ids: list[int],
+             batch: int) -> tuple[Callable, Callable]:
+    """The call to time for `provider` and a check of its output (run once, on the warm-up).
+
+    Baselines run under `torch.inference_mode()` (the best a plain forward can do); tokenprobe
+    runs as a user calls it, with autograd in its default state, so a graph that tokenprobe
+    builds by mistake shows in its figures."""
     import torch
 
     import tokenprobe
 
     model, config = loaded.model, loaded.model.config
-    input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
+    input_ids = torch.tensor([ids] * batch, dtype=torch.long)  # (B, T)
     t = len(ids)
     if provider in ("plain_sdpa", "plain_sdpa_all_logits"):
         if config._attn_implementation != "sdpa":
             raise RuntimeError("the plain baseline expects sdpa attention, the model uses "
                                f"{config._attn_implementation}")
         keep = 0 if provider == "plain_sdpa_all_logits" else 1
-        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=keep)
-        check = lambda out: _expect(tuple(out.logits.shape) == (1, keep or t, config.vocab_size),
-                                    "logits")
+        call = _inference(lambda: model(input_ids=input_ids, use_cache=False,
+                                        logits_to_keep=keep))
+        check = lambda out: _expect(
+            tuple(out.logits.shape) == (batch, keep or t, config.vocab_size), "logits")
     elif provider == "eager_output_attentions":
         model.set_attn_implementation("eager")
-        call = lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1,
-                             output_attentions=True)
-        shape = (1, config.num_attention_heads, t, t)
+        call = _inference(lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1,
+                                        output_attentions=True))
+        shape = (batch, config.num_attention_heads, t, t)
         check = lambda out: _expect(out.attentions is not None
                                     and len(out.attentions) == config.num_hidden_layers
                                     and tuple(out.attentions[0].shape) == shape, "attentions")
@@ -77,21 +87,34 @@ def _prepare(provider: str, loaded: Any, text: str, ids: list[int]) -> tuple[Cal
         from tokenprobe.backends import as_bridge
 
         bridge = as_bridge(loaded)  # switches this (fresh) model to eager attention
-        call = lambda: bridge.run_with_cache(input_ids)
-        check = lambda out: _expect(out[0].shape[:2] == (1, t) and len(out[1]) > 0, "TL cache")
+        call = _inference(lambda: bridge.run_with_cache(input_ids))
+        check = lambda out: _expect(out[0].shape[:2] == (batch, t) and len(out[1]) > 0,
+                                    "TL cache")
     elif provider in PROBES:
-        from tokenprobe.probes import SinksConfig, SinksProbe
+        from tokenprobe.probes import EntropyConfig, EntropyProbe, SinksConfig, SinksProbe
 
-        probes = lambda: [SinksProbe(SinksConfig(impl="torch")) if p == "sinks:torch" else p
-                          for p in PROBES[provider]]
-        call = lambda: tokenprobe.run(loaded, [text], probes(), progress=False, truncate=True)
+        special = {"sinks:torch": lambda: SinksProbe(SinksConfig(impl="torch")),
+                   "entropy:lens": lambda: EntropyProbe(EntropyConfig(lens=True))}
+        probes = lambda: [special[p]() if p in special else p for p in PROBES[provider]]
+        call = lambda: tokenprobe.run(loaded, [text] * batch, probes(), progress=False,
+                                      truncate=True, batch_size=batch)
 
         def check(result: Any) -> None:
-            _expect(result.tokens.token_id.tolist() == ids, "tokenprobe saw other token ids")
+            _expect(result.tokens.token_id.tolist() == ids * batch,
+                    "tokenprobe saw other token ids")
             _expect(not result.prompts.truncated.any(), "tokenprobe truncated the prompt")
     else:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
     return call, check
+
+
+def _inference(call: Callable) -> Callable:
+    def run() -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return call()
+    return run
 
 
 def _expect(ok: bool, what: str) -> None:
@@ -100,7 +123,7 @@ def _expect(ok: bool, what: str) -> None:
 
 
 def measure(provider: str, tokens: int, repeats: int, model_name: str,
-            threads: int | None = None) -> dict:
+            threads: int | None = None, batch: int = 1) -> dict:
     """Load the model, set `provider` up, warm up once, time `repeats` runs; RSS and times."""
     import gc
 
@@ -116,28 +139,27 @@ def measure(provider: str, tokens: int, repeats: int, model_name: str,
     context = loaded.model.config.max_position_embeddings
     if tokens > context:  # cost only: positions past the trained context are not meaningful
         loaded.model.config.max_position_embeddings = tokens
-    call, check = _prepare(provider, loaded, text, ids)
+    call, check = _prepare(provider, loaded, text, ids, batch)
     with torch.inference_mode():
         for p in loaded.model.parameters():  # page the (mmap-backed) weights in before "loaded"
             p.sum()
     gc.collect()
     loaded_rss = rss_mb()
     times = []
-    with torch.inference_mode():
+    start = time.perf_counter()
+    out = call()  # warm-up (timed only with --repeats 0, for runs too long to repeat)
+    if repeats == 0:
+        times.append(time.perf_counter() - start)
+    check(out)
+    del out
+    gc.collect()
+    for _ in range(repeats):
         start = time.perf_counter()
-        out = call()  # warm-up (timed only with --repeats 0, for runs too long to repeat)
-        if repeats == 0:
-            times.append(time.perf_counter() - start)
-        check(out)
+        out = call()  # held until the clock stops, as a user holds what they asked for
+        times.append(time.perf_counter() - start)
         del out
         gc.collect()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = call()  # held until the clock stops, as a user holds what they asked for
-            times.append(time.perf_counter() - start)
-            del out
-            gc.collect()
-    return {"provider": provider, "T": tokens, "loaded_rss_mb": loaded_rss,
+    return {"provider": provider, "T": tokens, "batch": batch, "loaded_rss_mb": loaded_rss,
             "peak_rss_mb": peak_rss_mb(), "time_min_s": min(times),
             "time_median_s": statistics.median(times), "times_s": times, "context": context,
             "threads": torch.get_num_threads(), "input_ids": _digest(ids)}
@@ -156,7 +178,7 @@ def run_worker(provider: str, tokens: int, args: argparse.Namespace) -> tuple[di
         result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "worker.log"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", provider,
                "--T", str(tokens), "--repeats", str(args.repeats), "--model", args.model,
-               "--result", str(result_path)]
+               "--batch", str(args.batch), "--result", str(result_path)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -190,6 +212,7 @@ def rows_for(results: list[dict], args: argparse.Namespace, where: str) -> list[
                 add(p, t, metric, round(r[metric], 6 if metric.startswith("time") else 3))
             add(p, t, "extra_rss_mb", round(r["peak_rss_mb"] - r["loaded_rss_mb"], 3))
             add(p, t, "threads", r["threads"])
+            add(p, t, "batch", r.get("batch", 1))
             add(p, t, "rounds", r.get("n_rounds", 1))
             if t > r["context"]:
                 add(p, t, "beyond_context", r["context"])
@@ -325,6 +348,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip eager_output_attentions and transformerlens_run_with_cache "
                              "above this T (they hold [layers, heads, T, T] tensors); recorded "
                              "as metric 'skipped' (default: 2048)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="prompts per call: the benchmark text B times, one batch "
+                             "(default: 1); recorded as metric 'batch'")
     parser.add_argument("--model", default="smollm2-135m",
                         help="tokenprobe model name (default: smollm2-135m)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -335,8 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 0 or min(args.T) < 1 or args.rounds < 1:
-        parser.error("--repeats must be >= 0, --rounds >= 1 and every --T positive")
+    if args.repeats < 0 or min(args.T) < 1 or args.rounds < 1 or args.batch < 1:
+        parser.error("--repeats must be >= 0, --rounds and --batch >= 1 and every --T positive")
     return args
 
 
@@ -345,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         if len(args.T) != 1 or not args.result:
             raise SystemExit("--worker takes exactly one --T and a --result path")
-        result = measure(args.worker, args.T[0], args.repeats, args.model, args.threads)
+        result = measure(args.worker, args.T[0], args.repeats, args.model, args.threads,
+                         args.batch)
         Path(args.result).write_text(json.dumps(result))
         return 0
     return main_parent(args)

@@ -52,6 +52,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | N
     return s
 
 
+@torch.no_grad()  # a measurement: never a graph (tokenprobe.attention gives a differentiable out)
 def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None, lengths: torch.Tensor, *, scaling: float,
                          softcap: float | None = None, k_pos: int = 0,
@@ -72,6 +73,9 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block: queries per block (torch impl).
         impl: "auto", "torch", "flash", "triton" or "reference" ("flash" and "triton" raise
             where they do not apply).
+
+    Runs without autograd (`torch.no_grad`): neither the output nor the statistics carry a
+    graph, whatever q, k and v require.
 
     Returns:
         out (B, T, H, Dh) in q's dtype, and stats: sink_mass (B, H), attn_entropy (B, H),

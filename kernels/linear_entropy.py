@@ -48,6 +48,7 @@ TRITON_MAX_TOPK = 4
 NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
 
 
+@torch.no_grad()  # a measurement: never a graph, whatever the weight requires
 def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
                    softcap: float | None = None, targets: Tensor | None = None, topk: int = 2,
                    impl: str = "auto", token_chunk: int = 512,
@@ -68,6 +69,9 @@ def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
             copies of the (token_chunk + vocab_chunk, D) chunks for bf16/fp16 inputs (at most
             18 MiB at D = 1024) and O(T k) outputs, whatever T and V. The triton path takes
             them, as powers of two in [16, 64] and [16, 128], for its blocks.
+
+    Runs without autograd (`torch.no_grad`), so a weight that requires grad (a model's own
+    unembedding) builds no graph and keeps no tile alive; the outputs never require grad.
 
     Returns:
         float32 (T,) tensors `lse`, `entropy`, `self_certainty` (float64 for "reference" or

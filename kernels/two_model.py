@@ -60,6 +60,7 @@ class _Problem:
     shared: bool  # weight, bias and softcap shared: one matmul per tile for both token sets
 
 
+@torch.no_grad()  # a measurement: never a graph, whatever the weights require
 def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, weight_q: Tensor,
                          *, bias_p: Tensor | None = None, bias_q: Tensor | None = None,
                          softcap_p: float | None = None, softcap_q: float | None = None,
@@ -82,6 +83,9 @@ def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, w
         impl: "auto", "torch", "triton" or "reference".
         token_chunk, vocab_chunk: tile of the torch path; Triton rounds them to powers of two
             and caps them at 64 tokens x 128 vocabulary entries.
+
+    Runs without autograd (`torch.no_grad`): weights that require grad build no graph and
+    keep no tile alive; the outputs never require grad.
 
     Returns:
         (T,) tensors, float32 (float64 for the reference or float64 inputs), in nats: lse_p,

@@ -99,21 +99,28 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             gamma[head] = g
     observer = state.observer
     full = key.shape[-2] == t  # a whole-sequence forward (no KV cache)
-    if not full:  # generation step: queries are the last t positions
-        return _cached_step(query, key, value, mask, scaling, softcap, gamma), None
+    # The kernel runs without autograd; a caller who needs the output's graph (gradients
+    # through a ZeroTuned model) gets the explicit softmax, and the statistics beside it.
+    graph = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    if not full or (graph and observer is None):  # generation step: the last t positions
+        return _explicit(query, key, value, mask, scaling, softcap, gamma), None
     lengths = observer.lengths if observer else torch.full((bsz,), t, device=query.device)
     out, stats = attention_with_stats(
         query, key, value, mask, lengths, scaling=scaling if scaling is not None else dh ** -0.5,
         softcap=softcap, k_pos=observer.k_pos if observer else 0, gamma=gamma,
         block=observer.block if observer else 256, impl=observer.impl if observer else "auto")
     if observer is not None:
-        stats["value_norm"] = value_norms(module, value, heads)
+        with torch.no_grad():
+            stats["value_norm"] = value_norms(module, value, heads)
         observer.observe("attention", layer, stats)
+    if graph:
+        out = _explicit(query, key, value, mask, scaling, softcap, gamma)
     return out, None
 
 
-def _cached_step(query, key, value, mask, scaling, softcap, gamma) -> torch.Tensor:
-    """Attention for queries at the end of a KV cache (generation), with ZeroTuning if asked."""
+def _explicit(query, key, value, mask, scaling, softcap, gamma) -> torch.Tensor:
+    """Plain softmax attention of queries at the last t of s positions, with ZeroTuning if
+    asked: generation steps (a KV cache) and forwards whose output needs autograd's graph."""
     t, s = query.shape[-2], key.shape[-2]
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, 1).float()

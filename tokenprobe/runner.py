@@ -98,6 +98,7 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
     return Run(tables, {**meta, "summary": summary, "status": "complete", "tables": names})
 
 
+@torch.inference_mode()  # the forward and every probe's collect (kernels on the model's weights)
 def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts: list[str],
                encoded: list[tuple[list[int], bool]]) -> dict[str, pd.DataFrame]:
     rows = [encoded[i][0] for i in members]
