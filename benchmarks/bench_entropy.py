@@ -38,6 +38,9 @@ PROVIDERS = {
                     "obvious way (the memory baseline)",
     "linear_entropy_torch": "tokenprobe.kernels.linear_entropy(impl='torch'), same statistics",
     "linear_entropy_triton": "tokenprobe.kernels.linear_entropy(impl='triton') (CUDA only)",
+    "linear_entropy_torch_grad_weight": "the same as linear_entropy_torch, called outside "
+                                        "inference mode with a weight that requires grad, as a "
+                                        "probe calls it with the model's own unembedding",
 }
 TIME_BASE, MEMORY_BASE = "matmul", "materialised"
 
@@ -89,6 +92,10 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
         "linear_entropy_triton": lambda: linear_entropy(hidden, weight, targets=targets, topk=2,
                                                         impl="triton"),
     }
+    calls["linear_entropy_torch_grad_weight"] = calls["linear_entropy_torch"]
+    grad = provider.endswith("_grad_weight")
+    if grad:
+        weight.requires_grad_(True)
     call = calls[provider]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gc.collect()
@@ -97,7 +104,7 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         loaded_gpu = torch.cuda.memory_allocated() / 2**20
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(not grad):  # the grad provider runs as a probe does, autograd on
         out = call()  # warm-up
         sync()
         del out
