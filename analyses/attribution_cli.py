@@ -10,13 +10,9 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `attribute` subcommand to `subparsers`; its handler is `cmd_attribute`."""
-    from tokenprobe.cli import (
-        EXIT_CODES_NO_RESUME,
-        NOTHING_WRITTEN,
-        add_model_argument,
-        add_prompt_arguments,
-        add_run_dir_arguments,
-    )
+    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
+    from tokenprobe.options import (
+        add_model_argument, add_prompt_arguments, add_run_dir_arguments, positive_int)
 
     p = subparsers.add_parser(
         "attribute", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,13 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="knockout layer sets, 0-based, each its own layer_range: '0-8' or "
                         "'0-2,5'; several sets: --layers 0-8 9-17 (default: all layers as one "
                         "set; with --window: the window centres)")
-    p.add_argument("--window", type=int, metavar="K",
+    p.add_argument("--window", type=positive_int, metavar="K",
                    help="knock out K consecutive layers centred on each layer (Geva et al. use "
                         "K = 9), one layer_range per window")
     p.add_argument("--to", choices=KNOCKOUT_TO, default="later",
                    help="cut the token's key from every later query (later, default) or only "
                         "from the queries that predict the target (target; Geva et al.)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="ablated sequences per forward (default 16)")
     add_run_dir_arguments(p)
     p.set_defaults(func=cmd_attribute, on_interrupt=NOTHING_WRITTEN)
@@ -79,7 +75,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe attribute`; returns the exit code."""
     import tokenprobe
     from tokenprobe.analyses.attribution import attribution_run
-    from tokenprobe.cli import EXIT_OK, UsageError, gather_prompts
+    from tokenprobe.cli import EXIT_OK
+    from tokenprobe.options import UsageError, gather_prompts
     from tokenprobe.store import check_target
 
     prompts = gather_prompts(args)

@@ -19,6 +19,7 @@ cache: one forward over the prompt (plus the forced prefix), then one token per 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
@@ -43,7 +44,7 @@ class GumbelConfig:
     """Sampling settings of the Gumbel-max SCM (Chatzi et al. 2024).
 
     Attributes:
-        temperature: T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
+        temperature: finite T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
         max_new_tokens: generation steps at most (factual and counterfactual alike).
         stop_at_eos: stop after an EOS token (the generation config's or the tokenizer's,
             `tokenprobe.sampling.eos_ids`) is generated.
@@ -54,8 +55,8 @@ class GumbelConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

@@ -10,12 +10,9 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `counterfactual` subcommand to `subparsers`; its handler is `cmd_counterfactual`."""
-    from tokenprobe.cli import (
-        EXIT_CODES_NO_RESUME,
-        NOTHING_WRITTEN,
-        add_model_argument,
-        add_run_dir_arguments,
-    )
+    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
+    from tokenprobe.options import (
+        add_model_argument, add_run_dir_arguments, positive_float, positive_int, seed)
 
     d = GumbelConfig()
     p = subparsers.add_parser(
@@ -47,12 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--counterfactual-prompt", metavar="TEXT",
                    help="an intervention on the prompt: regenerate from TEXT with the factual "
                         "noise (one more generation)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
                    help=f"generation steps at most (default {d.max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=d.temperature,
+    p.add_argument("--temperature", type=positive_float, default=d.temperature,
                    help=f"T in argmax(z / T + g) (default {d.temperature}: the model's own "
                         "distribution)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="seed of the Gumbel noise; the same seed gives the same generations "
                         "(default 0)")
     p.add_argument("--no-eos-stop", action="store_true", help="keep generating after EOS")
@@ -61,11 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def parse_intervention(spec: str, tokenizer) -> tuple[int, int]:
-    """'STEP=TOKEN' -> (step, token id); TOKEN is one token's text or '#ID'.
+def split_intervention(spec: str, max_new_tokens: int) -> tuple[int, str]:
+    """'STEP=TOKEN' -> (step, TOKEN), checked without a model: STEP an integer that can name a
+    step of a generation of at most `max_new_tokens` tokens (negative: from its end).
 
     Raises:
-        ValueError: a malformed spec, an unknown id, or text that is not exactly one token.
+        ValueError: a malformed spec, or a step no generation that long has.
     """
     step, sep, token = spec.partition("=")
     try:
@@ -75,6 +73,21 @@ def parse_intervention(spec: str, tokenizer) -> tuple[int, int]:
             from None
     if not sep or token == "":
         raise ValueError(f"bad --intervene {spec!r}: expected STEP=TOKEN")
+    if not -max_new_tokens <= step_i < max_new_tokens:
+        raise ValueError(f"--intervene {spec!r}: step {step_i} is outside any generation of "
+                         f"--max-new-tokens {max_new_tokens} (steps 0 to {max_new_tokens - 1}, "
+                         f"or -1 to -{max_new_tokens} from the end)")
+    return step_i, token
+
+
+def parse_intervention(spec: str, tokenizer, max_new_tokens: int) -> tuple[int, int]:
+    """'STEP=TOKEN' -> (step, token id); TOKEN is one token's text or '#ID'.
+
+    Raises:
+        ValueError: a malformed spec or step (`split_intervention`), an unknown id, or text
+            that is not exactly one token.
+    """
+    step_i, token = split_intervention(spec, max_new_tokens)
     if token.startswith("#") and token[1:].isdigit():
         token_id = int(token[1:])
         if token_id >= len(tokenizer):
@@ -93,7 +106,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe counterfactual`; returns the exit code."""
     import tokenprobe
     from tokenprobe.analyses.counterfactual import counterfactual_run
-    from tokenprobe.cli import EXIT_OK, UsageError
+    from tokenprobe.cli import EXIT_OK
+    from tokenprobe.options import UsageError
     from tokenprobe.store import check_target
     from tokenprobe.tokens import check_nonempty
 
@@ -104,12 +118,15 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     try:
         config = GumbelConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               stop_at_eos=not args.no_eos_stop)
+        for spec in args.intervene:  # the step of each, before the model loads
+            split_intervention(spec, config.max_new_tokens)
     except ValueError as err:
         raise UsageError(str(err)) from err
     check_target(Path(args.out), overwrite=args.overwrite)
     loaded = tokenprobe.load(args.model, device=args.device)
     try:
-        queries = [Intervention(args.prompt, args.seed, *parse_intervention(s, loaded.tokenizer))
+        queries = [Intervention(args.prompt, args.seed,
+                                *parse_intervention(s, loaded.tokenizer, config.max_new_tokens))
                    for s in args.intervene]
         if args.counterfactual_prompt is not None:
             queries.append(Intervention(args.prompt, args.seed,

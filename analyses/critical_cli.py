@@ -7,11 +7,14 @@ from pathlib import Path
 from tokenprobe.analyses.critical import CriticalConfig, critical_search
 from tokenprobe.store import Run
 from tokenprobe.tasks import load_tasks
+from tokenprobe.tokens import display_text
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
-    from tokenprobe.cli import EXIT_CODES, RESUME_NOTE, add_model_argument, add_run_dir_arguments
+    from tokenprobe.cli import EXIT_CODES, RESUME_NOTE
+    from tokenprobe.options import (
+        add_model_argument, add_run_dir_arguments, nonnegative_float, positive_int, seed)
 
     d = CriticalConfig()
     resume = RESUME_NOTE.replace("batches", "prefixes")
@@ -36,26 +39,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_model_argument(p)
     p.add_argument("--task", default="arithmetic", metavar="FILE",
                    help="task file (.jsonl) or `arithmetic` (the shipped set; default)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N tasks")
-    p.add_argument("--rollouts", type=int, default=d.n_rollouts, metavar="N",
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N tasks")
+    p.add_argument("--rollouts", type=positive_int, default=d.n_rollouts, metavar="N",
                    help=f"continuations per prefix (default {d.n_rollouts}; the paper uses 64)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
+    p.add_argument("--temperature", type=nonnegative_float, default=d.temperature,
                    help=f"rollout temperature (default {d.temperature}, the paper's)")
     p.add_argument("--scan", choices=["backward", "all"], default=d.scan,
                    help="backward: skip prefixes the search rule no longer needs (default); "
                         "all: sample every prefix (a full success curve)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
                    help=f"length limit of a rollout (default {d.max_new_tokens})")
-    p.add_argument("--attempts", type=int, default=d.trajectory_attempts,
+    p.add_argument("--attempts", type=positive_int, default=d.trajectory_attempts,
                    help="trajectories sampled per task (temperature "
                         f"{d.trajectory_temperature}) until one is wrong "
                         f"(default {d.trajectory_attempts})")
-    p.add_argument("--max-trajectory-tokens", type=int, default=d.max_trajectory_tokens,
+    p.add_argument("--max-trajectory-tokens", type=positive_int, default=d.max_trajectory_tokens,
                    help=f"length limit of a sampled trajectory (default {d.max_trajectory_tokens})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"rollouts decoded together, from one or several prefixes "
                         f"(default {d.batch_size})")
-    p.add_argument("--window", type=int, default=d.window, metavar="K",
+    p.add_argument("--window", type=positive_int, default=d.window, metavar="K",
                    help=f"prefixes sampled together: the next K positions of the scan share "
                         f"one forward and fill decode batches together; the backward scan may "
                         f"then sample up to K - 1 positions it did not need, which cannot "
@@ -63,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         f"prefix at a time)")
     p.add_argument("--no-counterfactual", action="store_true",
                    help="skip the counterfactual resampling check")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=seed, default=d.seed,
                    help="base seed; each rollout's seed derives from it and is in the "
                         "rollouts table (default 0)")
     add_run_dir_arguments(p)
@@ -74,11 +77,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_critical(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe critical`; returns the exit code."""
     import tokenprobe
-    from tokenprobe.cli import EXIT_OK, UsageError
+    from tokenprobe.cli import EXIT_OK
+    from tokenprobe.options import UsageError
     from tokenprobe.store import check_target
 
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be >= 1")
     try:
         tasks = load_tasks(args.task)[:args.limit]
         config = CriticalConfig(n_rollouts=args.rollouts, temperature=args.temperature,
@@ -104,7 +106,7 @@ def print_summary(run: Run) -> None:
     print(f"model {run.meta['model']}, {len(run.meta['tasks'])} task(s), n = {n} rollouts "
           f"per prefix, temperature {run.meta['config']['temperature']}")
     for item in run.meta["summary"]["critical"]:
-        head = f"  [{item['prompt_id']}] {item['task_id']:<10}"
+        head = f"  [{item['prompt_id']}] {display_text(str(item['task_id'])):<10}"
         if item["status"] != "critical":
             print(f"{head} {item['status']} ({item['prefixes_sampled']} prefixes sampled)")
             continue

@@ -257,7 +257,7 @@ def head_effects(loaded: LoadedModel, domains: dict[str, list[str]],
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `heads` subcommand to `subparsers`; its handler is `cmd_heads`."""
-    from tokenprobe.cli import add_model_argument
+    from tokenprobe.options import add_model_argument, device, finite_float, positive_int
 
     p = subparsers.add_parser(
         "heads", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -276,16 +276,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--method", choices=METHODS, default=HeadAblationConfig.method,
                    help="zero: zero the head's output; sink: move all its attention to the "
                         "first token (default: zero)")
-    p.add_argument("--threshold", type=float, default=HeadAblationConfig.threshold,
+    p.add_argument("--threshold", type=finite_float, default=HeadAblationConfig.threshold,
                    help="loss rise in nats from which a head counts as active "
                         f"(default {HeadAblationConfig.threshold}; the paper gives none)")
     p.add_argument("--domains", default=",".join(BUILTIN_DOMAINS),
                    help="comma-separated built-in domain names (prose, code) and/or .txt files "
                         "named by their stem (default: prose,code)")
     p.add_argument("--layers", help="layers to ablate, 0-based, e.g. 0,3,10-12 (default: all)")
-    p.add_argument("--batch-size", type=int, default=HeadAblationConfig.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=HeadAblationConfig.batch_size,
                    help=f"prompts per forward (default {HeadAblationConfig.batch_size})")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", type=device,
+                   help="torch device: cpu (default), cuda, cuda:N or mps; checked before the "
+                        "model loads")
     p.add_argument("--out", metavar="FILE", help="write the table to FILE (.parquet or .csv); "
                                                  "written to a temporary name, then renamed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -293,8 +295,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """'0,3,10-12' -> [0, 3, 10, 11, 12], each checked against `n_layers`."""
+def parse_layers(spec: str, n_layers: int | None) -> list[int]:
+    """'0,3,10-12' -> [0, 3, 10, 11, 12], each checked against `n_layers` (None: the syntax
+    only, before a model is loaded)."""
     out: set[int] = set()
     for part in (s.strip() for s in spec.split(",")):
         try:
@@ -303,7 +306,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         except ValueError as err:
             raise ValueError(f"bad --layers item {part!r}: use numbers and ranges like 0,3,10-12"
                              ) from err
-        if not 0 <= first <= last < n_layers:
+        if not 0 <= first <= last:
+            raise ValueError(f"bad --layers item {part!r}: a range runs from low to high, e.g. "
+                             "10-12")
+        if n_layers is not None and last >= n_layers:
             raise ValueError(f"--layers item {part!r} is outside 0..{n_layers - 1}")
         out.update(range(first, last + 1))
     return sorted(out)
@@ -361,16 +367,22 @@ def print_summary(frame: pd.DataFrame, *, top: int = 5) -> None:
 def cmd_heads(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe heads`; returns the exit code."""
     import tokenprobe
-    from tokenprobe.cli import EXIT_OK, UsageError
+    from tokenprobe.cli import EXIT_OK
+    from tokenprobe.options import UsageError
+    from tokenprobe.store import check_writable
 
     if args.out and Path(args.out).suffix not in (".parquet", ".csv"):
         raise UsageError(f"--out must end in .parquet or .csv, got {args.out}")
+    if args.out:
+        check_writable(Path(args.out))
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"the directory of --out {args.out} does not exist")
     try:
         config = HeadAblationConfig(method=args.method, threshold=args.threshold,
                                     batch_size=args.batch_size)
         domains = _domains_from_spec(args.domains)
+        if args.layers:  # the syntax now, the range once the model is loaded
+            parse_layers(args.layers, None)
     except ValueError as err:
         raise UsageError(str(err)) from err
     loaded = tokenprobe.load(args.model, device=args.device)

@@ -71,7 +71,9 @@ def load_runs(runs: Sequence[Run | str | os.PathLike],
 def cross_run_summary(labelled: list[tuple[str, Run, Path]]) -> pd.DataFrame:
     """One row per run, by SQL over the run directories: model, n_prompts, T_min / T_max, and
     where the run has them sink_rate (% of prompt x layer x head with sink_mass > the run's
-    eps), eps, first_massive_layer, massive_dims, max_massive, mean_entropy."""
+    eps), eps, first_massive_layer, massive_dims, max_massive, mean_entropy. Prompts with a
+    NaN or inf sink mass (entropy) are left out of sink_rate (mean_entropy) and counted in
+    sink_prompts_excluded (entropy_prompts_excluded)."""
     from tokenprobe.query import connect
 
     info = pd.DataFrame({"run": [str(d) for _, _, d in labelled],
@@ -82,31 +84,40 @@ def cross_run_summary(labelled: list[tuple[str, Run, Path]]) -> pd.DataFrame:
                                  for _, r, _ in labelled]})
     with connect([d for _, _, d in labelled]) as con:
         con.register("run_info", info)
-        views_ = set(con.execute(
-            "SELECT table_name FROM information_schema.tables").df().table_name)
-        out = con.execute("""
+        views_ = set(con.tables)
+        out = con.query("""
             SELECT i.label AS run, i.model, count(*) AS n_prompts, min(p.n_tokens) AS T_min,
                    max(p.n_tokens) AS T_max
-            FROM prompts p JOIN run_info i USING (run) GROUP BY i.label, i.model""").df()
+            FROM prompts p JOIN run_info i USING (run) GROUP BY i.label, i.model""")
         if "heads" in views_:
-            out = out.merge(con.execute("""
-                SELECT i.label AS run, 100 * avg(CAST(h.sink_mass > i.eps AS DOUBLE)) AS sink_rate,
-                       any_value(i.eps) AS eps
-                FROM heads h JOIN run_info i USING (run) GROUP BY i.label""").df(),
-                on="run", how="left")
+            out = out.merge(con.query("""
+                WITH bad AS (SELECT DISTINCT run, prompt_id FROM heads
+                             WHERE NOT coalesce(isfinite(sink_mass), false))
+                SELECT i.label AS run, 100 * avg(CAST(h.sink_mass > i.eps AS DOUBLE))
+                           FILTER (WHERE b.prompt_id IS NULL) AS sink_rate,
+                       any_value(i.eps) AS eps,
+                       count(DISTINCT b.prompt_id) AS sink_prompts_excluded
+                FROM heads h JOIN run_info i USING (run)
+                     LEFT JOIN bad b ON b.run = h.run AND b.prompt_id = h.prompt_id
+                GROUP BY i.label"""), on="run", how="left")
         if "massive" in views_:
-            out = out.merge(con.execute("""
+            out = out.merge(con.query("""
                 SELECT i.label AS run, min(m.layer) AS first_massive_layer,
                        array_to_string(list_sort(list(DISTINCT m.dim)), ',') AS massive_dims,
                        max(abs(m.value)) AS max_massive
-                FROM massive m JOIN run_info i USING (run) GROUP BY i.label""").df(),
+                FROM massive m JOIN run_info i USING (run) GROUP BY i.label"""),
                 on="run", how="left")
-        columns = set(con.execute("DESCRIBE tokens").df().column_name)
+        columns = set(con.query("DESCRIBE tokens").column_name)
         if "entropy" in columns:
-            out = out.merge(con.execute("""
-                SELECT i.label AS run, avg(t.entropy) AS mean_entropy
+            out = out.merge(con.query("""
+                WITH bad AS (SELECT DISTINCT run, prompt_id FROM tokens
+                             WHERE pos > 0 AND NOT coalesce(isfinite(entropy), false))
+                SELECT i.label AS run, avg(t.entropy) FILTER (WHERE b.prompt_id IS NULL)
+                           AS mean_entropy,
+                       count(DISTINCT b.prompt_id) AS entropy_prompts_excluded
                 FROM tokens t JOIN run_info i USING (run)
-                WHERE t.entropy IS NOT NULL GROUP BY i.label""").df(), on="run", how="left")
+                     LEFT JOIN bad b ON b.run = t.run AND b.prompt_id = t.prompt_id
+                WHERE t.pos > 0 GROUP BY i.label"""), on="run", how="left")
     order = {lab: k for k, (lab, _, _) in enumerate(labelled)}
     return out.sort_values("run", key=lambda s: s.map(order), ignore_index=True)
 
@@ -134,6 +145,8 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
     sec.text(f"<p>Model <b>{html.escape(model)}</b> ({n_layers} blocks), "
              f"{len(run.prompts)} prompt(s), probes: {html.escape(probes)}, created "
              f"{html.escape(str(run.meta.get('created', '?')))}.</p>")
+    for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
+        sec.text(f'<p class="warning"><b>Warning:</b> {html.escape(warning)}</p>')
     sec.table(f"{p}_prompts", _prompt_table(run), f"Prompts of {label} ({model})")
     if "massive" in run.tables:
         sec.table(f"{p}_massive", massive_summary(run),
@@ -231,6 +244,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "table.tp{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
        "table.tp td,table.tp th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
        ".cap{font-weight:600;margin-bottom:2px}.note{color:#8a5a00}"
+       ".warning{background:#fff4e5;border-left:4px solid #e8a33d;padding:4px 8px}"
        "figcaption{font-size:12px;color:#666}")
 
 

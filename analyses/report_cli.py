@@ -11,7 +11,8 @@ from tokenprobe.analyses.sink_curve import DEFAULT_TS
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `report` subcommand to `subparsers`; its handler is `cmd_report`."""
-    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
+    from tokenprobe.cli import EXISTS_NOTE, EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
+    from tokenprobe.options import nonnegative_int, positive_ints
 
     p = subparsers.add_parser(
         "report", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -30,8 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                "  tokenprobe report runs/a runs/b --out paper-figs --style paper --overwrite\n"
                "  tokenprobe report --curve-models smollm2-135m,gemma3-270m,runs/toy/"
                "bigram-backcopy-L1 --out runs/curve\n\n" + EXIT_CODES_NO_RESUME.replace(
-                   "the output directory already holds a complete run (use --overwrite)",
-                   "--out exists and is not empty (use --overwrite)"))
+                   EXISTS_NOTE, "--out exists and is not empty (--overwrite replaces it)"))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="complete run directories")
     p.add_argument("--out", required=True, metavar="DIR", help="report directory to create")
     p.add_argument("--style", choices=["screen", "paper"], default="screen",
@@ -40,13 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-static", action="store_true",
                    help="skip the PNG/SVG/PDF figures (HTML and tables only)")
-    p.add_argument("--max-prompts", type=int, default=2, metavar="N",
+    p.add_argument("--max-prompts", type=nonnegative_int, default=2, metavar="N",
                    help="prompts per run with figures and token views (default 2)")
     curve = p.add_argument_group("sink rate against T (runs the models now)")
     curve.add_argument("--curve-models", metavar="M1,M2",
                        help="comma-separated registered names or model directories (a toy "
                             "directory from `tokenprobe toy` is measured on its own sequences)")
-    curve.add_argument("--curve-T", default=",".join(map(str, DEFAULT_TS)), metavar="T1,T2",
+    curve.add_argument("--curve-T", type=positive_ints, default=",".join(map(str, DEFAULT_TS)),
+                       metavar="T1,T2",
                        help=f"context lengths (default {','.join(map(str, DEFAULT_TS))})")
     curve.add_argument("--curve-prompts", metavar="FILE",
                        help="texts for the curve (.txt or .jsonl; default: the passages of "
@@ -61,8 +62,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tokenprobe.analyses.report import write_report
-    from tokenprobe.cli import EXIT_OK, UsageError, read_prompts
-    from tokenprobe.store import RunNotFoundError, is_complete
+    from tokenprobe.cli import EXIT_OK
+    from tokenprobe.options import UsageError, read_prompts
+    from tokenprobe.store import RunNotFoundError, check_writable, is_complete, table_files
 
     if not args.runs and not args.curve_models:
         raise UsageError("give at least one RUN_DIR, or --curve-models")
@@ -70,20 +72,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not is_complete(Path(run_dir)):
             raise RunNotFoundError(f"{run_dir} is not a complete tokenprobe run (no run.json "
                                    "with status complete)")
-    if args.max_prompts < 0:
-        raise UsageError("--max-prompts must be >= 0")
+        table_files(Path(run_dir))  # an unsafe run.json fails here, before any model runs
     out = Path(args.out)
     if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass "
                               "--overwrite to replace it")
+    check_writable(out)
     curve = None
     if args.curve_models:
-        try:
-            Ts = [int(t) for t in args.curve_T.split(",") if t.strip()]
-        except ValueError as err:
-            raise UsageError(f"--curve-T: {err}") from err
-        if not Ts or min(Ts) < 1:
-            raise UsageError("--curve-T needs positive integers")
+        Ts = args.curve_T  # positive integers (the parser's `positive_ints`)
         texts = read_prompts(Path(args.curve_prompts)) if args.curve_prompts else None
         curve = pd.concat([_curve(m.strip(), Ts, texts, quiet=args.quiet)
                            for m in args.curve_models.split(",") if m.strip()],

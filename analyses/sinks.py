@@ -1,6 +1,7 @@
 """Sink analyses over runs: Gu et al.'s sink rate per prompt, Wong et al.'s sink levels."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from tokenprobe.store import Run
@@ -14,19 +15,30 @@ def sink_rate(run: Run, *, eps: float | None = None, by_prompt: bool = True) -> 
         eps: threshold; default the one the probe ran with (0.3 unless changed).
         by_prompt: one row per prompt (with its T), else one row for the run.
 
+    A prompt whose sink mass is NaN or inf at any (layer, head) (the model's numbers
+    overflowed: see the run's `nonfinite` table) has no sink rate (NaN, with its count in
+    `nonfinite_heads`) and is left out of the run's rate, counted in `prompts_excluded`.
+
     Returns:
-        columns prompt_id (if by_prompt), T (tokens; T_min/T_max for the run), sink_rate, eps, k_pos.
+        columns prompt_id (if by_prompt), T (tokens; T_min/T_max for the run), sink_rate, eps,
+        k_pos, and nonfinite_heads (by prompt) or prompts_excluded (for the run).
     """
     config = next(p for p in run.meta["probes"] if p["name"] == "sinks")
     eps = config["eps"] if eps is None else eps
-    heads = run.heads.assign(is_sink=run.heads.sink_mass > eps)
+    heads = run.heads.assign(is_sink=run.heads.sink_mass > eps,
+                             bad=~np.isfinite(run.heads.sink_mass.to_numpy(float)))
     lengths = run.prompts.set_index("prompt_id").n_tokens
+    per_prompt = heads.groupby("prompt_id").agg(sink_rate=("is_sink", "mean"),
+                                                nonfinite_heads=("bad", "sum"))
+    per_prompt["sink_rate"] = (100 * per_prompt.sink_rate).where(per_prompt.nonfinite_heads == 0)
     if by_prompt:
-        out = (100 * heads.groupby("prompt_id").is_sink.mean()).rename("sink_rate").reset_index()
+        out = per_prompt.reset_index()[["prompt_id", "sink_rate", "nonfinite_heads"]]
         out.insert(1, "T", out.prompt_id.map(lengths))
     else:
+        kept = heads[heads.prompt_id.isin(per_prompt.index[per_prompt.nonfinite_heads == 0])]
         out = pd.DataFrame({"T_min": [lengths.min()], "T_max": [lengths.max()],
-                            "sink_rate": [100 * heads.is_sink.mean()]})
+                            "sink_rate": [100 * kept.is_sink.mean() if len(kept) else np.nan],
+                            "prompts_excluded": [int((per_prompt.nonfinite_heads > 0).sum())]})
     return out.assign(eps=eps, k_pos=config["k_pos"])
 
 

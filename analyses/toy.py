@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import tokenprobe
+from tokenprobe.store import publish
 
 BOS, DELIM = "<bos>", "<delim>"
 TASK = "bigram-backcopy"
@@ -273,16 +273,11 @@ def save_toy(trained: Trained, directory: str | Path) -> Path:
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    old = final.parent / f".{final.name}.old"
     try:
         trained.model.save_pretrained(staging, safe_serialization=True)
         trained.tokenizer.save_pretrained(staging)
         (staging / META).write_text(json.dumps(trained.info, indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)  # kept if the next rename fails
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -347,6 +342,8 @@ SCALES = {"small": {"d_model": 64, "seq_len": 64, "batch_size": 32, "lr": 2e-3, 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `toy` subcommand (train toy models, save them, print their report)."""
+    from tokenprobe.options import positive_int, seed
+
     parser = subparsers.add_parser(
         "toy", help="train the Bigram-Backcopy toy models and report their extreme tokens",
         description="Train one GPT-2 per --layers value on the Bigram-Backcopy task (Guo et al., "
@@ -364,13 +361,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "model here); paper: the paper's d_model 256, 256 tokens and lr 3e-4, "
                              f"with batch {ToyConfig().batch_size} and {ToyConfig().steps} steps "
                              "(the paper trains 10 000 steps of batch 512)")
-    parser.add_argument("--steps", type=int, metavar="N",
+    parser.add_argument("--steps", type=positive_int, metavar="N",
                         help="optimizer steps per model (default: the scale's)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3], metavar="L",
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[1, 3], metavar="L",
                         help="layer counts to train, one model each (paper: 1 to 3)")
-    parser.add_argument("--seed", type=int, default=ToyConfig().seed,
+    parser.add_argument("--seed", type=seed, default=ToyConfig().seed,
                         help="seed of the initialisation and of the training sequences")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
                         help="torch threads while training (1 measured fastest on a busy "
                              "2-core machine; on an idle one try the core count)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -379,10 +376,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    """`tokenprobe toy`: train, save and report each model; 0 on success, 2 on bad arguments."""
-    if (args.steps is not None and args.steps < 1) or min(args.layers) < 1 or args.threads < 1:
-        print("tokenprobe toy: --steps, --layers and --threads must be positive", file=sys.stderr)
-        return 2
+    """`tokenprobe toy`: train, save and report each model; returns 0. Bad numbers are refused
+    by the parser and an --out that cannot be written by `check_writable`, before training."""
+    from tokenprobe.store import check_writable
+
+    check_writable(Path(args.out) / f"{TASK}-L{args.layers[0]}")
     for n_layer in args.layers:
         settings = {**SCALES[args.scale], **({"steps": args.steps} if args.steps else {})}
         config = ToyConfig(n_layer=n_layer, seed=args.seed, **settings)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from tokenprobe.store import Run
+from tokenprobe.tokens import display_text
 
 CRITICAL_COMMAND = "tokenprobe critical --model {model} --task FILE --out RUN_DIR"
 ATTRIBUTION_COMMAND = ("tokenprobe attribute --model {model} --prompt TEXT --target TEXT "
@@ -97,6 +98,15 @@ def model_of(run: Run) -> str:
     return str(run.meta.get("model", "MODEL"))
 
 
+def run_warnings(run: Run) -> list[str]:
+    """The warnings in the run's run.json (e.g. NaN or inf from a float16 overflow), as
+    readable single-line text; anything that is not a list of strings is ignored."""
+    found = run.meta.get("warnings")
+    if not isinstance(found, list):
+        return []
+    return [display_text(w) for w in found if isinstance(w, str)]
+
+
 def require(run: Run, table: str, column: str | None, probe: str, what: str) -> pd.DataFrame:
     """`run.tables[table]`, or MissingProbe if it (or its `column`) is absent."""
     frame = run.tables.get(table)
@@ -105,19 +115,28 @@ def require(run: Run, table: str, column: str | None, probe: str, what: str) -> 
     return frame
 
 
+VISIBLE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
 def readable_token(token: str, is_special: bool = False) -> str:
-    """A token's text with whitespace made visible: space as ·, newline ↵, tab ⇥; a special
-    token stays as written (e.g. `<bos>`) and an empty token is shown as ∅."""
+    """A token's exact text with whitespace made visible: space as ·, newline ↵, tab ⇥, CR ␍,
+    other control characters escaped (`display_text`: ESC as \\x1b); a special token stays as
+    written (e.g. `<bos>`) and an empty token is shown as ∅."""
     if is_special or token == "":
-        return token or "∅"
-    return token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+        return display_text(token) or "∅"
+    for char, sign in VISIBLE.items():
+        token = token.replace(char, sign)
+    return display_text(token)
 
 
 def prompt_tokens(run: Run, prompt_id: int) -> pd.DataFrame:
-    """The prompt's tokens: pos, token, token_id, is_special, shown (readable text)."""
+    """The prompt's tokens: pos, token_id, token (readable), raw (exact text), is_special,
+    shown (whitespace made visible)."""
     tokens = run.tokens[run.tokens.prompt_id == prompt_id]
     out = tokens[["pos", "token_id", "token", "is_special"]].reset_index(drop=True)
-    out["shown"] = [readable_token(t, s) for t, s in zip(out.token, out.is_special)]
+    # runs written before token_raw existed stored the exact text in `token`
+    out["raw"] = (tokens.token_raw if "token_raw" in tokens else tokens.token).to_numpy()
+    out["shown"] = [readable_token(t, s) for t, s in zip(out.raw, out.is_special)]
     return out
 
 
@@ -195,8 +214,9 @@ def sink_bars(run: Run, prompt_id: int) -> pd.DataFrame:
     last_layer and label ("token@pos"), ordered by creation layer."""
     sinks = require(run, "sinks", None, "sinks", "sinks table")
     rows = sinks[sinks.prompt_id == prompt_id].drop(columns="prompt_id")
+    shown = prompt_tokens(run, prompt_id).set_index("pos").shown
     rows = rows.assign(last_layer=rows.creation_layer + rows.lifetime - 1,
-                       label=[f"{readable_token(t)}@{p}" for t, p in zip(rows.token, rows.pos)])
+                       label=[f"{shown[p]}@{p}" for p in rows.pos])
     return rows.sort_values(["creation_layer", "pos"], ignore_index=True)
 
 

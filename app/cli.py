@@ -21,7 +21,7 @@ def streamlit_command(root: Path, *, address: str, port: int) -> list[str]:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    from tokenprobe.cli import UsageError
+    from tokenprobe.options import UsageError
 
     root = Path(args.root).resolve()
     if not root.is_dir():
@@ -36,6 +36,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `app` subcommand."""
+    from tokenprobe.options import port
+
     parser = subparsers.add_parser(
         "app", help="the Streamlit dashboard over a directory of runs",
         description="Serve the tokenprobe dashboard (streamlit run underneath): pick a run "
@@ -45,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "opened.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("root", nargs="?", default="runs", metavar="RUNS_ROOT",
                         help="directory holding run directories; live runs are saved here")
-    parser.add_argument("--port", type=int, default=8501, help="port to listen on")
+    parser.add_argument("--port", type=port, default=8501, help="port to listen on (1-65535)")
     parser.add_argument("--address", default="127.0.0.1",
                         help="address to bind (default loopback only; 0.0.0.0 exposes it)")
     parser.set_defaults(func=cmd_app)

@@ -13,7 +13,8 @@ import streamlit as st
 import tokenprobe
 from tokenprobe.analyses import views
 from tokenprobe.app import figures, panels, runs
-from tokenprobe.store import RUN_JSON, Run
+from tokenprobe.app.panels import plain
+from tokenprobe.store import RUN_JSON, Run, RunNotFoundError
 
 PAGES = ["Run", "Compare", "Live run"]
 TABS = ["Tokens", "Heads", "Layers", "Massive", "Sinks", "Critical", "Tables"]
@@ -34,13 +35,14 @@ def load_model(name: str) -> tokenprobe.LoadedModel:
 
 
 def open_named(root: Path, name: str) -> Run | None:
-    """The run `name` inside `root`, or None after showing why it cannot be opened."""
+    """The run `name` inside `root`, or None after showing why it cannot be opened (outside
+    the root, unfinished, or a run.json naming unsafe table files)."""
     try:
         path = runs.resolve_run(root, name)
-    except runs.RunPathError as err:
+        return load_run(str(path), (path / RUN_JSON).stat().st_mtime)
+    except (runs.RunPathError, RunNotFoundError) as err:
         st.error(str(err))
         return None
-    return load_run(str(path), (path / RUN_JSON).stat().st_mtime)
 
 
 def pick_run(root: Path, label: str, key: str, index: int = 0) -> tuple[str, Run] | None:
@@ -69,15 +71,18 @@ def pick_prompt(run: Run, key: str) -> int:
 
 def run_header(name: str, run: Run) -> None:
     meta = run.meta
-    parts = [f"**{name}**: model `{meta.get('model', '?')}`"
-             + (f" ({meta['n_layers']} layers)" if meta.get("n_layers") else "")]
-    if meta.get("probes"):
-        parts.append("probes: " + ", ".join(p["name"] for p in meta["probes"]))
+    parts = [f"**{plain(name)}**: model {plain(meta.get('model', '?'))}"
+             + (f" ({plain(meta['n_layers'])} layers)" if meta.get("n_layers") else "")]
+    if isinstance(meta.get("probes"), list):
+        parts.append("probes: " + ", ".join(plain(p.get("name", "?")) for p in meta["probes"]
+                                            if isinstance(p, dict)))
     if meta.get("analysis"):
-        parts.append(f"analysis: {meta['analysis']}")
-    parts += [f"{len(run.prompts)} prompt(s)", f"created {meta.get('created', '?')}",
-              f"tables: {', '.join(sorted(run.tables))}"]
+        parts.append(f"analysis: {plain(meta['analysis'])}")
+    parts += [f"{len(run.prompts)} prompt(s)", f"created {plain(meta.get('created', '?'))}",
+              f"tables: {plain(', '.join(sorted(run.tables)))}"]
     st.caption("; ".join(parts))
+    for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
+        st.warning(plain(warning))
 
 
 def show_run(name: str, run: Run, key: str) -> None:

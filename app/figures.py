@@ -42,6 +42,7 @@ def token_colours(values: pd.Series, *, kind: str = "numeric", log: bool = False
         return [NO_VALUE if pd.isna(v) else palette[str(v)] for v in values], \
             {"kind": "category", "colours": palette}
     numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    numbers = numbers.where(np.isfinite(numbers))  # NaN and inf: no colour (the hover says which)
     if log:
         numbers = np.log10(numbers.where(numbers > 0))
     finite = numbers.dropna()
@@ -60,6 +61,8 @@ def token_colours(values: pd.Series, *, kind: str = "numeric", log: bool = False
 def _format(value: object) -> str:
     if pd.isna(value):
         return "n/a"
+    if isinstance(value, (float, np.floating)) and np.isinf(value):
+        return "inf" if value > 0 else "-inf"
     if isinstance(value, (float, np.floating)):
         return f"{value:.6g}"
     return str(value)
@@ -80,17 +83,21 @@ def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: b
         rgb = colour if colour.startswith("rgb") else _hex_to_rgb(colour)
         border = ("2px solid #d62728" if row.pos in marked else
                   "1px dashed #888" if row.is_special else "1px solid transparent")
-        tip = (f"pos {row.pos} | token {row.token!r} (id {row.token_id})"
+        tip = (f"pos {row.pos} | token '{row.token}' (id {row.token_id})"
                f"{' special' if row.is_special else ''}{' MARKED' if row.pos in marked else ''}"
                f" | {label}: {_format(row.value)}")
         spans.append(
             f'<span class="tp-tok" data-pos="{row.pos}" title="{html.escape(tip)}" '
             f'style="background:{colour};color:{_text_colour(rgb)};border:{border};'
             f'border-radius:3px;padding:0 2px;margin:1px;white-space:pre;display:inline-block">'
-            f"{html.escape(row.shown)}</span>" + ("<br>" if "\n" in row.token else ""))
+            f"{html.escape(row.shown)}</span>" + ("<br>" if "\n" in _raw(row) else ""))
     body = ('<div class="tp-tokens" style="font-family:ui-monospace,monospace;font-size:15px;'
             'line-height:2.2">' + "".join(spans) + "</div>")
     return body + legend_html(scale, label)
+
+
+def _raw(row) -> str:
+    return getattr(row, "raw", row.token)
 
 
 def legend_html(scale: dict, label: str) -> str:
@@ -124,10 +131,12 @@ def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bo
 
     `log` colours log10 of the values (ticks in the values' units) and keeps exact values in
     the hover; `diverging` centres a red-blue scale on 0 (differences); `x_labels` names the
-    columns (e.g. tokens for positions).
+    columns (e.g. tokens for positions). NaN and inf cells are left uncoloured and marked with
+    a grey x (hover: the value), so an overflowed model reads as such, not as a colour.
     """
     values = grid.to_numpy(dtype=float)
-    z = np.log10(np.where(values > 0, values, np.nan)) if log else values
+    finite = np.where(np.isfinite(values), values, np.nan)
+    z = np.log10(np.where(finite > 0, finite, np.nan)) if log else finite
     x = [str(c) for c in grid.columns]
     ticks = [f"{c}:{t}" for c, t in zip(x, x_labels)] if x_labels is not None else x
     colorbar: dict = {"title": {"text": value}}
@@ -142,12 +151,27 @@ def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bo
         hovertemplate=f"layer %{{y}}<br>{x_title} %{{x}}<br>{value} %{{customdata:.6g}}"
                       "<extra></extra>")
     fig = go.Figure(trace)
+    rows, cols = np.nonzero(np.isinf(values) | (np.isnan(values) & _reached(values)))
+    if len(rows):
+        fig.add_trace(go.Scatter(
+            x=[ticks[c] for c in cols], y=[grid.index[r] for r in rows], mode="markers",
+            name="NaN / inf", marker={"symbol": "x-thin", "size": 9, "color": "#555",
+                                      "line": {"width": 2, "color": "#555"}},
+            text=[_format(values[r, c]) for r, c in zip(rows, cols)], showlegend=True,
+            hovertemplate=f"layer %{{y}}<br>{x_title} %{{x}}<br>{value} %{{text}} (non-finite)"
+                          "<extra></extra>"))
     fig.update_layout(title=title + (" (log colour scale)" if log else ""),
                       xaxis_title=x_title, yaxis_title="layer", height=460,
                       margin={"l": 50, "r": 20, "t": 50, "b": 50})
     fig.update_xaxes(type="category")
     fig.update_yaxes(dtick=1)
     return fig
+
+
+def _reached(values: np.ndarray) -> np.ndarray:
+    """Cells a NaN there means a non-finite value rather than a cell with no observation: a
+    column (e.g. a position) that holds some number in another row (layer)."""
+    return np.broadcast_to(~np.isnan(values).all(axis=0, keepdims=True), values.shape)
 
 
 def massive_figure(points: pd.DataFrame, *, n_layers: int, tokens: list[str]) -> go.Figure:
@@ -157,7 +181,7 @@ def massive_figure(points: pd.DataFrame, *, n_layers: int, tokens: list[str]) ->
     for i, (dim, rows) in enumerate(points.groupby("dim")):
         fig.add_trace(go.Scatter(
             x=rows.layer, y=rows.pos, mode="markers", name=f"dim {dim}",
-            marker={"size": 6 + 3 * np.log10(rows.abs_value.clip(lower=1)),
+            marker={"size": 6 + 3 * np.log10(rows.abs_value.clip(lower=1, upper=1e10)),
                     "color": qualitative.Plotly[i % len(qualitative.Plotly)]},
             customdata=np.stack([rows.value, rows.ratio_to_median, rows.token.astype(str)], 1),
             hovertemplate=(f"dim {dim}<br>layer %{{x}}, pos %{{y}} (%{{customdata[2]}})<br>"

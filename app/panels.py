@@ -5,6 +5,8 @@ Every panel gets its frame from `tokenprobe.analyses.views` and its figure from
 """
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import streamlit as st
 
@@ -12,8 +14,17 @@ from tokenprobe.analyses import views
 from tokenprobe.analyses.views import METRICS, MissingProbe
 from tokenprobe.app import figures, runs
 from tokenprobe.store import Run
+from tokenprobe.tokens import display_text
 
 LOG_COLUMNS = {"resid_norm", "max_abs"}
+MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")  # characters Markdown may act on
+
+
+def plain(value: object) -> str:
+    """Text from a run (run.json fields, tokens) shown as itself in Markdown: control
+    characters escaped and Markdown's special characters backslashed, so a crafted run cannot
+    inject links or images into the page."""
+    return MARKDOWN.sub(r"\\\1", display_text(str(value)))
 
 
 def empty_state(err: MissingProbe) -> None:
@@ -131,7 +142,8 @@ def sinks_view(run: Run, prompt_id: int, key: str) -> None:
         return empty_state(err)
     rate = sink_rate(run).set_index("prompt_id").loc[prompt_id]
     st.metric(f"Sink rate (eps {rate.eps:g}, k = {int(rate.k_pos)}, T = {int(rate['T'])})",
-              f"{rate.sink_rate:.1f}%")
+              f"{rate.sink_rate:.1f}%" if rate.nonfinite_heads == 0 else
+              f"n/a: NaN/inf at {int(rate.nonfinite_heads)} heads")
     if bars.empty:
         st.info("No sink tokens found in this prompt.")
         return
@@ -151,7 +163,7 @@ def critical_view(run: Run, prompt_id: int, key: str) -> None:
         st.dataframe(summary, hide_index=True)
     st.plotly_chart(figures.critical_figure(prefixes), key=f"{key}-fig")
     marked = prefixes[prefixes.critical]
-    st.write("Critical token: " + (", ".join(f"`{s}` at pos {p}" for s, p in
+    st.write("Critical token: " + (", ".join(f"{plain(s)} at pos {p}" for s, p in
                                               zip(marked.shown, marked.pos)) or "none"))
     downloads(prefixes, f"critical_p{prompt_id}", key)
     try:

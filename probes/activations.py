@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Batch, LayerBuffers, Probe
+from tokenprobe.probe import Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,14 @@ class ActivationsProbe(Probe):
             ignore_index=True)
         massive = (pd.concat([_frame(m) for m in self._massive], ignore_index=True)
                    if self._massive else None)
+        checked = ("resid_norm", "max_abs", "median_abs", "cos_to_first")
+        nonfinite = nonfinite_frame([
+            nonfinite_row(self.name, "resid_post", prompt_id, layer,
+                          {name: stats[name][layer, row, :n] for name in checked})
+            for layer in stats.layers
+            for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths))])
         self._stats, self._massive = LayerBuffers(self.batch.n_layers), []
-        return {"token_layers": token_layers, "massive": massive}
+        return {"token_layers": token_layers, "massive": massive, "nonfinite": nonfinite}
 
 
 def _frame(parts: dict, **extra) -> pd.DataFrame:

@@ -69,8 +69,9 @@ class CriticalConfig:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         if min(self.n_rollouts, self.batch_size, self.window, self.trajectory_attempts) < 1:
             raise ValueError("n_rollouts, batch_size, window and trajectory_attempts must be >= 1")
-        if self.temperature < 0 or self.trajectory_temperature < 0:
-            raise ValueError("temperatures must be >= 0")
+        if not (0 <= self.temperature < math.inf and 0 <= self.trajectory_temperature < math.inf):
+            raise ValueError(f"temperatures must be finite and >= 0, got {self.temperature} and "
+                             f"{self.trajectory_temperature}")
         if self.max_new_tokens < 1 or self.max_trajectory_tokens < 1:
             raise ValueError("token limits must be >= 1")
 

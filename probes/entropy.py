@@ -35,9 +35,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenprobe.kernels.linear_entropy import linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
-from tokenprobe.probe import Probe
+from tokenprobe.probe import Probe, nonfinite_frame, nonfinite_row
 
 BANDS = ("low", "mid", "high")
+CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
+           "teacher_logprob", "kl_student_teacher", "kl_teacher_student", "jsd", "critical_ce")
 TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
 
 
@@ -122,16 +124,16 @@ class Unembedding:
 
 def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
     """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
-    mean(H_{t..t+w-1}) ("current", the paper); NaN entries (position 0) are skipped and a window
-    cut by the end of the prompt averages what is left (NaN if nothing is)."""
+    mean(H_{t..t+w-1}) ("current", the paper). Position 0 (no prediction) is skipped, a window
+    cut by the end of the prompt averages what is left (NaN if nothing is), and a window that
+    holds a NaN or inf entropy is NaN."""
     h = np.asarray(entropy, dtype=float)
     n = len(h)
     shift = 1 if start == "next" else 0
     out = np.full(n, np.nan)
     for t in range(n):
-        chunk = h[t + shift:t + shift + w]
-        chunk = chunk[~np.isnan(chunk)]
-        if len(chunk):
+        chunk = h[max(t + shift, 1):t + shift + w]
+        if len(chunk) and np.isfinite(chunk).all():
             out[t] = chunk.mean()
     return out
 
@@ -139,8 +141,10 @@ def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> n
 def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantile: float = 0.8,
                   rho: float = 0.2) -> tuple[pd.Series, pd.Series, dict[str, float]]:
     """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
-    scored token (NaN entropy: no band, not forking), and the thresholds used."""
-    scored = entropy.dropna()
+    scored token, and the thresholds used (quantiles of the finite entropies); a NaN or inf
+    entropy gets no band and no forking flag (NA)."""
+    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
+    scored = entropy[finite]
     if scored.empty:
         q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
     else:
@@ -150,9 +154,9 @@ def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantil
     band = pd.Series(np.where(entropy >= q["q_high"], "high",
                               np.where(entropy >= q["q_low"], "mid", "low")),
                      index=entropy.index, dtype="string")
-    band[entropy.isna()] = pd.NA
+    band[~finite] = pd.NA
     forking = (entropy >= q["q_forking"]).astype("boolean")
-    forking[entropy.isna()] = pd.NA
+    forking[~finite] = pd.NA
     return band, forking, q
 
 
@@ -165,6 +169,12 @@ def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_th
                       np.where(high_d, TIP_QUADRANTS[2], TIP_QUADRANTS[3])).astype(object)
     labels[np.isnan(entropy) | np.isnan(jsd)] = None
     return labels
+
+
+def _strict_mean(x: pd.Series) -> float:
+    """The mean, NaN when any value is NaN or inf (never a mean over a part of the prompt)."""
+    values = x.to_numpy(float)
+    return float(values.mean()) if np.isfinite(values).all() else math.nan
 
 
 class EntropyProbe(Probe):
@@ -250,10 +260,23 @@ class EntropyProbe(Probe):
                 entropy_threshold=cfg.tip_entropy, divergence_threshold=cfg.tip_divergence),
                 dtype="string")
         out = {"tokens": tokens}
+        bad = self._nonfinite(tokens, "logits", ue.n_layers - 1, CHECKED)
         if cfg.lens:
             out["token_layers"] = self._lens(hidden)
+            for layer, rows in out["token_layers"].groupby("layer"):
+                bad += self._nonfinite(rows, "lens", int(layer), ("lens_entropy",
+                                                                  "lens_kl_to_final"))
+        out["nonfinite"] = nonfinite_frame(bad)
         self.final, self.lens_h = None, {}
         return out
+
+    def _nonfinite(self, frame: pd.DataFrame, site: str, layer: int,
+                   columns: tuple[str, ...]) -> list[dict | None]:
+        """`nonfinite` rows of the scored positions (pos >= 1) of each prompt in `frame`."""
+        present = [c for c in columns if c in frame]
+        return [nonfinite_row(self.name, site, int(prompt_id), layer,
+                              {c: g[c].to_numpy(float)[1:] for c in present}, offset=1)
+                for prompt_id, g in frame.groupby("prompt_id", sort=False) if len(g) > 1]
 
     def _compare(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Two-model columns: the compare model runs on the same batch."""
@@ -320,25 +343,32 @@ class EntropyProbe(Probe):
                                              low_quantile=cfg.low_quantile,
                                              high_quantile=cfg.high_quantile, rho=cfg.rho)
             tokens.loc[index, "band"], tokens.loc[index, "forking"] = band, forking
-        scored = tokens.dropna(subset=["entropy"])
+        scored = tokens[tokens.pos > 0]  # a NaN there is non-finite: the prompt's means are NaN
         per_prompt = scored.groupby("prompt_id").agg(
-            mean_entropy=("entropy", "mean"), mean_self_certainty=("self_certainty", "mean"),
-            perplexity=("logprob", lambda x: math.exp(-x.mean())),
-            forking_share=("forking", lambda x: float(x.astype(bool).mean())))
+            mean_entropy=("entropy", _strict_mean),
+            mean_self_certainty=("self_certainty", _strict_mean),
+            perplexity=("logprob", lambda x: math.exp(-_strict_mean(x))),
+            forking_share=("forking", lambda x: float(x.astype(float).mean(skipna=False))))
         prompts = tables["prompts"].drop(columns=list(per_prompt.columns), errors="ignore")
         prompts = prompts.merge(per_prompt.reset_index(), on="prompt_id", how="left")
         return {**tables, "tokens": tokens, "prompts": prompts}
 
     def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
         """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
-        band and forking thresholds (per-run quantiles), and two-model means when present."""
+        band and forking thresholds (per-run quantiles), and two-model means when present.
+        Prompts with a NaN or inf statistic are left out and counted in `prompts_excluded`."""
         cfg = self.config
-        scored = tables["tokens"].dropna(subset=["entropy"])
+        scored = tables["tokens"][tables["tokens"].pos > 0]
+        finite = np.isfinite(scored[["entropy", "logprob", "self_certainty"]].to_numpy(float))
+        bad = set(scored.prompt_id[~finite.all(1)])
+        scored = scored[~scored.prompt_id.isin(bad)]  # never a mean over a part of a prompt
+        excluded = {"prompts_excluded": len(bad)}
         if scored.empty:
-            return {"n_scored": 0}
+            return {"n_scored": 0, **excluded}
         _, _, q = entropy_bands(scored.entropy, low_quantile=cfg.low_quantile,
                                 high_quantile=cfg.high_quantile, rho=cfg.rho)
-        out = {"n_scored": len(scored), "mean_entropy": float(scored.entropy.mean()),
+        out = {"n_scored": len(scored), **excluded,
+               "mean_entropy": float(scored.entropy.mean()),
                "mean_self_certainty": float(scored.self_certainty.mean()),
                "perplexity": math.exp(-float(scored.logprob.mean())), **q,
                "quantiles_over": cfg.quantiles_over}

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Batch, LayerBuffers, Probe
+from tokenprobe.probe import Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,14 @@ class SinksProbe(Probe):
                             (rows, most, width))
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        sinks, heads, received = [], [], []
-        attn, resid = self._attn, self._resid
+        sinks, heads, received, nonfinite = [], [], [], []
+        attn, resid, k = self._attn, self._resid, self.config.k_pos
         for layer in attn.layers:
             for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+                checked = ["sink_mass", "attn_entropy"] + ["value_drain_sink"] * (k < n) \
+                    + ["value_drain_rest"] * (n > 1)  # the drains are NaN by definition else
+                nonfinite.append(nonfinite_row(self.name, "attention", prompt_id, layer,
+                                               {c: attn[c][layer, row] for c in checked}))
                 heads.append(pd.DataFrame({
                     "prompt_id": prompt_id, "layer": layer,
                     "head": np.arange(attn["sink_mass"].shape[-1]),
@@ -174,6 +178,12 @@ class SinksProbe(Probe):
                                               "attn_received": attn["attn_received"][layer, row, :n]}))
         for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
             cands = [c for c in self.config.candidates if c < n]
+            cos = np.abs(resid["cos"][:, row, :len(cands), :n]).sum(1)  # (L, T)
+            bad = [nonfinite_row(self.name, "resid_post", prompt_id, layer,
+                                 {"cos_to_candidates": cos[layer]}) for layer in resid.layers]
+            if any(bad):  # NaN norms and cosines would label sinks at random: none found
+                nonfinite += bad
+                continue
             found = secondary_sinks(resid["norms"][resid.layers, row, :len(cands)],
                                     resid["cos"][resid.layers, row, :len(cands), :n], cands,
                                     cos_threshold=self.config.cos_threshold,
@@ -185,13 +195,22 @@ class SinksProbe(Probe):
         self.begin(self.batch)  # forget this batch
         return {"heads": pd.concat(heads, ignore_index=True),
                 "token_layers": pd.concat(received, ignore_index=True),
-                "sinks": pd.concat(sinks, ignore_index=True)}
+                "sinks": pd.concat(sinks, ignore_index=True) if sinks else None,
+                "nonfinite": nonfinite_frame(nonfinite)}
 
     def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
-        """Gu et al.'s sink rate over the run, with the prompt lengths it depends on."""
+        """Gu et al.'s sink rate over the run, with the prompt lengths it depends on.
+
+        A prompt with a non-finite sink mass at any (layer, head) is left out of the rate (its
+        rate over the other heads would not be Gu et al.'s measure) and counted in
+        `prompts_excluded`; the rate is None when no prompt is left."""
         heads = tables["heads"]
         lengths = tables["prompts"].n_tokens
-        return {"sink_rate": float(100 * (heads.sink_mass > self.config.eps).mean()),
-                "eps": self.config.eps, "k_pos": self.config.k_pos,
+        finite = np.isfinite(heads.sink_mass.to_numpy(float))
+        bad = set(heads.prompt_id[~finite])
+        kept = heads[~heads.prompt_id.isin(bad)]
+        rate = float(100 * (kept.sink_mass > self.config.eps).mean()) if len(kept) else None
+        return {"sink_rate": rate, "eps": self.config.eps, "k_pos": self.config.k_pos,
                 "T_min": int(lengths.min()), "T_max": int(lengths.max()),
-                "T_mean": float(lengths.mean())}
+                "T_mean": float(lengths.mean()), "prompts_excluded": len(bad),
+                "heads_nonfinite": int((~finite).sum())}

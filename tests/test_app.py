@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import re
 from pathlib import Path
 
@@ -335,6 +336,29 @@ def test_path_outside_the_root_is_refused(root, monkeypatch, path):
     at = app(root, monkeypatch)
     at.text_input(key="run-path").set_value(path).run()
     assert "outside the runs root" in texts(at.error)
+
+
+@pytest.mark.parametrize("how", ["name", "symlink"])
+def test_run_json_naming_files_outside_the_run_is_refused(root, tmp_path, monkeypatch, how):
+    served, secret = tmp_path / "served", tmp_path / "outside" / "secret"
+    secret.mkdir(parents=True)
+    run = tokenprobe.open_run(root / "partial")
+    run.prompts.assign(text="TOP SECRET").to_parquet(secret / "prompts.parquet", index=False)
+    evil = run.save(served / "evil")
+    if how == "name":  # ../../outside/secret/prompts from served/evil
+        meta = json.loads((evil / "run.json").read_text())
+        meta["tables"] = [t if t != "prompts" else "../../outside/secret/prompts"
+                          for t in meta["tables"]]
+        (evil / "run.json").write_text(json.dumps(meta))
+        message = "never a path"
+    else:
+        (evil / "prompts.parquet").unlink()
+        (evil / "prompts.parquet").symlink_to(secret / "prompts.parquet")
+        message = "outside the run directory"
+    at = app(served, monkeypatch, run="evil")
+    assert not at.exception
+    assert message in texts(at.error)
+    assert not [s for s in at.selectbox if s.key == "run-prompt"] and charts(at) == 0
 
 
 def test_empty_root(tmp_path, monkeypatch):

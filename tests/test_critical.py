@@ -177,7 +177,9 @@ def test_cli(tmp_path, capsys):
     last = run.rollouts[run.rollouts.pos == run.tokens.pos.max()]
     assert len(last) == 4 and (last.n_tokens == 0).all() and not last.correct.any()  # complete
     assert main(args) == 4
-    assert main(args[:-2] + ["--out", str(tmp_path / "r2"), "--limit", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: --limit must be a positive integer
+        main(args[:-2] + ["--out", str(tmp_path / "r2"), "--limit", "0"])
+    assert refused.value.code == 2
     tasks.write_text("not json\n")
     assert main(args[:-2] + ["--out", str(tmp_path / "r3")]) == 2
     assert main(["critical", "--model", "no-such-model", "--out", str(tmp_path / "r4")]) == 3

@@ -23,7 +23,7 @@ from tokenprobe.analyses.heads import (
     read_domain,
     zero_ablation,
 )
-from tokenprobe.cli import UsageError
+from tokenprobe.options import UsageError
 from tokenprobe.tokens import pad_batch
 
 from conftest import PROMPTS

@@ -1,6 +1,7 @@
 """Model registry and cache: builds, fingerprints, and corrupt or partial caches rebuilt."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -50,6 +51,17 @@ def test_damaged_cache_is_rebuilt_not_used(fresh_cache, damage):
         again = tokenprobe.load("tiny-gemma3")
     assert models.cache_problem(directory) is None
     assert again.fingerprint == good.fingerprint
+
+
+def test_cache_manifest_lists_file_names_never_paths(fresh_cache):
+    tokenprobe.load("tiny-llama")
+    directory = fresh_cache / "models" / "tiny-llama"
+    outside = fresh_cache / "outside.bin"  # directory / "../../outside.bin"
+    outside.write_bytes(b"x")
+    manifest = json.loads((directory / models.MANIFEST).read_text())
+    manifest["files"]["../../outside.bin"] = {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+    (directory / models.MANIFEST).write_text(json.dumps(manifest))
+    assert "not a file name" in models.cache_problem(directory)
 
 
 def test_dtype_and_local_directory(fresh_cache):

@@ -19,6 +19,7 @@ from tokenprobe.analyses.sink_curve import long_prose, rotated_documents, sink_r
 from tokenprobe.analyses.sinks import sink_rate
 from tokenprobe.cli import main
 from tokenprobe.probes import ActivationsProbe, EntropyProbe, SinksConfig, SinksProbe
+from tokenprobe.store import RunNotFoundError
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hi_there: 100% & {braces} #1\n\tok",
            "the cat sat on the mat."]
@@ -191,6 +192,21 @@ def test_cli_report(run_dirs, tmp_path, capsys):
     assert "not a complete tokenprobe run" in capsys.readouterr().err
     assert main(["report", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_report_refuses_a_run_json_naming_files_outside_the_run(run_dirs, tmp_path, capsys):
+    run = tmp_path / "runs" / "evil"
+    shutil.copytree(run_dirs[1], run)
+    (tmp_path / "secret").mkdir()
+    shutil.copy(run / "prompts.parquet", tmp_path / "secret" / "prompts.parquet")
+    meta = json.loads((run / "run.json").read_text())
+    meta["tables"] = [t if t != "prompts" else "../../secret/prompts" for t in meta["tables"]]
+    (run / "run.json").write_text(json.dumps(meta))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-static"]) == 2
+    assert "never a path" in capsys.readouterr().err
+    with pytest.raises(RunNotFoundError, match="never a path"):
+        write_report([run], tmp_path / "rep", static=False)
+    assert not (tmp_path / "rep").exists()
 
 
 def test_cli_help():

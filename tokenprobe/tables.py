@@ -4,7 +4,8 @@ prompts (grain: prompt)
     prompt_id  int64   0-based index of the prompt in the run
     text       string  the prompt as given
     n_tokens   int64   tokens after tokenisation (and truncation)
-    truncated  bool    True if the prompt was cut to the model's context
+    truncated  bool    True if the prompt was cut (to max_tokens / --max-tokens, or to the
+                       model's context with truncate / --truncate)
     first_is_special bool  whether position 0 is a special token (e.g. Gemma's <bos>;
                        SmolLM2 adds none)
     mean_entropy, mean_self_certainty  float64  means over the prompt's scored tokens (nats;
@@ -15,7 +16,10 @@ prompts (grain: prompt)
 tokens (grain: prompt x position)
     prompt_id, pos  int64   keys; pos is 0-based over real tokens (padding never appears)
     token_id  int64   vocabulary id
-    token     string  the token's text; undecodable byte pieces are shown as \\xNN escapes
+    token     string  the token's readable text, safe to print: control and format characters
+                      escaped (\\n, \\t, \\r, \\xNN, \\uNNNN); a piece that is not whole
+                      UTF-8 characters reads as its bytes (\\xNN)
+    token_raw string  the token's exact text (the same \\xNN bytes for partial UTF-8 pieces)
     is_special bool   the id is one of the tokenizer's special ids
     -- entropy probe: of p_pos, the next-token distribution computed at pos - 1 (NA at pos 0)
     entropy    float64  -sum_v p log p (nats)
@@ -67,6 +71,20 @@ sinks (grain: prompt x position, flagged tokens only; sinks probe, Wong et al.)
 massive (grain: prompt x layer x position x dim; only entries meeting the criterion)
     value            float64  signed h_l[t, d]
     ratio_to_median  float64  |h_l[t, d]| / lower median of |h_l| over the sequence's layer tensor
+
+nonfinite (grain: prompt x layer x probe x site; only where a reduced statistic is NaN or
+        +-inf: the model's numbers overflowed (float16) or were NaN; none in a healthy run)
+    prompt_id, layer  int64  keys (layer: the block whose output or attention was reduced;
+                       site logits: the last block)
+    probe          string  the probe that found it (activations, sinks, entropy)
+    site           string  resid_post (residual after the block), attention (that block's
+                           attention statistics), logits (the next-token distribution), lens
+                           (the logit lens at that layer)
+    n_checked      int64   positions (heads, for site attention) whose statistics were checked
+    n_nonfinite    int64   of them, those with a NaN or +-inf statistic
+    first_index    int64   the first such position (or head)
+    n_nan, n_inf   int64   NaN and +-inf values among the statistics
+    statistics     string  the statistics that were non-finite, comma-separated
 
 rollouts (grain: prompt x position x kind x rollout; tokenprobe critical, Lin et al.)
     prompt_id, pos  int64  keys; pos is the last token of the prefix continued (kind prefix),
@@ -120,7 +138,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
                 "mean_self_certainty": "float64", "perplexity": "float64",
                 "forking_share": "float64"},
     "tokens": {"prompt_id": "int64", "pos": "int64", "token_id": "int64", "token": "string",
-               "is_special": "bool", "entropy": "float64", "logprob": "float64",
+               "token_raw": "string", "is_special": "bool", "entropy": "float64", "logprob": "float64",
                "rank": "Int64", "top1_id": "Int64", "top1_prob": "float64", "margin": "float64",
                "self_certainty": "float64", "window_entropy": "float64", "band": "string",
                "forking": "boolean", "teacher_entropy": "float64", "teacher_logprob": "float64",
@@ -139,6 +157,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
               "creation_layer": "int64", "lifetime": "int64", "max_cos": "float64"},
     "massive": {"prompt_id": "int64", "layer": "int64", "pos": "int64", "dim": "int64",
                 "value": "float64", "ratio_to_median": "float64"},
+    "nonfinite": {"prompt_id": "int64", "layer": "int64", "probe": "string", "site": "string",
+                  "n_checked": "int64", "n_nonfinite": "int64", "first_index": "int64",
+                  "n_nan": "int64", "n_inf": "int64", "statistics": "string"},
     "rollouts": {"prompt_id": "int64", "pos": "int64", "kind": "string", "rollout": "int64",
                  "seed": "int64", "first_token_id": "Int64", "n_tokens": "int64",
                  "finish": "string", "text": "string", "correct": "bool"},
@@ -162,6 +183,7 @@ KEYS: dict[str, list[str]] = {
     "tokens": ["prompt_id", "pos"],
     "token_layers": ["prompt_id", "layer", "pos"],
     "massive": ["prompt_id", "layer", "pos", "dim"],
+    "nonfinite": ["prompt_id", "layer", "probe", "site"],
     "rollouts": ["prompt_id", "pos", "kind", "rollout"],
     "heads": ["prompt_id", "layer", "head"],
     "sinks": ["prompt_id", "pos"],
@@ -194,6 +216,8 @@ def join(name: str, left: pd.DataFrame | None, right: pd.DataFrame) -> pd.DataFr
     """Combine two probes' parts of the same table on its keys (outer join)."""
     if left is None:
         return right
+    if "probe" in KEYS[name]:  # each probe writes its own rows (nonfinite): stack them
+        return conform(name, pd.concat([left, right], ignore_index=True))
     shared = (set(left.columns) & set(right.columns)) - set(KEYS[name])
     if shared:
         raise ValueError(f"table {name!r}: columns {sorted(shared)} written by two probes")

@@ -26,8 +26,32 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def display_text(text: str) -> str:
+    """`text` safe to print on a terminal or page: every character that is not printable
+    (C0 and C1 controls such as ESC, BEL, NUL and CR, DEL, newlines and tabs, bidi and other
+    format characters, non-space separators) as an escape: \\n, \\t, \\r, \\xNN or \\uNNNN.
+    Printable text, the plain space included, is unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else _ESCAPES.get(ch) or
+        (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+         else f"\\U{ord(ch):08x}")
+        for ch in text)
+
+
 def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """The text of one token; pieces that are not whole UTF-8 characters become \\xNN escapes."""
+    """The readable text of one token (the `token` columns): `raw_token_text` with control
+    characters escaped (`display_text`), so it never drives a terminal."""
+    return display_text(raw_token_text(tokenizer, token_id))
+
+
+def raw_token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """The exact text of one token (the `token_raw` column); a piece that is not whole UTF-8
+    characters (a byte of a multi-byte character) reads as its bytes, \\xNN escapes."""
     text = tokenizer.decode([token_id])
     if "\ufffd" not in text:
         return text
@@ -41,10 +65,12 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
 
 
 def token_rows(tokenizer: PreTrainedTokenizerBase, prompt_id: int, ids: list[int]) -> pd.DataFrame:
-    """The `tokens` rows of one sequence: prompt_id, pos, token_id, token, is_special."""
+    """The `tokens` rows of one sequence: prompt_id, pos, token_id, token (readable),
+    token_raw (exact), is_special."""
     special = set(tokenizer.all_special_ids)
+    raw = [raw_token_text(tokenizer, i) for i in ids]
     return pd.DataFrame({"prompt_id": prompt_id, "pos": range(len(ids)), "token_id": ids,
-                         "token": [token_text(tokenizer, i) for i in ids],
+                         "token": [display_text(t) for t in raw], "token_raw": raw,
                          "is_special": [i in special for i in ids]})
 
 
@@ -59,21 +85,22 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
                    context_length: int | None, truncate: bool, max_tokens: int | None = None
                    ) -> list[tuple[list[int], bool]]:
     """Token ids of each prompt with the tokenizer's default special tokens, and whether it
-    was truncated. Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
+    was truncated (cut to `max_tokens` or to the context). Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
     raise `PromptError`. `max_tokens` keeps only the first tokens of every prompt (special
     tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
     check_nonempty(prompts)
     out = []
     for i, text in enumerate(prompts):
         ids = tokenizer(text)["input_ids"]
-        if max_tokens is not None:
+        shortened = max_tokens is not None and len(ids) > max_tokens
+        if shortened:
             ids = ids[:max_tokens]
         cut = context_length is not None and len(ids) > context_length
         if cut and not truncate:
             raise PromptError(
                 f"prompt {i} has {len(ids)} tokens, more than the model's context of "
                 f"{context_length}; shorten it or ask for truncation (--truncate / truncate=True)")
-        out.append((ids[:context_length] if cut else ids, cut))
+        out.append((ids[:context_length] if cut else ids, cut or shortened))
     return out
 
 
