@@ -1,6 +1,6 @@
 """Attribution by ablation: how much each input token matters to a target's log-probability.
 
-Definition (shared/methods.md, "Critical tokens"): per input token, the change in the target's
+Definition (README, "Measures"): per input token, the change in the target's
 log-prob when the token is ablated, `delta_logprob = ablated - original` (nats; negative when
 the token supported the target). Two ablations:
 
@@ -46,7 +46,7 @@ COLUMNS = ["prompt_id", "pos", "token_id", "token", "method", "layer_range", "ba
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Settings of attribution by ablation (shared/methods.md; Geva et al. 2023 for knockout).
+    """Settings of attribution by ablation (README, "Measures"; Geva et al. 2023 for knockout).
 
     Attributes:
         methods: which ablations to run, of "removal" and "knockout".

@@ -1,6 +1,6 @@
 """Counterfactual token generation with a Gumbel-max structural causal model (Chatzi et al.).
 
-Definition (shared/methods.md, "Critical tokens"; Chatzi, Benz, Straitouri, Tsirtsis,
+Definition (README, "Measures"; Chatzi, Benz, Straitouri, Tsirtsis,
 Gomez-Rodriguez, "Counterfactual Token Generation in Large Language Models", 2024): sampling
 from softmax(z_t / T) is written as a deterministic function of the logits and exogenous noise,
 

@@ -1,7 +1,7 @@
 """Critical tokens over a task set: sample a wrong trajectory, roll out its prefixes, save a run.
 
 The method is Lin et al., "Critical Tokens Matter" (cDPO, chenzhiling9954/Critical-Tokens-Matter)
-as fixed in shared/methods.md; the rule, pass@k and the prefix schedule are in
+as fixed in README, "Measures"; the rule, pass@k and the prefix schedule are in
 `tokenprobe.probes.critical`, the KV-shared sampler in `tokenprobe.sampling`. Per task: take
 the given trajectory, or sample up to `trajectory_attempts` at `trajectory_temperature` and keep
 the first incorrect one (tasks with none are reported and skipped); sample `n_rollouts`

@@ -1,6 +1,6 @@
 """Active vs dormant attention heads: the change in mean next-token loss when one head is ablated.
 
-Definition (shared/methods.md, Guo et al., "Active-Dormant Attention Heads",
+Definition (README, "Measures"; Guo et al., "Active-Dormant Attention Heads",
 GuoTianYu2000/Active-Dormant-Attention): ablate a head and measure the change in mean next-token
 loss on a prompt set; the head is dormant on that domain when the change is below a threshold
 and active otherwise. The paper gives no threshold; `HeadAblationConfig.threshold` is ours.

@@ -1,7 +1,7 @@
 """Attention with per-head statistics, a block of queries at a time, never holding [H, T, T].
 
 One op, `attention_with_stats`: the attention output the model needs plus, from the same
-probabilities, the statistics the sinks probe reports (definitions: shared/methods.md):
+probabilities, the statistics the sinks probe reports (definitions: README, "Measures"):
 
 - `sink_mass` (B, H): Gu et al. 2024 alpha_k = (1/(T-k)) sum_{i>=k} A[i, k] over real queries;
 - `attn_entropy` (B, H): mean over real queries of -sum_j A[i, j] log A[i, j] (nats);

@@ -2,7 +2,7 @@
 
 One op, `linear_entropy(hidden, weight)`. With logits l = softcap(hidden @ weight.T + bias),
 softcap(x) = c tanh(x / c) (Gemma 2's final_logit_softcapping), and p = softmax(l), per token
-(definitions and conventions: shared/methods.md, "Per-token conventions"):
+(definitions and conventions: README, "Measures"):
 
 - `lse` = log sum_v e^{l_v};
 - `entropy` H(p) = -sum_v p_v log p_v, in nats;

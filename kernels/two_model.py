@@ -1,7 +1,7 @@
 """Two next-token distributions compared per token, streamed over the vocabulary, never (T, V).
 
 p = softmax(z_p), z_p = softcap_p(hidden_p @ weight_p.T + bias_p), and q likewise, over one
-vocabulary (definitions: shared/methods.md, "Per-token conventions" and "Critical tokens"):
+vocabulary (definitions: README, "Measures"):
 
 - entropies and JSD(p, q) for two-model token importance (TIP, on-policy distillation's token
   importance: student entropy H/ln V against JSD(student||teacher)/ln 2);

@@ -1,6 +1,6 @@
 """Critical tokens by rollout search: the search rule, pass@k, seeds and the prefix schedule.
 
-Definitions (shared/methods.md, "Critical tokens"; Lin et al., "Critical Tokens Matter",
+Definitions (README, "Measures"; Lin et al., "Critical Tokens Matter",
 cDPO, chenzhiling9954/Critical-Tokens-Matter): for an incorrect trajectory, sample n
 continuations (temperature 0.5) of every prefix ending at token t and score them with a
 verifier. The critical token is the first t whose prefix gives 0/n correct continuations, where

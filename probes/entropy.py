@@ -1,7 +1,7 @@
 """Next-token uncertainty per token: entropy, rank, self-certainty, window entropy, entropy bands,
 forking tokens, the logit lens, and two-model divergences (TIP, cDPO's contrastive score).
 
-Definitions and defaults: shared/methods.md, "Per-token conventions". Row `pos` of `tokens`
+Definitions and defaults: README, "Measures". Row `pos` of `tokens`
 describes the distribution p_pos computed at position pos - 1 that predicted the token at pos;
 position 0 has none (NaN). Sources:
 - self-certainty: Kang et al., "Scalable Best-of-N Selection via Self-Certainty"
@@ -45,7 +45,7 @@ TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
 
 @dataclass(frozen=True)
 class EntropyConfig:
-    """Entropy probe settings (defaults: shared/methods.md).
+    """Entropy probe settings (defaults: README, "Measures").
 
     Attributes:
         window: ARES window w (4).
@@ -186,7 +186,7 @@ class EntropyProbe(Probe):
 
     def __init__(self, config: EntropyConfig | None = None, *, compare: Any = None) -> None:
         """Args:
-            config: settings; defaults per shared/methods.md.
+            config: settings (defaults: README, "Measures").
             compare: a second model (a `tokenprobe.load()` result) with the same vocabulary:
                 the teacher for TIP, or the negative model for cDPO's `critical_ce`.
         """

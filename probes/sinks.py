@@ -1,6 +1,6 @@
 """Attention sinks: sink mass, attention entropy, value drains, attention received, secondary sinks.
 
-Sources (definitions and defaults: shared/methods.md):
+Sources (definitions and defaults: README, "Measures"):
 - Gu et al. 2024, "When Attention Sink Emerges in Language Models" (sail-sg/Attention-Sink,
   `compute_attention_sink`): alpha_k = (1/(T-k)) sum_{i>=k} A[i, k]; Sink_k^eps = 100 x share of
   (prompt, layer, head) with alpha_k > eps, eps = 0.3. It depends on T: always report T.

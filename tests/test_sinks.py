@@ -153,7 +153,7 @@ def test_sinks_table_follows_the_reference_residuals(tiny_llama):
 
 
 def explicit_zero_tuning_eager(gamma: float, heads: set[tuple[int, int]]):
-    """An eager attention function applying methods.md's post-softmax formula literally."""
+    """An eager attention function applying ZeroTuning's post-softmax formula literally."""
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         groups = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(groups, 1).double()

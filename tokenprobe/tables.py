@@ -41,7 +41,7 @@ tokens (grain: prompt x position)
     critical_success float64 share of the n continuations of the prefix ending at pos that
                        the verifier accepts (NA: prefixes the search skipped, and prompt
                        tokens but the last, sampled when the critical token is the first)
-    critical   boolean  the critical token (the search rule of shared/methods.md); at most one
+    critical   boolean  the critical token (the search rule in README, "Measures"); at most one
                        per prompt; NA on prompt tokens
 
 token_layers (grain: prompt x layer x position; residual after block `layer`, 0-based)
