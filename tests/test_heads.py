@@ -14,15 +14,14 @@ from tokenprobe.analyses.heads import (
     COLUMNS,
     HeadAblationConfig,
     ablation,
-    add_parser,
     attention_module,
     head_effects,
     load_domains,
     mean_next_token_loss,
-    parse_layers,
     read_domain,
     zero_ablation,
 )
+from tokenprobe.analyses.heads_cli import add_parser, parse_layers
 from tokenprobe.options import UsageError
 from tokenprobe.tokens import pad_batch
 

@@ -214,7 +214,7 @@ def printable(frame):
 # Subcommands whose parsers live with their (heavy) analysis modules: imported only when asked
 # for, so `tokenprobe --help` and `tokenprobe run` do not load them.
 LAZY = {
-    "heads": ("tokenprobe.analyses.heads",
+    "heads": ("tokenprobe.analyses.heads_cli",
               "active vs dormant heads: loss change when each head is ablated, per domain"),
     "toy": ("tokenprobe.analyses.toy",
             "train and probe the Bigram-Backcopy toy models (Guo et al.)"),
