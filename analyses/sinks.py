@@ -1,9 +1,9 @@
 """Sink analyses over runs: Gu et al.'s sink rate per prompt, Wong et al.'s sink levels."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
+from tokenprobe.probes.sinks import run_sink_rate, sink_rates
 from tokenprobe.store import Run
 
 
@@ -25,19 +25,14 @@ def sink_rate(run: Run, *, eps: float | None = None, by_prompt: bool = True) -> 
     """
     config = next(p for p in run.meta["probes"] if p["name"] == "sinks")
     eps = config["eps"] if eps is None else eps
-    heads = run.heads.assign(is_sink=run.heads.sink_mass > eps,
-                             bad=~np.isfinite(run.heads.sink_mass.to_numpy(float)))
+    per_prompt = sink_rates(run.heads, eps)
     lengths = run.prompts.set_index("prompt_id").n_tokens
-    per_prompt = heads.groupby("prompt_id").agg(sink_rate=("is_sink", "mean"),
-                                                nonfinite_heads=("bad", "sum"))
-    per_prompt["sink_rate"] = (100 * per_prompt.sink_rate).where(per_prompt.nonfinite_heads == 0)
     if by_prompt:
         out = per_prompt.reset_index()[["prompt_id", "sink_rate", "nonfinite_heads"]]
         out.insert(1, "T", out.prompt_id.map(lengths))
     else:
-        kept = heads[heads.prompt_id.isin(per_prompt.index[per_prompt.nonfinite_heads == 0])]
         out = pd.DataFrame({"T_min": [lengths.min()], "T_max": [lengths.max()],
-                            "sink_rate": [100 * kept.is_sink.mean() if len(kept) else np.nan],
+                            "sink_rate": [run_sink_rate(per_prompt)],
                             "prompts_excluded": [int((per_prompt.nonfinite_heads > 0).sum())]})
     return out.assign(eps=eps, k_pos=config["k_pos"])
 

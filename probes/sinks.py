@@ -19,6 +19,7 @@ block of queries at a time; residual statistics inside the block hooks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,29 @@ def secondary_sinks(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *
     frame.insert(1, "kind", np.where(frame.lifetime >= bar, "primary",
                                      np.where(frame.lifetime > secondary_min, "secondary", "noise")))
     return frame
+
+
+def sink_rates(heads: pd.DataFrame, eps: float) -> pd.DataFrame:
+    """Gu et al.'s Sink_k^eps per prompt from `heads` rows: sink_rate = 100 x the share of
+    (layer, head) with sink_mass > eps, NaN when any sink mass of the prompt is NaN or inf
+    (a rate over the other heads would not be the measure), and nonfinite_heads, their count.
+
+    Returns:
+        one row per prompt_id (index), columns sink_rate, nonfinite_heads, n_heads.
+    """
+    bad = ~np.isfinite(heads.sink_mass.to_numpy(float))
+    out = heads.assign(is_sink=heads.sink_mass > eps, bad=bad).groupby("prompt_id").agg(
+        sink_rate=("is_sink", "mean"), nonfinite_heads=("bad", "sum"), n_heads=("bad", "size"))
+    out["sink_rate"] = (100 * out.sink_rate).where(out.nonfinite_heads == 0)
+    return out
+
+
+def run_sink_rate(rates: pd.DataFrame) -> float:
+    """The run's sink rate from `sink_rates`: over every head of the prompts left in (NaN when
+    none is)."""
+    kept = rates[rates.nonfinite_heads == 0]
+    return float((kept.sink_rate * kept.n_heads).sum() / kept.n_heads.sum()) if len(kept) \
+        else float("nan")
 
 
 class SinksProbe(Probe):
@@ -204,13 +228,11 @@ class SinksProbe(Probe):
         A prompt with a non-finite sink mass at any (layer, head) is left out of the rate (its
         rate over the other heads would not be Gu et al.'s measure) and counted in
         `prompts_excluded`; the rate is None when no prompt is left."""
-        heads = tables["heads"]
+        rates = sink_rates(tables["heads"], self.config.eps)
         lengths = tables["prompts"].n_tokens
-        finite = np.isfinite(heads.sink_mass.to_numpy(float))
-        bad = set(heads.prompt_id[~finite])
-        kept = heads[~heads.prompt_id.isin(bad)]
-        rate = float(100 * (kept.sink_mass > self.config.eps).mean()) if len(kept) else None
-        return {"sink_rate": rate, "eps": self.config.eps, "k_pos": self.config.k_pos,
-                "T_min": int(lengths.min()), "T_max": int(lengths.max()),
-                "T_mean": float(lengths.mean()), "prompts_excluded": len(bad),
-                "heads_nonfinite": int((~finite).sum())}
+        rate = run_sink_rate(rates)
+        return {"sink_rate": None if math.isnan(rate) else rate, "eps": self.config.eps,
+                "k_pos": self.config.k_pos, "T_min": int(lengths.min()),
+                "T_max": int(lengths.max()), "T_mean": float(lengths.mean()),
+                "prompts_excluded": int((rates.nonfinite_heads > 0).sum()),
+                "heads_nonfinite": int(rates.nonfinite_heads.sum())}
