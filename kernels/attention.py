@@ -31,25 +31,13 @@ sequence makes "i >= j" the kernel's causal mask, so nothing of size [T, T] is e
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
+from tokenprobe.kernels.common import check_impl, resolve_impl, tanh_cap
 
 IMPLS = ("auto", "torch", "flash", "triton", "reference")
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-    """(B, KVH, G*Bq, Dh) x (B, KVH, S, Dh) -> (B, KVH, G*Bq, S) scaled, soft-capped scores."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    return s
 
 
 @torch.no_grad()  # a measurement: never a graph (tokenprobe.attention gives a differentiable out)
@@ -81,8 +69,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out (B, T, H, Dh) in q's dtype, and stats: sink_mass (B, H), attn_entropy (B, H),
         received (B, S), all float32 (float64 for the reference).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl, IMPLS)
     if impl == "reference":
         return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
                           k_pos=k_pos, gamma=gamma)
@@ -92,18 +79,16 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     causal = gamma is None and _is_causal(mask, lengths, q.shape[-2])
     flash_ok = (causal and softcap is None and _FLASH_CPU is not None
                 and q.device.type == "cpu")
-    triton_ok = causal and triton is not None and (
-        q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
     if impl == "flash" and not flash_ok:
         raise ValueError("impl='flash' needs CPU tensors, a causal (+ right padding) mask and "
                          "no softcapping or ZeroTuning; use impl='torch' or 'auto'")
-    if impl == "triton" and not triton_ok:
-        raise ValueError("impl='triton' needs triton, CUDA tensors (or CPU under "
-                         "TRITON_INTERPRET=1), a causal (+ right padding) mask and no "
-                         "ZeroTuning; use impl='torch' or 'auto'")
-    if impl == "triton" or (impl == "auto" and triton_ok and q.is_cuda):
+    unfit = None if causal else ("impl='triton' needs a causal (+ right padding) mask and no "
+                                 "ZeroTuning; use impl='torch' or 'auto'")
+    impl = resolve_impl(impl, q.device, allowed=IMPLS, unfit=unfit,
+                        fallback="flash" if flash_ok else "torch")
+    if impl == "triton":
         return _triton(q, k, v, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos)
-    if impl == "flash" or (impl == "auto" and flash_ok):
+    if impl == "flash":
         return _flash(q, k, v, lengths, scaling=scaling, k_pos=k_pos)
     return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
                       gamma=gamma, block=block)
@@ -143,7 +128,8 @@ def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block)
         b = min(a + block, t)
         n, cols = b - a, b  # causal: keys after the block's last query are never allowed
         qb = q[:, :, a:b].to(work).reshape(bsz, kvh, groups * n, dh)  # (B, KVH, G*Bq, Dh)
-        s = _scores(qb, kw[:, :, :cols], scaling, softcap).view(bsz, heads, n, cols)
+        s = torch.matmul(qb, kw[:, :, :cols].transpose(-1, -2)) * scaling  # (B, KVH, G*Bq, cols)
+        s = tanh_cap(s, softcap).view(bsz, heads, n, cols)
         _mask_block(s, mask, a, b)
         if log_gamma is not None:  # ZeroTuning: gamma a_i0, renormalised = softmax with log(gamma)
             first = s[..., 0].clone()
@@ -202,6 +188,8 @@ def _finish(col: torch.Tensor, row_term: torch.Tensor, lengths: torch.Tensor,
 
 
 def _triton(q, k, v, lengths, *, scaling, softcap, k_pos, bm: int = 32, bn: int = 32):
+    import triton
+
     from tokenprobe.kernels.attention_triton import _columns, _forward
 
     bsz, heads, t, dh = q.shape
@@ -253,9 +241,7 @@ def _reference(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma):
     groups = heads // k.shape[1]
     q64, k64, v64 = (x.double() for x in (q, k, v))
     k64, v64 = k64.repeat_interleave(groups, dim=1), v64.repeat_interleave(groups, dim=1)
-    s = torch.matmul(q64, k64.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+    s = tanh_cap(torch.matmul(q64, k64.transpose(-1, -2)) * scaling, softcap)
     allowed = (mask if mask is not None else
                torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None])
     s = s.masked_fill(~allowed, -math.inf)

@@ -5,13 +5,15 @@ down each column. Causal attention over right-padded rows, GQA and logit soft-ca
 import triton
 import triton.language as tl
 
+from tokenprobe.kernels.triton_common import tanh_cap
+
 
 @triton.jit
 def _scores(q, k, scale, softcap, HAS_CAP: tl.constexpr):
     """(BM, DH) x (BN, DH) -> (BM, BN) scaled, soft-capped scores in float32."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    if HAS_CAP:  # c tanh(s / c), tanh(x) = 2 sigmoid(2x) - 1
-        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    if HAS_CAP:
+        s = tanh_cap(s, softcap)
     return s
 
 

@@ -33,17 +33,12 @@ Ties in top-k: lowest id first in "reference" and "triton"; in "torch" in torch.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
+from tokenprobe.kernels.common import IMPLS, NO_FLOAT64, check_impl, resolve_impl, tanh_cap
 
-IMPLS = ("auto", "torch", "triton", "reference")
 TRITON_MAX_TOPK = 4
 NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
 
@@ -79,11 +74,12 @@ def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
         `target_logprob` (T,) and `target_rank` (T,) int64.
     """
     _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, vocab_chunk)
+    unfit = (f"impl='triton' supports topk <= {TRITON_MAX_TOPK}, got {topk}; use impl='torch'"
+             if topk > TRITON_MAX_TOPK
+             else NO_FLOAT64 if torch.float64 in (hidden.dtype, weight.dtype) else None)
+    impl = resolve_impl(impl, hidden.device, unfit=unfit)
     if targets is not None:
         targets = targets.to(hidden.device).long()
-    if impl == "auto":
-        fits = torch.float64 not in (hidden.dtype, weight.dtype) and topk <= TRITON_MAX_TOPK
-        impl = "triton" if hidden.is_cuda and triton is not None and fits else "torch"
     if impl == "reference":
         return _reference(hidden, weight, bias, softcap, targets, topk)
     if impl == "triton":
@@ -92,8 +88,7 @@ def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
 
 
 def _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, vocab_chunk) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl, IMPLS)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (T, D) and weight (V, D) with the same D, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -119,22 +114,6 @@ def _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, voca
         if t and int(targets.max()) >= v:
             raise ValueError(f"target ids must be < V = {v} (negative = no target), got "
                              f"{int(targets.max())}")
-    if impl == "triton":
-        if triton is None:
-            raise ValueError("impl='triton' needs triton, which does not import here")
-        if topk > TRITON_MAX_TOPK:
-            raise ValueError(f"impl='triton' supports topk <= {TRITON_MAX_TOPK}, got {topk}; "
-                             "use impl='torch'")
-        if torch.float64 in (hidden.dtype, weight.dtype):
-            raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs, "
-                             "not float64")
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "triton is imported")
-
-
-def _cap(x: Tensor, softcap: float | None) -> Tensor:
-    return x if softcap is None else torch.tanh(x / softcap) * softcap
 
 
 def _target_outputs(targets: Tensor, hit: Tensor, count: Tensor, lse: Tensor) -> dict[str, Tensor]:
@@ -151,7 +130,7 @@ def _reference(hidden, weight, bias, softcap, targets, k) -> dict[str, Tensor]:
     logits = hidden.double() @ weight.double().T  # (T, V)
     if bias is not None:
         logits = logits + bias.double()
-    logits = _cap(logits, softcap)
+    logits = tanh_cap(logits, softcap)
     logp = torch.log_softmax(logits, dim=-1)
     lse = torch.logsumexp(logits, dim=-1)
     ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k)
@@ -175,7 +154,7 @@ def _target_estimate(hidden, weight, bias, softcap, targets, work, chunk) -> Ten
         t = (hidden[a:a + chunk].to(work) * weight[idx].to(work)).sum(-1)  # (Tc,)
         if bias is not None:
             t = t + bias[idx].to(work)
-        out[a:a + chunk] = _cap(t, softcap)
+        out[a:a + chunk] = tanh_cap(t, softcap)
     return out
 
 
@@ -189,7 +168,7 @@ def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tens
     """(Tc, D) x (Vc, D) -> (Tc, Vc) logits in h's (float32 or float64) dtype."""
     w = w.to(h.dtype)
     logits = h @ w.T if b is None else torch.addmm(b.to(h.dtype), h, w.T)
-    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
+    return tanh_cap(logits, softcap, inplace=True)
 
 
 def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk) -> dict[str, Tensor]:
@@ -271,6 +250,8 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
 
 def _triton(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
     """Launch the kernel (twice in the rare case of a near-tie with the target's logit)."""
+    import triton
+
     from tokenprobe.kernels.linear_entropy_triton import _kernel
 
     (t, d), v, dev = hidden.shape, weight.shape[0], hidden.device

@@ -3,6 +3,8 @@ tensors under TRITON_INTERPRET=1): one program per block of tokens, looping over
 import triton
 import triton.language as tl
 
+from tokenprobe.kernels.triton_common import tanh_cap
+
 
 @triton.jit
 def _insert(v0, v1, v2, v3, i0, i1, i2, i3, cv, ci):
@@ -52,8 +54,8 @@ def _kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, ref_ptr, stats_ptr, count_ptr, top_p_p
             acc = tl.dot(hb, tl.trans(wb), acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:  # c tanh(l / c), tanh(x) = 2 sigmoid(2x) - 1
-            acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+        if HAS_CAP:
+            acc = tanh_cap(acc, softcap)
         logits = tl.where(cmask[None, :], acc, float("-inf"))  # (BT, BV)
         m_new = tl.maximum(m, tl.max(logits, 1))
         alpha = tl.exp(m - m_new)

@@ -25,19 +25,14 @@ TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports, else torch).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
+from tokenprobe.kernels.common import IMPLS, NO_FLOAT64, check_impl, resolve_impl, tanh_cap
 
-IMPLS = ("auto", "torch", "triton", "reference")
 LN2 = math.log(2.0)
 NEG = -1e30  # finite "minus infinity": e^{NEG - m} = 0 and (NEG - m) * 0 = 0, never NaN
 # Rows of the pass-1 accumulator tensor (12, T), shared by the torch and Triton paths.
@@ -93,8 +88,7 @@ def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, w
         [0, ln 2]); with targets target_logprob_p, target_logprob_q, and with contrast_beta
         contrast_logprob = log softmax((1 + beta) z_p - beta z_q)[target].
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl, IMPLS)
     _check(hidden_p, weight_p, hidden_q, weight_q, bias_p, bias_q, targets, contrast_beta)
     if min(token_chunk, vocab_chunk) < 1:
         raise ValueError(f"chunks must be >= 1, got {token_chunk}, {vocab_chunk}")
@@ -103,8 +97,7 @@ def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, w
     pr = _Problem(hidden_p, weight_p, bias_p, softcap_p, hidden_q, weight_q, bias_q, softcap_q,
                   targets, contrast_beta, shared)
     f64 = any(x.dtype == torch.float64 for x in (hidden_p, weight_p, hidden_q, weight_q))
-    if impl == "auto":
-        impl = "triton" if triton is not None and hidden_p.is_cuda and not f64 else "torch"
+    impl = resolve_impl(impl, hidden_p.device, unfit=NO_FLOAT64 if f64 else None)
     if impl == "reference":
         return _reference(pr, jsd)
     if impl == "triton":
@@ -186,8 +179,7 @@ def _torch_tiles(pr: _Problem, sl: slice, v0: int, w_p: Tensor, w_q: Tensor,
     for x, bias, cap in ((a, pr.bp, pr.cp), (b, pr.bq, pr.cq)):
         if bias is not None:
             x += bias[v0: v0 + vc].to(work)
-        if cap is not None:
-            x.div_(cap).tanh_().mul_(cap)
+        tanh_cap(x, cap, inplace=True)
     return a, b
 
 
@@ -275,7 +267,7 @@ def _reference(pr: _Problem, jsd: bool) -> dict[str, Tensor]:
     def logits(h, w, bias, cap):
         z = h.double() @ w.double().T  # (T, V)
         z = z + bias.double() if bias is not None else z
-        return torch.tanh(z / cap) * cap if cap is not None else z
+        return tanh_cap(z, cap)
 
     zp, zq = logits(pr.hp, pr.wp, pr.bp, pr.cp), logits(pr.hq, pr.wq, pr.bq, pr.cq)
     lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
@@ -304,18 +296,13 @@ def _reference(pr: _Problem, jsd: bool) -> dict[str, Tensor]:
 
 def _triton(pr: _Problem, jsd: bool, token_chunk: int, vocab_chunk: int) -> Tensor:
     """(13, T) float32: the 12 pass-1 accumulator rows, then the JSD sum (2 x JSD) if asked."""
-    if triton is None:
-        raise ValueError("impl='triton' needs triton, which does not import here")
+    import triton
+
     from tokenprobe.kernels.two_model_triton import _kernel
 
     t, v = pr.hp.shape[0], pr.wp.shape[0]
     hp, wp, hq, wq = (x.contiguous() for x in (pr.hp, pr.wp, pr.hq, pr.wq))
     dtypes = {hp.dtype, wp.dtype, hq.dtype, wq.dtype}
-    if torch.float64 in dtypes:
-        raise ValueError("impl='triton' takes float16, bfloat16 or float32 inputs, not float64")
-    if not hp.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                         "triton is imported")
     pow2 = triton.next_power_of_2
     bt = min(64, max(16, pow2(min(token_chunk, max(t, 1)))))
     bv = min(128, max(16, pow2(min(vocab_chunk, v))))

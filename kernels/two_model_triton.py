@@ -4,6 +4,8 @@ tiles; accumulator rows as in two_model.py (M_P ... T_Q, then the JSD sum)."""
 import triton
 import triton.language as tl
 
+from tokenprobe.kernels.triton_common import tanh_cap
+
 
 @triton.jit
 def _load_rows(ptr, idx, n, dd, d, UPCAST: tl.constexpr):
@@ -38,10 +40,10 @@ def _logit_tiles(hp, wp, bp, hq, wq, bq, T, V, Dp, Dq, cap_p, cap_q, rows, cols,
         a += tl.load(bp + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     if HAS_BQ:
         b += tl.load(bq + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    if HAS_CP:  # c tanh(z / c), tanh(x) = 2 sigmoid(2x) - 1
-        a = cap_p * (2.0 * tl.sigmoid(2.0 * a / cap_p) - 1.0)
+    if HAS_CP:
+        a = tanh_cap(a, cap_p)
     if HAS_CQ:
-        b = cap_q * (2.0 * tl.sigmoid(2.0 * b / cap_q) - 1.0)
+        b = tanh_cap(b, cap_q)
     ok = cols[None, :] < V
     return tl.where(ok, a, -1e30), tl.where(ok, b, -1e30)
 
