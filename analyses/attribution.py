@@ -26,6 +26,7 @@ eager (additive float mask), sdpa and tokenprobe (boolean mask) attention implem
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
@@ -34,9 +35,27 @@ import torch
 
 from tokenprobe.backends import decoder_layers_path
 from tokenprobe.models import LoadedModel
-from tokenprobe.store import Run
-from tokenprobe.tables import conform
-from tokenprobe.tokens import token_rows, token_text
+from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.tables import Column, Table, conform, declare
+from tokenprobe.tokens import token_text
+
+C = Column
+declare("attribution", {"attributions": Table(
+    "prompt x position x method x layer set (tokenprobe attribute; the target is in "
+    'meta["summary"]["attribution"])', ("prompt_id", "pos", "method", "layer_range"), {
+        "prompt_id": C("int64", "key"),
+        "pos": C("int64", "key: the ablated input position (0-based)"),
+        "token_id": C("int64", "the ablated token's id"),
+        "token": C("string", "the ablated token"),
+        "method": C("string", "removal (token deleted, sequence re-run) / knockout (its key "
+                              "masked for all heads of the layers in layer_range; Geva et al.)"),
+        "layer_range": C("string", "knocked-out layers, 0-based, as '0-8' or '0-2,5'; '' for "
+                                   "removal"),
+        "base_logprob": C("float64", "the target's total log-prob without ablation (nats)"),
+        "ablated_logprob": C("float64", "the same under the ablation (nats)"),
+        "delta_logprob": C("float64", "ablated - base (nats; negative: the token supported "
+                                      "the target)")})})
+del C
 
 METHODS = ("removal", "knockout")
 KNOCKOUT_TO = ("later", "target")
@@ -282,7 +301,8 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
                     targets: Sequence[str | None] | None = None,
                     config: AttributionConfig = AttributionConfig(), *,
                     layer_sets: Sequence[Sequence[int]] | None = None,
-                    progress: bool = False) -> Run:
+                    progress: bool = False, out: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> Run:
     """Attribution of several prompts as a run: tables `prompts`, `tokens`, `attributions`.
 
     Args:
@@ -293,6 +313,8 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
         layer_sets: knockout layer sets, each its own `layer_range` (e.g. [[0..8], [9..17]]);
             None: `config.layers` (with `config.window`, windows centred on those layers).
         progress: a tqdm bar over (prompt, layer set) passes.
+        out, overwrite: save the run there (see `tokenprobe.store.RunWriter`); None keeps it
+            in memory.
 
     Returns:
         The run; `tokens` holds each prompt's tokens followed by its target's, and
@@ -301,15 +323,18 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
     """
     from tqdm.auto import tqdm
 
-    from tokenprobe.runner import provenance
-
     targets = list(targets) if targets is not None else [None] * len(prompts)
     if len(targets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if layer_sets is not None and config.window is not None:
         raise ValueError("give layer_sets or a window, not both")
     sets = [config.layers] if layer_sets is None else [tuple(s) for s in layer_sets]
-    tok, frames, tokens, rows, summary = loaded.tokenizer, [], [], [], []
+    writer = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
+                       settings={"analysis": "attribution", "config": {
+                           **asdict(config), "layer_sets": [list(s) if s is not None else None
+                                                            for s in sets]}},
+                       overwrite=overwrite)
+    tok, frames, rows, summary = loaded.tokenizer, [], [], []
     with tqdm(total=len(prompts) * len(sets), desc="attribution", unit="pass",
               disable=not progress) as bar:
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
@@ -324,20 +349,10 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
             frames += parts
             p_ids, c_ids = tok(prompt)["input_ids"], parts[0].attrs["target_ids"]
             ids = list(p_ids) + list(c_ids)
-            rows.append((i, prompt, len(ids)))
-            tokens.append(token_rows(tok, i, ids))
+            rows.append((i, prompt, ids, False))
             summary.append({"prompt_id": i, "target": parts[0].attrs["target"],
                             "target_ids": list(c_ids), "prompt_tokens": len(p_ids),
                             "base_logprob": float(parts[0].base_logprob.iat[0])})
-    tables = {
-        "prompts": conform("prompts", pd.DataFrame(rows, columns=["prompt_id", "text",
-                                                                  "n_tokens"])),
-        "tokens": conform("tokens", pd.concat(tokens, ignore_index=True)),
-        "attributions": conform("attributions", pd.concat(frames, ignore_index=True)),
-    }
-    meta = {"model": loaded.name, "weights_fingerprint": loaded.fingerprint,
-            "analysis": "attribution", "n_layers": loaded.model.config.num_hidden_layers,
-            "config": {**asdict(config), "layer_sets": [list(s) if s is not None else None
-                                                        for s in sets]},
-            **provenance(), "summary": {"attribution": summary}, "status": "complete", "tables": sorted(tables)}
-    return Run(tables, meta)
+    writer.write(0, {**prompt_tables(tok, rows),
+                     "attributions": conform("attributions", pd.concat(frames, ignore_index=True))})
+    return writer.finish(lambda tables: (tables, {"summary": {"attribution": summary}}))

@@ -10,9 +10,8 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `attribute` subcommand to `subparsers`; its handler is `cmd_attribute`."""
-    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
-    from tokenprobe.options import (
-        add_model_argument, add_prompt_arguments, add_run_dir_arguments, positive_int)
+    from tokenprobe.cli.args import (EXIT_CODES_NO_RESUME, NOTHING_WRITTEN, add_model_argument,
+                                     add_prompt_arguments, add_run_dir_arguments, positive_int)
 
     p = subparsers.add_parser(
         "attribute", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,8 +74,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe attribute`; returns the exit code."""
     import tokenprobe
     from tokenprobe.analyses.attribution import attribution_run
-    from tokenprobe.cli import EXIT_OK
-    from tokenprobe.options import UsageError, gather_prompts
+    from tokenprobe.cli.args import EXIT_OK, UsageError, gather_prompts
     from tokenprobe.store import check_target
 
     prompts = gather_prompts(args)
@@ -96,10 +94,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     loaded = tokenprobe.load(args.model, device=args.device)
     try:
         run = attribution_run(loaded, prompts, [args.target] * len(prompts), config,
-                              layer_sets=None if args.window else sets, progress=not args.quiet)
+                              layer_sets=None if args.window else sets, progress=not args.quiet,
+                              out=args.out, overwrite=args.overwrite)
     except ValueError as err:  # layers outside the model, a one-token prompt for removal
         raise UsageError(str(err)) from err
-    run.save(args.out, overwrite=args.overwrite)
     print_summary(run)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(run.meta['tables'])})")
     return EXIT_OK

@@ -20,6 +20,7 @@ cache: one forward over the prompt (plus the forced prefix), then one token per 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
@@ -27,16 +28,44 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tokenprobe.models import LoadedModel
-from tokenprobe.sampling import eos_ids
-from tokenprobe.store import Run
-from tokenprobe.tokens import token_rows, token_text
+from tokenprobe.models import LoadedModel, eos_ids
+from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.tables import Column, Table, conform, declare
+from tokenprobe.tokens import token_text
 
 COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
            "counterfactual_token_id", "counterfactual_token", "intervened", "differs"]
 GENERATION_COLUMNS = ["generation_id", "seed", "temperature", "intervention_step",
                       "intervention_token_id", "prompt", "counterfactual_prompt",
                       "factual_text", "counterfactual_text", "first_difference"]
+
+C = Column
+declare("counterfactual", {
+    "counterfactuals": Table("generation x step (Gumbel-max SCM of Chatzi et al.)",
+                             ("generation_id", "step"), {
+        "generation_id": C("int64", "key; one factual/counterfactual pair per intervention"),
+        "step": C("int64", "key; 0-based generation step (prompt tokens excluded)"),
+        "factual_token_id": C("Int64", "the factual sample (NA past its end)"),
+        "factual_token": C("string", "its text"),
+        "counterfactual_token_id": C("Int64", "the counterfactual one, decoded with the factual "
+                                              "Gumbel noise of the same step"),
+        "counterfactual_token": C("string", "its text"),
+        "intervened": C("bool", "this step's counterfactual token was set by the intervention"),
+        "differs": C("bool", "the two tokens differ (or only one generation reaches the "
+                             "step)")}),
+    "generations": Table("generation", ("generation_id",), {
+        "generation_id": C("int64", "key"),
+        "seed": C("int64", "seed of the Gumbel noise (the same for factual and counterfactual)"),
+        "temperature": C("float64", "sampling temperature T of argmax(z / T + g)"),
+        "intervention_step": C("Int64", "the intervened step (NA: none)"),
+        "intervention_token_id": C("Int64", "the token set there (NA: none)"),
+        "prompt": C("string", "the factual prompt"),
+        "counterfactual_prompt": C("string", "the intervened prompt (NA: none)"),
+        "factual_text": C("string", "the factual generated text (prompt excluded)"),
+        "counterfactual_text": C("string", "the counterfactual generated text"),
+        "first_difference": C("Int64", "first step whose tokens differ (NA: identical)")}),
+})
+del C
 
 
 @dataclass(frozen=True)
@@ -47,7 +76,7 @@ class GumbelConfig:
         temperature: finite T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
         max_new_tokens: generation steps at most (factual and counterfactual alike).
         stop_at_eos: stop after an EOS token (the generation config's or the tokenizer's,
-            `tokenprobe.sampling.eos_ids`) is generated.
+            `tokenprobe.models.eos_ids`) is generated.
     """
 
     temperature: float = 1.0
@@ -288,27 +317,20 @@ def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
 
 
 def counterfactual_run(loaded: LoadedModel, queries: Sequence[Intervention],
-                       config: GumbelConfig = GumbelConfig(), *, progress: bool = False) -> Run:
+                       config: GumbelConfig = GumbelConfig(), *, progress: bool = False,
+                       out: str | os.PathLike | None = None, overwrite: bool = False) -> Run:
     """`counterfactuals` as a run: tables `prompts` and `tokens` (each distinct factual prompt,
-    prompt_id in order of first use), `counterfactuals` (per step) and `generations`."""
+    prompt_id in order of first use), `counterfactuals` (per step) and `generations`; saved at
+    `out` when given (`tokenprobe.store.RunWriter`)."""
     from dataclasses import asdict
 
-    from tokenprobe.runner import provenance
-    from tokenprobe.tables import conform
-
+    writer = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
+                       settings={"analysis": "counterfactual", "config": asdict(config),
+                                 "queries": [asdict(q) for q in queries]}, overwrite=overwrite)
     steps, generations = counterfactuals(loaded, queries, config, progress=progress)
-    tok, texts = loaded.tokenizer, list(dict.fromkeys(q.prompt for q in queries))
-    tokens = [token_rows(tok, i, _prompt_ids(loaded, text)) for i, text in enumerate(texts)]
-    tables = {
-        "prompts": conform("prompts", pd.DataFrame({
-            "prompt_id": range(len(texts)), "text": texts,
-            "n_tokens": [len(t) for t in tokens]})),
-        "tokens": conform("tokens", pd.concat(tokens, ignore_index=True)),
-        "counterfactuals": conform("counterfactuals", steps),
-        "generations": conform("generations", generations),
-    }
-    meta = {"model": loaded.name, "weights_fingerprint": loaded.fingerprint,
-            "analysis": "counterfactual", "n_layers": loaded.model.config.num_hidden_layers,
-            "config": asdict(config), "queries": [asdict(q) for q in queries],
-            **provenance(), "status": "complete", "tables": sorted(tables)}
-    return Run(tables, meta)
+    texts = list(dict.fromkeys(q.prompt for q in queries))
+    writer.write(0, {**prompt_tables(loaded.tokenizer, [(i, text, _prompt_ids(loaded, text), False)
+                                                        for i, text in enumerate(texts)]),
+                     "counterfactuals": conform("counterfactuals", steps),
+                     "generations": conform("generations", generations)})
+    return writer.finish()

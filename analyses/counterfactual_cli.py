@@ -10,9 +10,8 @@ from tokenprobe.store import Run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `counterfactual` subcommand to `subparsers`; its handler is `cmd_counterfactual`."""
-    from tokenprobe.cli import EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
-    from tokenprobe.options import (
-        add_model_argument, add_run_dir_arguments, positive_float, positive_int, seed)
+    from tokenprobe.cli.args import (EXIT_CODES_NO_RESUME, NOTHING_WRITTEN, add_model_argument,
+                                     add_run_dir_arguments, positive_float, positive_int, seed)
 
     d = GumbelConfig()
     p = subparsers.add_parser(
@@ -106,8 +105,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe counterfactual`; returns the exit code."""
     import tokenprobe
     from tokenprobe.analyses.counterfactual import counterfactual_run
-    from tokenprobe.cli import EXIT_OK
-    from tokenprobe.options import UsageError
+    from tokenprobe.cli.args import EXIT_OK, UsageError
     from tokenprobe.store import check_target
     from tokenprobe.tokens import check_nonempty
 
@@ -131,10 +129,10 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         if args.counterfactual_prompt is not None:
             queries.append(Intervention(args.prompt, args.seed,
                                         counterfactual_prompt=args.counterfactual_prompt))
-        run = counterfactual_run(loaded, queries, config, progress=not args.quiet)
+        run = counterfactual_run(loaded, queries, config, progress=not args.quiet,
+                                 out=args.out, overwrite=args.overwrite)
     except ValueError as err:  # a step outside the factual generation
         raise UsageError(str(err)) from err
-    run.save(args.out, overwrite=args.overwrite)
     print_summary(run)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(run.meta['tables'])})")
     return EXIT_OK

@@ -15,7 +15,7 @@ from tokenprobe.analyses.heads import (BUILTIN_DOMAINS, METHODS, HeadAblationCon
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `heads` subcommand to `subparsers`; its handler is `cmd_heads`."""
-    from tokenprobe.options import add_model_argument, device, finite_float, positive_int
+    from tokenprobe.cli.args import add_model_argument, device, finite_float, positive_int
 
     p = subparsers.add_parser(
         "heads", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -125,8 +125,7 @@ def print_summary(frame: pd.DataFrame, *, top: int = 5) -> None:
 def cmd_heads(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe heads`; returns the exit code."""
     import tokenprobe
-    from tokenprobe.cli import EXIT_OK
-    from tokenprobe.options import UsageError
+    from tokenprobe.cli.args import EXIT_OK, UsageError
     from tokenprobe.store import check_writable
 
     if args.out and Path(args.out).suffix not in (".parquet", ".csv"):

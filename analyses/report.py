@@ -2,9 +2,10 @@
 
 `write_report(runs, out)` writes `out/report.html` (plotly.js inlined once, so it opens with no
 network), `out/figures/<name>.{png,svg,pdf}` and `out/tables/<name>.{csv,tex}`. Frames come
-from `tokenprobe.analyses.views` and the other analyses, figures from `tokenprobe.app.figures`:
-the dashboard's own data and figure functions. The cross-run summary is SQL over the run
-directories (`tokenprobe.query`). The report is staged beside `out` and renamed into place.
+from `tokenprobe.analyses.views` and the other analyses, figures from
+`tokenprobe.analyses.figures`: the dashboard's own data and figure functions. The cross-run
+summary is SQL over the run directories (`tokenprobe.query`). The report is staged beside `out`
+and renamed into place.
 """
 from __future__ import annotations
 
@@ -134,9 +135,9 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
                 max_prompts: int = 2) -> Section:
     """A run's section: model, prompts, per-probe summaries, figures of its first prompts,
     token views and replication cards."""
+    from tokenprobe.analyses import figures
     from tokenprobe.analyses.massive import massive_summary
     from tokenprobe.analyses.sinks import sink_rate
-    from tokenprobe.app import figures
 
     model, p = views.model_of(run), f"r{index}"
     n_layers = int(run.meta.get("n_layers", 0))
@@ -202,7 +203,7 @@ def _prompt_views(sec: Section, run: Run, pid: int, name: str, n_layers: int, fi
 
 def curve_section(curve: pd.DataFrame) -> Section:
     """The sink rate against T: the table and its figure."""
-    from tokenprobe.app import figures
+    from tokenprobe.analyses import figures
 
     sec = Section("Sink rate against T", "sink-curve")
     sec.text("<p>Gu et al.'s Sink_1^eps at each T; a text shorter than T is not padded, so "

@@ -11,8 +11,8 @@ from tokenprobe.analyses.sink_curve import DEFAULT_TS
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `report` subcommand to `subparsers`; its handler is `cmd_report`."""
-    from tokenprobe.cli import EXISTS_NOTE, EXIT_CODES_NO_RESUME, NOTHING_WRITTEN
-    from tokenprobe.options import nonnegative_int, positive_ints
+    from tokenprobe.cli.args import (EXISTS_NOTE, EXIT_CODES_NO_RESUME, NOTHING_WRITTEN,
+                                     nonnegative_int, positive_ints)
 
     p = subparsers.add_parser(
         "report", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,8 +62,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tokenprobe.analyses.report import write_report
-    from tokenprobe.cli import EXIT_OK
-    from tokenprobe.options import UsageError, read_prompts
+    from tokenprobe.cli.args import EXIT_OK, UsageError, read_prompts
     from tokenprobe.store import RunNotFoundError, check_writable, is_complete, table_files
 
     if not args.runs and not args.curve_models:

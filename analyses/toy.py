@@ -342,7 +342,7 @@ SCALES = {"small": {"d_model": 64, "seq_len": 64, "batch_size": 32, "lr": 2e-3, 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `toy` subcommand (train toy models, save them, print their report)."""
-    from tokenprobe.options import positive_int, seed
+    from tokenprobe.cli.args import positive_int, seed
 
     parser = subparsers.add_parser(
         "toy", help="train the Bigram-Backcopy toy models and report their extreme tokens",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from tokenprobe.store import Run
+from tokenprobe.tables import TABLES, writer_of
 from tokenprobe.tokens import display_text
 
 CRITICAL_COMMAND = "tokenprobe critical --model {model} --task FILE --out RUN_DIR"
@@ -94,6 +95,41 @@ LAYER_COLUMNS = {"resid_norm": "activations", "attn_received": "sinks",
 CATEGORY_ORDER = {"band": ["low", "mid", "high"], "forking": ["forking", "not forking"]}
 
 
+KEY_LIKE = ("prompt_id", "layer", "pos", "head", "token_id", "top1_id", "max_abs_dim")
+
+
+def _numeric(run: Run, table: str) -> list[str]:
+    """The measure columns of `run.tables[table]`: numeric, not keys or ids."""
+    frame = run.tables.get(table)
+    if frame is None:
+        return []
+    return [c for c in frame.columns if c not in KEY_LIKE
+            and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
+
+
+def metric_spec(name: str) -> Metric:
+    """The token metric `name`: one of `METRICS`, or any other numeric column of `tokens`
+    (e.g. one a new probe declares), labelled with its declared description."""
+    if name in METRICS:
+        return METRICS[name]
+    declared = TABLES.get("tokens")
+    doc = declared.columns[name].doc if declared and name in declared.columns else ""
+    return Metric(doc or name, "tokens", name,
+                  writer_of("tokens", name) or "the probe that writes it")
+
+
+def layer_columns(run: Run) -> list[str]:
+    """Layer x position measures to offer: `LAYER_COLUMNS`, then any other numeric
+    `token_layers` column the run holds."""
+    return list(LAYER_COLUMNS) + [c for c in _numeric(run, "token_layers")
+                                  if c not in LAYER_COLUMNS]
+
+
+def head_columns(run: Run) -> list[str]:
+    """Layer x head measures to offer: `HEAD_COLUMNS`, then any other numeric `heads` column."""
+    return HEAD_COLUMNS + [c for c in _numeric(run, "heads") if c not in HEAD_COLUMNS]
+
+
 def model_of(run: Run) -> str:
     return str(run.meta.get("model", "MODEL"))
 
@@ -151,7 +187,7 @@ def token_metric_frame(run: Run, prompt_id: int, metric: str, *,
     set (NA for positions not ablated). Columns: pos, token_id, token, is_special, shown,
     value.
     """
-    spec = METRICS[metric]
+    spec = metric_spec(metric)
     out = prompt_tokens(run, prompt_id)
     frame = require(run, spec.table, spec.column, spec.probe, f"{spec.column} ({metric})")
     rows = frame[frame.prompt_id == prompt_id]
@@ -179,21 +215,24 @@ def token_metric_frame(run: Run, prompt_id: int, metric: str, *,
 
 
 def available_metrics(run: Run) -> list[str]:
-    """The metrics this run can colour by, in `METRICS` order."""
-    return [m for m, s in METRICS.items()
-            if s.table in run.tables and s.column in run.tables[s.table].columns]
+    """The metrics this run can colour by: those of `METRICS` it has, in that order, then
+    every other numeric column of its `tokens` table."""
+    featured = [m for m, s in METRICS.items()
+                if s.table in run.tables and s.column in run.tables[s.table].columns]
+    columns = {s.column for s in METRICS.values() if s.table == "tokens"}
+    return featured + [c for c in _numeric(run, "tokens") if c not in columns]
 
 
 def head_grid(run: Run, prompt_id: int, column: str = "sink_mass") -> pd.DataFrame:
     """Layer x head grid of a `heads` column (index layer, columns head)."""
-    heads = require(run, "heads", column, "sinks", "heads table")
+    heads = require(run, "heads", column, writer_of("heads", column) or "sinks", "heads table")
     rows = heads[heads.prompt_id == prompt_id]
     return rows.pivot(index="layer", columns="head", values=column).sort_index()
 
 
 def layer_grid(run: Run, prompt_id: int, column: str = "resid_norm") -> pd.DataFrame:
     """Layer x position grid of a `token_layers` column (index layer, columns pos)."""
-    probe = LAYER_COLUMNS.get(column, "activations")
+    probe = LAYER_COLUMNS.get(column) or writer_of("token_layers", column) or "activations"
     frame = require(run, "token_layers", column, probe, f"token_layers.{column}")
     rows = frame[frame.prompt_id == prompt_id]
     return rows.pivot(index="layer", columns="pos", values=column).sort_index()

@@ -21,7 +21,7 @@ def streamlit_command(root: Path, *, address: str, port: int) -> list[str]:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    from tokenprobe.options import UsageError
+    from tokenprobe.cli.args import UsageError
 
     root = Path(args.root).resolve()
     if not root.is_dir():
@@ -36,7 +36,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `app` subcommand."""
-    from tokenprobe.options import port
+    from tokenprobe.cli.args import port
 
     parser = subparsers.add_parser(
         "app", help="the Streamlit dashboard over a directory of runs",

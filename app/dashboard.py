@@ -2,7 +2,7 @@
 tokens and heatmaps, compare two runs. Start it with `tokenprobe app [RUNS_ROOT]`.
 
 Thin by design: runs come from `tokenprobe.app.runs`, frames from `tokenprobe.analyses.views`,
-figures from `tokenprobe.app.figures`, laid out by `tokenprobe.app.panels`.
+figures from `tokenprobe.analyses.figures`, laid out by `tokenprobe.app.panels`.
 """
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import streamlit as st
 
 import tokenprobe
-from tokenprobe.analyses import views
-from tokenprobe.app import figures, panels, runs
+from tokenprobe.analyses import figures, views
+from tokenprobe.app import panels, runs
 from tokenprobe.app.panels import plain
+from tokenprobe.probe import Probe, registry
 from tokenprobe.store import RUN_JSON, Run, RunNotFoundError
 
 PAGES = ["Run", "Compare", "Live run"]
 TABS = ["Tokens", "Heads", "Layers", "Massive", "Sinks", "Critical", "Tables"]
 LIVE_MODELS = ["smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3"]
-LIVE_PROBES = ["activations", "sinks", "entropy"]
 QUERY = {"run": "run", "cmpA": "a", "cmpB": "b"}  # URL parameters naming the runs shown
 
 
@@ -94,10 +94,10 @@ def show_run(name: str, run: Run, key: str) -> None:
         metric, layer = panels.token_metric_picker(run, key)
         panels.token_view(run, prompt_id, metric, layer, f"{key}-tokens")
     with tabs["Heads"]:
-        column = st.selectbox("Head measure", views.HEAD_COLUMNS, key=f"{key}-headcol")
+        column = st.selectbox("Head measure", views.head_columns(run), key=f"{key}-headcol")
         panels.heads_view(run, prompt_id, column, f"{key}-heads")
     with tabs["Layers"]:
-        column = st.selectbox("Layer x position measure", list(views.LAYER_COLUMNS),
+        column = st.selectbox("Layer x position measure", views.layer_columns(run),
                               key=f"{key}-layercol")
         panels.layers_view(run, prompt_id, column, f"{key}-layers")
     with tabs["Massive"]:
@@ -130,7 +130,8 @@ def page_compare(root: Path) -> None:
     if kind == "Tokens":
         metric, layer = panels.token_metric_picker(run_a, "cmp")
     else:
-        options = views.HEAD_COLUMNS if kind == "Heads" else list(views.LAYER_COLUMNS)
+        options = (views.head_columns(run_a) if kind == "Heads" else
+                   views.layer_columns(run_a))
         column = st.selectbox("Measure", options, key=f"cmp-{kind}")
     for (name, run, side), col in zip([(name_a, run_a, "A"), (name_b, run_b, "B")],
                                       st.columns(2)):
@@ -146,7 +147,7 @@ def page_compare(root: Path) -> None:
     st.subheader("Difference (B - A)")
     try:
         if kind == "Tokens":
-            spec = views.METRICS[metric]
+            spec = views.metric_spec(metric)
             if spec.kind != "numeric":
                 raise ValueError(f"{metric} is a category; pick a numeric metric for a difference")
             diff = views.token_difference(
@@ -175,34 +176,61 @@ def page_compare(root: Path) -> None:
 def page_live(root: Path) -> None:
     st.header("Live run")
     st.write(f"Runs a prompt through an embedded model and saves the result under {root}.")
+    known = registry()
+    probes = st.multiselect("Probes", list(known), default=list(known), key="form-probes")
     with st.form("live"):
         prompt = st.text_area("Prompt", key="form-prompt")
         model = st.selectbox("Model", LIVE_MODELS, key="form-model")
-        probes = st.multiselect("Probes", LIVE_PROBES, default=LIVE_PROBES, key="form-probes")
-        lens = st.checkbox("Logit lens (entropy probe)", key="form-lens")
+        options = {name: probe_controls(known[name]) for name in probes}
         name = st.text_input("Run name (default: live-<time>)", key="form-name")
         submitted = st.form_submit_button("Run")
     if submitted:
-        make_live_run(root, prompt, model, probes, lens, name.strip() or None)
+        make_live_run(root, prompt, model, options, name.strip() or None)
     if done := st.session_state.get("live-run"):
         if picked := open_named(root, done):
             show_run(done, picked, key="live")
 
 
-def make_live_run(root: Path, prompt: str, model: str, probes: list[str], lens: bool,
+def probe_controls(probe: type[Probe]) -> dict:
+    """A control for every option of `probe` (its Config fields), in an expander; returns
+    the values that differ from the defaults."""
+    values = {}
+    with st.expander(f"{probe.name} options"):
+        for option in probe.options():
+            if option.type == "model":  # a second model: the CLI's, not the live page's
+                continue
+            key, label = f"form-{probe.name}-{option.name.replace('_', '-')}", option.name
+            if option.type is bool:
+                value = st.checkbox(label, value=option.default, help=option.help, key=key)
+            elif option.choices:
+                value = st.selectbox(label, option.choices, help=option.help, key=key,
+                                     index=option.choices.index(option.default))
+            elif option.type in (int, float) and not option.optional:
+                value = st.number_input(label, value=option.default, help=option.help, key=key)
+            else:  # tuples and optional numbers: typed, empty for the default
+                text = st.text_input(label, help=option.help, key=key, placeholder=str(
+                    ",".join(map(str, option.default)) if option.type is tuple else
+                    option.default))
+                value = option.parse(text) if text.strip() else option.default
+            if value != option.default:
+                values[option.name] = value
+    return values
+
+
+def make_live_run(root: Path, prompt: str, model: str, options: dict[str, dict],
                   name: str | None) -> None:
-    from tokenprobe.probes import EntropyConfig, EntropyProbe
     from tokenprobe.tokens import PromptError
 
-    if not probes:
+    if not options:
         st.error("Pick at least one probe.")
         return
     try:
         out = runs.new_run_path(root, name)
-        chosen = [EntropyProbe(EntropyConfig(lens=lens)) if p == "entropy" else p for p in probes]
+        known = registry()
+        chosen = [known[probe].from_options(values) for probe, values in options.items()]
         with st.spinner(f"Running {model} on the prompt..."):
             tokenprobe.run(load_model(model), [prompt], chosen, out=out, progress=False)
-    except (runs.RunPathError, PromptError) as err:
+    except (runs.RunPathError, PromptError, ValueError) as err:
         st.error(str(err))
         return
     st.session_state["live-run"] = out.relative_to(root.resolve()).as_posix()

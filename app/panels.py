@@ -1,7 +1,7 @@
 """Streamlit panels: one function per view of one prompt of a run, each with its empty state.
 
 Every panel gets its frame from `tokenprobe.analyses.views` and its figure from
-`tokenprobe.app.figures`; panels only lay them out, with CSV / Parquet downloads.
+`tokenprobe.analyses.figures`; panels only lay them out, with CSV / Parquet downloads.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import re
 import pandas as pd
 import streamlit as st
 
-from tokenprobe.analyses import views
+from tokenprobe.analyses import figures, views
 from tokenprobe.analyses.views import METRICS, MissingProbe
-from tokenprobe.app import figures, runs
+from tokenprobe.app import runs
 from tokenprobe.store import Run
 from tokenprobe.tokens import display_text
 
@@ -51,7 +51,7 @@ def n_layers(run: Run) -> int:
 
 def token_view(run: Run, prompt_id: int, metric: str, layer: int | None, key: str) -> None:
     """The prompt's tokens coloured by `metric`, exact values on hover, legend below."""
-    spec = METRICS[metric]
+    spec = views.metric_spec(metric)
     try:
         frame = views.token_metric_frame(run, prompt_id, metric, layer=layer)
     except MissingProbe as err:
@@ -67,18 +67,20 @@ def token_view(run: Run, prompt_id: int, metric: str, layer: int | None, key: st
 
 
 def token_metric_picker(run: Run, key: str) -> tuple[str, int | None]:
-    """Metric (every one is listed, the first the run has is chosen; missing ones show their
-    empty state) and, for layer metrics, the layer (default: the aggregate over layers)."""
+    """Metric (every featured one is listed, then any other per-token measure the run holds;
+    the first the run has is chosen; missing ones show their empty state) and, for layer
+    metrics, the layer (default: the aggregate over layers)."""
     left, right = st.columns(2)
     available = views.available_metrics(run)
-    metric = left.selectbox("Colour tokens by", list(METRICS), key=f"{key}-metric",
-                            index=list(METRICS).index(available[0]) if available else 0,
-                            format_func=lambda m: f"{m}: {METRICS[m].label}")
+    offered = list(METRICS) + [m for m in available if m not in METRICS]
+    metric = left.selectbox("Colour tokens by", offered, key=f"{key}-metric",
+                            index=offered.index(available[0]) if available else 0,
+                            format_func=lambda m: f"{m}: {views.metric_spec(m).label}")
     layer = None
-    if METRICS[metric].table == "token_layers" and n_layers(run):
+    if views.metric_spec(metric).table == "token_layers" and n_layers(run):
         choice = right.selectbox("Layer", ["all"] + list(range(n_layers(run))),
                                  key=f"{key}-layer",
-                                 format_func=lambda v: (f"all ({METRICS[metric].over_layers} "
+                                 format_func=lambda v: (f"all ({views.metric_spec(metric).over_layers} "
                                                         "over layers)") if v == "all" else str(v))
         layer = None if choice == "all" else int(choice)
     return metric, layer

@@ -7,9 +7,9 @@ provider does the same work). The prefixes are those a rollout search samples: f
 `--trajectory-tokens` tokens of the model's greedy answer, and `--cuts` - 1 shorter ones
 (one token less each, as the backward scan walks down a trajectory):
 
-- tokenprobe_jobs: one `tokenprobe.sampling.sample_jobs` call over all prefixes, `--rows`
-  rows per decode batch (what `tokenprobe critical` does with a window of prefixes): each
-  trajectory encoded once, rows of different prefixes decoded together;
+- tokenprobe_jobs: one `tokenprobe.analyses.critical.sampling.sample_jobs` call over all
+  prefixes, `--rows` rows per decode batch (what `tokenprobe critical` does with a window of
+  prefixes): each trajectory encoded once, rows of different prefixes decoded together;
 - tokenprobe_kv_shared: `sample_continuations` per prefix, n rows per batch: the prefix
   encoded once and its cache replicated to the batch;
 - hf_generate_batched: `model.generate(do_sample=True)` per prefix on n copies of it, one
@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 
 import tokenprobe
-from tokenprobe.analyses.critical import critical_search, summary_frame
-from tokenprobe.probes.critical import CriticalConfig
-from tokenprobe.sampling import Job, sample_continuations, sample_jobs
-from tokenprobe.tasks import load_tasks, prompt_ids
+from tokenprobe.analyses.critical import (CriticalConfig, Job, critical_search, load_tasks,
+                                          prompt_ids, sample_continuations, sample_jobs,
+                                          summary_frame)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_csv

@@ -1,32 +1,21 @@
-"""Probes: what is captured during the forward pass, one module per phenomenon."""
+"""Probes: what is captured during the forward pass, one module per phenomenon.
+
+Each module registers its probe (`tokenprobe.probe.register`); importing this package, which
+the `tokenprobe.probes` entry point names, registers them all. The built-ins come first, in
+this order (it fixes the column order of the tables they share), then any other module here.
+"""
 from __future__ import annotations
 
-from tokenprobe.probe import Probe
+import importlib
+import pkgutil
+
+from tokenprobe.probe import make_probes
 from tokenprobe.probes.activations import ActivationsConfig, ActivationsProbe
-from tokenprobe.probes.entropy import EntropyConfig, EntropyProbe
 from tokenprobe.probes.sinks import SinksConfig, SinksProbe
+from tokenprobe.probes.entropy import EntropyConfig, EntropyProbe
 
-# Probes that need only the model being probed (the CLI's default set).
-REGISTRY: dict[str, type[Probe]] = {"activations": ActivationsProbe, "sinks": SinksProbe,
-                                    "entropy": EntropyProbe}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def make_probes(probes: list[str | Probe] | None) -> list[Probe]:
-    """Instances for a list of probe names or instances; None means every registered probe."""
-    if probes is None:
-        return [cls() for cls in REGISTRY.values()]
-    out = []
-    for p in probes:
-        if isinstance(p, Probe):
-            out.append(p)
-        elif p in REGISTRY:
-            out.append(REGISTRY[p]())
-        else:
-            raise ValueError(f"unknown probe {p!r}; available: {', '.join(REGISTRY)}")
-    if len({p.name for p in out}) != len(out):
-        raise ValueError("each probe may be given once")
-    return out
-
-
-__all__ = ["REGISTRY", "make_probes", "ActivationsConfig", "ActivationsProbe", "EntropyConfig",
+__all__ = ["make_probes", "ActivationsConfig", "ActivationsProbe", "EntropyConfig",
            "EntropyProbe", "SinksConfig", "SinksProbe"]

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row
+from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
+                              register)
+from tokenprobe.tables import Column, Table
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,11 @@ class ActivationsConfig:
 
     An entry h_l[t, d] is massive when |h_l[t, d]| > `abs_threshold` AND
     |h_l[t, d]| > `median_ratio` x median(|h_l|), the median over the whole layer tensor of
-    that sequence (all its tokens and dims). Paper defaults: 100 and 1000.
+    that sequence (all its tokens and dims).
+
+    Attributes:
+        abs_threshold: a massive |h| exceeds this (paper: 100).
+        median_ratio: and this multiple of the layer tensor's median |h| (paper: 1000).
     """
 
     abs_threshold: float = 100.0
@@ -93,14 +99,34 @@ def massive_activations(h: torch.Tensor, *, abs_threshold: float = 100.0,
     return {"pos": pos, "dim": dim, "value": h[pos, dim], "ratio_to_median": a[pos, dim] / median}
 
 
+C = Column
+
+
+@register
 class ActivationsProbe(Probe):
     """Hook adapter: residual statistics into `token_layers`, massive entries into `massive`."""
 
     name = "activations"
     sites = ("resid_post",)
+    Config = ActivationsConfig
+    tables = {
+        "token_layers": {
+            "resid_norm": C("float64", "||h_l[t]||_2 (Sun et al. 2024)"),
+            "max_abs": C("float64", "max_d |h_l[t, d]|"),
+            "max_abs_dim": C("int64", "argmax_d |h_l[t, d]|"),
+            "median_abs": C("float64", "lower median_d |h_l[t, d]| (torch.median convention)"),
+            "cos_to_first": C("float64", "cos(h_l[t], h_l[0]); 1 at pos 0")},
+        "massive": Table("prompt x layer x position x dim; only entries meeting the criterion",
+                         ("prompt_id", "layer", "pos", "dim"), {
+            "prompt_id": C("int64", "key"), "layer": C("int64", "key"),
+            "pos": C("int64", "key"), "dim": C("int64", "key: the residual dimension"),
+            "value": C("float64", "signed h_l[t, d]"),
+            "ratio_to_median": C("float64", "|h_l[t, d]| / lower median of |h_l| over the "
+                                            "sequence's layer tensor")}),
+    }
 
     def __init__(self, config: ActivationsConfig | None = None) -> None:
-        self.config = config or ActivationsConfig()
+        super().__init__(config)
         self._massive: list[dict] = []
 
     def begin(self, batch: Batch) -> None:
@@ -109,7 +135,7 @@ class ActivationsProbe(Probe):
 
     def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
         width = max(self.batch.lengths)
-        for row, (prompt_id, length) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+        for row, prompt_id, length in self.batch.rows():
             h = tensor[row, :length]  # (T, D) real tokens of this prompt
             for name, value in residual_stats(h).items():
                 self._stats.put(name, layer, (row, slice(0, length)), value,
@@ -126,8 +152,7 @@ class ActivationsProbe(Probe):
             [_frame({"prompt_id": prompt_id, "layer": layer,
                      **{name: array[layer, row, :n] for name, array in stats.arrays.items()}},
                     pos=np.arange(n))
-             for layer in stats.layers
-             for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths))],
+             for layer in stats.layers for row, prompt_id, n in self.batch.rows()],
             ignore_index=True)
         massive = (pd.concat([_frame(m) for m in self._massive], ignore_index=True)
                    if self._massive else None)
@@ -135,8 +160,7 @@ class ActivationsProbe(Probe):
         nonfinite = nonfinite_frame([
             nonfinite_row(self.name, "resid_post", prompt_id, layer,
                           {name: stats[name][layer, row, :n] for name in checked})
-            for layer in stats.layers
-            for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths))])
+            for layer in stats.layers for row, prompt_id, n in self.batch.rows()])
         self._stats, self._massive = LayerBuffers(self.batch.n_layers), []
         return {"token_layers": token_layers, "massive": massive, "nonfinite": nonfinite}
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenprobe.kernels.linear_entropy import linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
-from tokenprobe.probe import Probe, nonfinite_frame, nonfinite_row
+from tokenprobe.kernels.linear_entropy import IMPLS
+from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
+from tokenprobe.tables import Column
 
 BANDS = ("low", "mid", "high")
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
@@ -57,7 +59,8 @@ class EntropyConfig:
         quantiles_over: "run" (all scored tokens of the run) or "prompt" (each prompt's own).
         topk: most likely tokens kept per position (>= 2; top1_prob and margin use two).
         lens: also compute the logit lens per layer (lens_entropy, lens_kl_to_final in
-            `token_layers`); costs one more unembedding pass per layer.
+            `token_layers`); costs a second forward pass and one more unembedding pass
+            per layer.
         contrast_beta: cDPO beta (1.0 in the paper); with a compare model, adds `critical_ce`.
         tip_entropy: TIP threshold on H / ln V (0.5).
         tip_divergence: TIP threshold on JSD / ln 2 (0.5).
@@ -65,17 +68,18 @@ class EntropyConfig:
     """
 
     window: int = 4
-    window_from: str = "next"
+    window_from: str = field(default="next", metadata={"choices": ("next", "current")})
     low_quantile: float = 0.5
     high_quantile: float = 0.8
     rho: float = 0.2
-    quantiles_over: str = "run"
+    quantiles_over: str = field(default="run", metadata={"choices": ("run", "prompt"),
+                                                         "aliases": ("--quantiles",)})
     topk: int = 2
-    lens: bool = False
-    contrast_beta: float | None = None
+    lens: bool = field(default=False, metadata={"aliases": ("--lens",)})
+    contrast_beta: float | None = field(default=None, metadata={"aliases": ("--contrast-beta",)})
     tip_entropy: float = 0.5
     tip_divergence: float = 0.5
-    impl: str = "auto"
+    impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -177,12 +181,59 @@ def _strict_mean(x: pd.Series) -> float:
     return float(values.mean()) if np.isfinite(values).all() else math.nan
 
 
+C = Column
+
+
+@register
 class EntropyProbe(Probe):
     """Per-token next-token statistics (table `tokens`), the logit lens (`token_layers`) and,
-    with a compare model, two-model divergences; per-prompt summaries in `prompts`."""
+    with a compare model, two-model divergences; per-prompt summaries in `prompts`.
+
+    Everything is reduced inside the hooks: the last block's hook computes the per-token
+    statistics from its residual. The logit lens compares each layer with the final
+    distribution, which exists only after the last block: it takes a second forward pass,
+    holding the final-normed residual of the first (one per batch, never one per layer) and
+    reducing each layer against it inside that layer's hook.
+    """
 
     name = "entropy"
     sites = ("resid_post",)
+    Config = EntropyConfig
+    tables = {
+        "tokens": {  # of p_pos, the next-token distribution computed at pos - 1 (NA at pos 0)
+            "entropy": C("float64", "-sum_v p log p (nats)"),
+            "logprob": C("float64", "log p_pos[token_id]"),
+            "rank": C("Int64", "1 + number of vocab entries with strictly larger probability"),
+            "top1_id": C("Int64", "most likely token id"),
+            "top1_prob": C("float64", "p(top1)"),
+            "margin": C("float64", "p(top1) - p(top2)"),
+            "self_certainty": C("float64", "KL(U || p_pos) (Kang et al.)"),
+            "window_entropy": C("float64", "ARES window mean of entropy (w = 4, t+1..t+w by "
+                                           "default)"),
+            "band": C("string", "low / mid / high by entropy quantiles (0.5, 0.8; per run or "
+                                "prompt)"),
+            "forking": C("boolean", "entropy >= its (1 - rho) quantile, rho = 0.2 (Wang et al.)"),
+            "teacher_entropy": C("float64", "entropy of the compare model q (nats)"),
+            "teacher_logprob": C("float64", "log q[token_id]"),
+            "kl_student_teacher": C("float64", "KL(p || q) (nats)"),
+            "kl_teacher_student": C("float64", "KL(q || p) (nats)"),
+            "jsd": C("float64", "Jensen-Shannon divergence of p and q (nats, <= ln 2)"),
+            "tip_quadrant": C("string", "TIP quadrant {high,low}_H_{high,low}_D (H / ln V, "
+                                        "JSD / ln 2 against 0.5)"),
+            "critical_ce": C("float64", "cDPO contrastive score softmax((1+beta) z_p - beta "
+                                        "z_q)[token_id]")},
+        "token_layers": {
+            "lens_entropy": C("float64", "entropy of the logit lens softmax(W_U LN_f(h_l"
+                                         "[pos - 1])) (nats; lens=True; NA at pos 0)"),
+            "lens_kl_to_final": C("float64", "KL(lens distribution || final distribution) at "
+                                             "the same position")},
+        "prompts": {
+            "mean_entropy": C("float64", "mean entropy over the prompt's scored tokens (nats)"),
+            "mean_self_certainty": C("float64", "mean self-certainty (Kang et al.'s sequence "
+                                                "score)"),
+            "perplexity": C("float64", "exp(-mean logprob) over the scored tokens"),
+            "forking_share": C("float64", "share of the scored tokens flagged `forking`")},
+    }
 
     def __init__(self, config: EntropyConfig | None = None, *, compare: Any = None) -> None:
         """Args:
@@ -190,11 +241,35 @@ class EntropyProbe(Probe):
             compare: a second model (a `tokenprobe.load()` result) with the same vocabulary:
                 the teacher for TIP, or the negative model for cDPO's `critical_ce`.
         """
-        self.config = config or EntropyConfig()
+        super().__init__(config)
         self.compare = compare
         if self.config.contrast_beta is not None and compare is None:
             raise ValueError("contrast_beta (cDPO's critical_ce) needs a compare model: the "
                              "negative model to contrast with")
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        return [*super().options(), Option(
+            "compare", "model", None, "a second model over the same vocabulary: adds teacher "
+            "entropy, KL both ways, JSD and the TIP quadrant per token (the probed model is the "
+            "student); with contrast_beta, the negative model of cDPO", aliases=("--compare",))]
+
+    @classmethod
+    def from_options(cls, values, load=None) -> "EntropyProbe":
+        values = dict(values)
+        compare = values.pop("compare", None)
+        config = cls.Config(**values)
+        if config.contrast_beta is not None and not compare:
+            raise ValueError("contrast_beta needs compare, the negative model (CLI: "
+                             "--contrast-beta needs --compare NEGATIVE_MODEL: cDPO contrasts "
+                             "the probed model with a model tuned on incorrect answers)")
+        if compare and load is None:
+            raise ValueError("the compare option names a model, and no loader was given")
+        return cls(config, compare=load(compare) if compare else None)
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.config.lens else 1
 
     def describe(self) -> dict:
         out = {"name": self.name, **dataclasses.asdict(self.config)}
@@ -217,28 +292,45 @@ class EntropyProbe(Probe):
 
     def begin(self, batch) -> None:
         super().begin(batch)
-        self.final: torch.Tensor | None = None
-        self.lens_h: dict[int, torch.Tensor] = {}
+        self._forget()
+        self._compared = self._compare_hidden() if self.compare is not None else None
+
+    def _forget(self) -> None:
+        self._pass = 0
+        self._compared: torch.Tensor | None = None  # the compare model's rows, until the last hook
+        self._columns: dict[str, np.ndarray] | None = None  # per scored token
+        self._lens: dict[int, dict[str, np.ndarray]] = {}  # layer -> per scored token
+        self._reference: torch.Tensor | None = None  # final-normed rows, during the lens pass
+
+    def begin_pass(self, index: int) -> None:
+        self._pass = index
 
     def observe(self, site: str, layer: int, h: torch.Tensor) -> None:
         last = layer == self.unembed.n_layers - 1
-        if last or self.config.lens:
-            normed = self.unembed.norm(h)  # (B, T, D), as the model's lm_head sees it
+        if self._pass == 0 and last:
+            hidden = self._rows(self.unembed.norm(h))  # (N, D), as the model's lm_head sees it
+            self._columns = self._final(hidden)
             if self.config.lens:
-                self.lens_h[layer] = normed
+                self._reference = hidden
+        elif self._pass == 1:
+            ue = self.unembed
+            d = two_model_divergence(self._rows(ue.norm(h)), ue.weight, self._reference,
+                                     ue.weight, bias_p=ue.bias, bias_q=ue.bias,
+                                     softcap_p=ue.softcap, softcap_q=ue.softcap, jsd=False,
+                                     impl=self.config.impl)
+            self._lens[layer] = {"lens_entropy": d["entropy_p"].cpu().numpy(),
+                                 "lens_kl_to_final": d["kl_pq"].cpu().numpy()}
             if last:
-                self.final = normed
+                self._reference = None
 
     def _rows(self, h: torch.Tensor) -> torch.Tensor:
         """Positions 0..n-2 of every row (each predicts the next token), concatenated: (N, D)."""
-        return torch.cat([h[b, :n - 1] for b, n in enumerate(self.batch.lengths)])
+        return torch.cat([h[b, :n - 1] for b, _, n in self.batch.rows()])
 
-    def collect(self) -> dict[str, pd.DataFrame]:
-        cfg, batch, ue = self.config, self.batch, self.unembed
-        if self.final is None:
-            raise RuntimeError("the entropy probe saw no residual of the last block")
-        targets = torch.cat([batch.input_ids[b, 1:n] for b, n in enumerate(batch.lengths)])
-        hidden = self._rows(self.final)
+    def _final(self, hidden: torch.Tensor) -> dict[str, np.ndarray]:
+        """The per-token statistics of the final distribution (and the compare model's)."""
+        batch, ue, cfg = self.batch, self.unembed, self.config
+        targets = torch.cat([batch.input_ids[b, 1:n] for b, _, n in batch.rows()])
         stats = linear_entropy(hidden, ue.weight, bias=ue.bias, softcap=ue.softcap,
                                targets=targets, topk=cfg.topk, impl=cfg.impl)
         probs = stats["topk_probs"]
@@ -250,7 +342,14 @@ class EntropyProbe(Probe):
         }
         if self.compare is not None:
             columns.update(self._compare(hidden, targets))
-        tokens = self._frame(columns)
+            self._compared = None
+        return {k: v.detach().cpu().numpy() for k, v in columns.items()}
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        cfg, ue = self.config, self.unembed
+        if self._columns is None:
+            raise RuntimeError("the entropy probe saw no residual of the last block")
+        tokens = self._frame(self._columns)
         tokens["window_entropy"] = np.concatenate([
             window_entropy(g.entropy.to_numpy(float), cfg.window, start=cfg.window_from)
             for _, g in tokens.groupby("prompt_id", sort=False)])
@@ -262,12 +361,16 @@ class EntropyProbe(Probe):
         out = {"tokens": tokens}
         bad = self._nonfinite(tokens, "logits", ue.n_layers - 1, CHECKED)
         if cfg.lens:
-            out["token_layers"] = self._lens(hidden)
-            for layer, rows in out["token_layers"].groupby("layer"):
-                bad += self._nonfinite(rows, "lens", int(layer), ("lens_entropy",
-                                                                  "lens_kl_to_final"))
+            frames = []
+            for layer in sorted(self._lens):
+                frame = self._frame(self._lens[layer])
+                frame.insert(1, "layer", layer)
+                frames.append(frame)
+                bad += self._nonfinite(frame, "lens", layer, ("lens_entropy",
+                                                              "lens_kl_to_final"))
+            out["token_layers"] = pd.concat(frames, ignore_index=True)
         out["nonfinite"] = nonfinite_frame(bad)
-        self.final, self.lens_h = None, {}
+        self._forget()
         return out
 
     def _nonfinite(self, frame: pd.DataFrame, site: str, layer: int,
@@ -278,16 +381,20 @@ class EntropyProbe(Probe):
                               {c: g[c].to_numpy(float)[1:] for c in present}, offset=1)
                 for prompt_id, g in frame.groupby("prompt_id", sort=False) if len(g) > 1]
 
-    def _compare(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Two-model columns: the compare model runs on the same batch."""
-        cfg, batch, cue = self.config, self.batch, self.cmp_unembed
-        model = self.compare.model
+    def _compare_hidden(self) -> torch.Tensor:
+        """The compare model's final-normed residual rows on the batch, (N, D_q): its forward
+        runs before the probed model's, so that no forward is nested in a hook."""
+        model, batch = self.compare.model, self.batch
         device = next(model.parameters()).device
-        with torch.inference_mode():
-            out = model.get_decoder()(input_ids=batch.input_ids.to(device),
-                                      attention_mask=batch.attention_mask.to(device),
-                                      use_cache=False)
-        hq = self._rows(out.last_hidden_state.to(hidden.device))  # after its final norm
+        out = model.get_decoder()(input_ids=batch.input_ids.to(device),
+                                  attention_mask=batch.attention_mask.to(device),
+                                  use_cache=False)
+        return self._rows(out.last_hidden_state)  # after its final norm
+
+    def _compare(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Two-model columns against the compare model's rows (`_compare_hidden`)."""
+        cfg, cue = self.config, self.cmp_unembed
+        hq = self._compared.to(hidden.device)
         d = two_model_divergence(hidden, self.unembed.weight, hq, cue.weight.to(hidden.device),
                                  bias_p=self.unembed.bias, bias_q=cue.bias,
                                  softcap_p=self.unembed.softcap, softcap_q=cue.softcap,
@@ -299,23 +406,10 @@ class EntropyProbe(Probe):
             cols["critical_ce"] = d["contrast_logprob"].exp()
         return cols
 
-    def _lens(self, final: torch.Tensor) -> pd.DataFrame:
-        """Logit lens per layer: entropy of softmax(W_U LN_f(h_l)) and KL to the final p."""
-        ue, frames = self.unembed, []
-        for layer in sorted(self.lens_h):
-            d = two_model_divergence(self._rows(self.lens_h[layer]), ue.weight, final, ue.weight,
-                                     bias_p=ue.bias, bias_q=ue.bias, softcap_p=ue.softcap,
-                                     softcap_q=ue.softcap, jsd=False, impl=self.config.impl)
-            frame = self._frame({"lens_entropy": d["entropy_p"], "lens_kl_to_final": d["kl_pq"]})
-            frame.insert(1, "layer", layer)
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True)
-
-    def _frame(self, columns: dict[str, torch.Tensor]) -> pd.DataFrame:
+    def _frame(self, values: dict[str, np.ndarray]) -> pd.DataFrame:
         """Rows (prompt_id, pos) for every real position; pos 0 (no prediction) gets NA."""
-        batch, parts, start = self.batch, [], 0
-        values = {k: v.detach().cpu().numpy() for k, v in columns.items()}
-        for prompt_id, n in zip(batch.prompt_ids, batch.lengths):
+        parts, start = [], 0
+        for _, prompt_id, n in self.batch.rows():
             part = {"prompt_id": np.full(n, prompt_id), "pos": np.arange(n)}
             for k, v in values.items():
                 col = np.full(n, np.nan)

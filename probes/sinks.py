@@ -20,13 +20,16 @@ block of queries at a time; residual statistics inside the block hooks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tokenprobe.probe import Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row
+from tokenprobe.kernels.attention import IMPLS
+from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
+                              register)
+from tokenprobe.tables import Column, Table
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,39 @@ class SinksConfig:
     primary_margin: int = 15
     secondary_min: int = 4
     block: int = 256
-    impl: str = "auto"
+    impl: str = field(default="auto", metadata={"choices": IMPLS})
+
+    def __post_init__(self) -> None:
+        if self.k_pos < 0 or self.block < 1 or self.primary_margin < 0 or self.secondary_min < 0:
+            raise ValueError("k_pos, primary_margin and secondary_min must be >= 0 and block "
+                             f">= 1, got {self.k_pos}, {self.primary_margin}, "
+                             f"{self.secondary_min}, {self.block}")
+        if not (math.isfinite(self.eps) and 0 <= self.cos_threshold <= 1):
+            raise ValueError(f"eps must be finite and cos_threshold in [0, 1], got {self.eps}, "
+                             f"{self.cos_threshold}")
+
+
+def value_norms(w_o: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Guo et al.'s value-state drain: ||W_O^(h) v_t^(h)|| per head and token.
+
+    Computed as sqrt(v^T (W_O^(h)T W_O^(h)) v): a (Dh, Dh) Gram matrix per head instead of a
+    projection to the model width, the same number with D / Dh times fewer multiplications.
+
+    Args:
+        w_o: (D, H * Dh) the attention output projection.
+        value: (B, KVH, S, Dh) value states.
+        heads: number of query heads H (value head of head h is h // (H / KVH)).
+
+    Returns:
+        (B, H, S) float32 norms.
+    """
+    bsz, kvh, s, dh = value.shape
+    groups = heads // kvh
+    w = w_o.float().view(-1, heads, dh)  # (D, H, Dh)
+    gram = torch.einsum("dhi,dhj->hij", w, w)  # (H, Dh, Dh)
+    v = value.float().repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+    quad = (torch.matmul(v, gram) * v).sum(-1)  # (B, H, S)
+    return quad.clamp_min(0).sqrt()
 
 
 def sink_levels_of(norms: np.ndarray) -> tuple[int, int]:
@@ -131,15 +166,45 @@ def run_sink_rate(rates: pd.DataFrame) -> float:
         else float("nan")
 
 
+C = Column
+
+
+@register
 class SinksProbe(Probe):
     """Hook adapter: attention statistics into `heads` and `token_layers.attn_received`,
     residual cosines into `sinks`."""
 
     name = "sinks"
     sites = ("attention", "resid_post")
+    Config = SinksConfig
+    tables = {
+        "token_layers": {"attn_received": C("float64", "mean over heads and queries i >= pos "
+                                                       "of A[l, h, i, pos]")},
+        "heads": Table("prompt x layer x head", ("prompt_id", "layer", "head"), {
+            "prompt_id": C("int64", "key"), "layer": C("int64", "key"),
+            "head": C("int64", "key: the query head"),
+            "sink_mass": C("float64", "Gu et al. alpha_k = (1/(T-k)) sum_{i>=k} A[i, k], "
+                                      "k = k_pos"),
+            "attn_entropy": C("float64", "mean over queries of -sum_j A[i, j] log A[i, j] "
+                                         "(nats)"),
+            "value_drain_sink": C("float64", "||W_O^(h) v_k^(h)|| at the sink position k "
+                                             "(Guo et al.)"),
+            "value_drain_rest": C("float64", "mean over the other tokens of "
+                                             "||W_O^(h) v_t^(h)||")}),
+        "sinks": Table("prompt x position, flagged tokens only (Wong et al.)",
+                       ("prompt_id", "pos"), {
+            "prompt_id": C("int64", "key"), "pos": C("int64", "key"),
+            "token": C("string", "the token's text"),
+            "kind": C("string", "primary / secondary / noise"),
+            "creation_layer": C("int64", "first layer where |cos(h_l[t], h_l[primary])| > "
+                                         "cos_threshold"),
+            "lifetime": C("int64", "number of such layers"),
+            "max_cos": C("float64", "max |cos| to the primary over the searched layers (1 for "
+                                    "the primary)")}),
+    }
 
-    def __init__(self, config: SinksConfig | None = None) -> None:
-        self.config = config or SinksConfig()
+    def attention_options(self) -> dict:
+        return {"k_pos": self.config.k_pos, "impl": self.config.impl, "block": self.config.block}
 
     def begin(self, batch: Batch) -> None:
         super().begin(batch)
@@ -156,8 +221,9 @@ class SinksProbe(Probe):
         k = self.config.k_pos
         rows, heads = stats["sink_mass"].shape
         width = max(self.batch.lengths)
-        for row, n in enumerate(self.batch.lengths):
-            vn = stats["value_norm"][row, :, :n]  # (H, T)
+        norms = value_norms(stats["w_o"], stats["value"], heads)  # (B, H, S)
+        for row, _, n in self.batch.rows():
+            vn = norms[row, :, :n]  # (H, T)
             rest = torch.cat([vn[:, :k], vn[:, k + 1:]], dim=1)
             nan = torch.full((heads,), float("nan"))
             denom = heads * (n - torch.arange(n, device=vn.device))
@@ -173,7 +239,7 @@ class SinksProbe(Probe):
     def _residual(self, layer: int, h: torch.Tensor) -> None:
         rows, width = len(self.batch.lengths), max(self.batch.lengths)
         most = len(self.config.candidates)
-        for row, n in enumerate(self.batch.lengths):
+        for row, _, n in self.batch.rows():
             cands = [c for c in self.config.candidates if c < n]
             x = h[row, :n].float()  # (T, D)
             ref = x[cands]  # (C, D)
@@ -187,7 +253,7 @@ class SinksProbe(Probe):
         sinks, heads, received, nonfinite = [], [], [], []
         attn, resid, k = self._attn, self._resid, self.config.k_pos
         for layer in attn.layers:
-            for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+            for row, prompt_id, n in self.batch.rows():
                 checked = ["sink_mass", "attn_entropy"] + ["value_drain_sink"] * (k < n) \
                     + ["value_drain_rest"] * (n > 1)  # the drains are NaN by definition else
                 nonfinite.append(nonfinite_row(self.name, "attention", prompt_id, layer,
@@ -200,7 +266,7 @@ class SinksProbe(Probe):
                 received.append(pd.DataFrame({"prompt_id": prompt_id, "layer": layer,
                                               "pos": np.arange(n),
                                               "attn_received": attn["attn_received"][layer, row, :n]}))
-        for row, (prompt_id, n) in enumerate(zip(self.batch.prompt_ids, self.batch.lengths)):
+        for row, prompt_id, n in self.batch.rows():
             cands = [c for c in self.config.candidates if c < n]
             cos = np.abs(resid["cos"][:, row, :len(cands), :n]).sum(1)  # (L, T)
             bad = [nonfinite_row(self.name, "resid_post", prompt_id, layer,

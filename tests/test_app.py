@@ -15,8 +15,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import tokenprobe
-from tokenprobe.analyses import views
-from tokenprobe.app import figures, runs
+from tokenprobe.analyses import figures, views
+from tokenprobe.app import runs
 from tokenprobe.probes import EntropyConfig, EntropyProbe
 from tokenprobe.store import Run
 
@@ -410,7 +410,8 @@ def test_live_run(root, monkeypatch):
 
 
 def test_cli_app_refuses_a_missing_root(tmp_path, capsys):
-    from tokenprobe.cli import EXIT_USAGE, main
+    from tokenprobe.cli.args import EXIT_USAGE
+    from tokenprobe.cli.main import main
 
     assert main(["app", str(tmp_path / "missing")]) == EXIT_USAGE
     assert "is not a directory" in capsys.readouterr().err

@@ -236,7 +236,7 @@ def test_cli_run_matches_fresh_forwards(tiny_llama, tmp_path):
     """`tokenprobe attribute` writes a run whose removal deltas equal fresh forwards of the
     shortened inputs, with one knockout layer_range per --layers set and removal once."""
     from tokenprobe.analyses import views
-    from tokenprobe.cli import main
+    from tokenprobe.cli.main import main
     from tokenprobe.store import open_run
     from tokenprobe.tables import SCHEMAS
 

@@ -9,11 +9,12 @@ import sys
 import pytest
 
 import tokenprobe
-from tokenprobe import cli
+from tokenprobe.cli.args import EXIT_EXISTS, EXIT_MODEL, EXIT_OK, EXIT_USAGE
+from tokenprobe.cli.main import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -23,7 +24,7 @@ def test_run_writes_a_run_and_prints_a_summary(capsys, tmp_path):
     prompts.write_text(json.dumps({"text": "line one\nline two"}) + "\n" + json.dumps("second") + "\n")
     code, out, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--prompts", str(prompts),
                            "--prompt", "third", "--out", str(tmp_path / "r"), "--quiet")
-    assert code == cli.EXIT_OK
+    assert code == EXIT_OK
     run = tokenprobe.open_run(tmp_path / "r")
     # --prompt texts come first, then each --prompts file in order
     assert run.prompts.text.tolist() == ["third", "line one\nline two", "second"]
@@ -37,7 +38,7 @@ def test_run_writes_a_run_and_prints_a_summary(capsys, tmp_path):
 def test_run_through_other_backends(capsys, tmp_path, backend):
     code, _, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "abc", "--backend",
                          backend, "--out", str(tmp_path / "r"), "--quiet")
-    assert code == cli.EXIT_OK
+    assert code == EXIT_OK
     run = tokenprobe.open_run(tmp_path / "r")
     assert run.meta["backend"] == {"bridge": "transformer_bridge", "nnsight": "nnsight"}[backend]
     assert run.tokens.token.tolist() == ["a", "b", "c"]
@@ -50,23 +51,23 @@ def test_error_exit_codes(capsys, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
     cases = [
-        (["--model", "no-such-model", "--prompt", "x"], cli.EXIT_MODEL, "unknown model"),
-        (["--prompt", "   "], cli.EXIT_USAGE, "empty or whitespace"),
-        (["--prompts", str(tmp_path / "missing.txt")], cli.EXIT_USAGE, "cannot read prompt file"),
-        (["--prompts", str(bad)], cli.EXIT_USAGE, "is not UTF-8"),
-        (["--prompts", str(blank)], cli.EXIT_USAGE, "holds no prompts"),
-        (["--probes", "nope", "--prompt", "x"], cli.EXIT_USAGE, "unknown probe 'nope'"),
-        (["--probes", "sinks", "--lens", "--prompt", "x"], cli.EXIT_USAGE, "add it to --probes"),
-        (["--contrast-beta", "1", "--prompt", "x"], cli.EXIT_USAGE, "needs --compare"),
-        (["--compare", "tiny-gemma3-nope", "--prompt", "x"], cli.EXIT_MODEL, "unknown model"),
-        ([], cli.EXIT_USAGE, "give prompts"),
+        (["--model", "no-such-model", "--prompt", "x"], EXIT_MODEL, "unknown model"),
+        (["--prompt", "   "], EXIT_USAGE, "empty or whitespace"),
+        (["--prompts", str(tmp_path / "missing.txt")], EXIT_USAGE, "cannot read prompt file"),
+        (["--prompts", str(bad)], EXIT_USAGE, "is not UTF-8"),
+        (["--prompts", str(blank)], EXIT_USAGE, "holds no prompts"),
+        (["--probes", "nope", "--prompt", "x"], EXIT_USAGE, "unknown probe 'nope'"),
+        (["--probes", "sinks", "--lens", "--prompt", "x"], EXIT_USAGE, "add it to --probes"),
+        (["--contrast-beta", "1", "--prompt", "x"], EXIT_USAGE, "needs --compare"),
+        (["--compare", "tiny-gemma3-nope", "--prompt", "x"], EXIT_MODEL, "unknown model"),
+        ([], EXIT_USAGE, "give prompts"),
     ]
     for args, code, message in cases:
         got, _, err = run_cli(capsys, "run", "--model", "tiny-llama", *args, "--out", out)
         assert (got, message in err) == (code, True), (args, err)
     assert run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "x", "--out", out)[0] == 0
     code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "y", "--out", out)
-    assert code == cli.EXIT_EXISTS and "already holds a complete run" in err
+    assert code == EXIT_EXISTS and "already holds a complete run" in err
     assert tokenprobe.open_run(out).prompts.text.tolist() == ["x"]
 
 
@@ -77,9 +78,9 @@ def test_query_and_models(capsys, tmp_path):
                            str(tmp_path / "r"), "--format", "csv")
     assert code == 0 and out.split() == ["token", "<bos>", "h", "e", "y"]
     code, _, err = run_cli(capsys, "query", "SELECT nope FROM tokens", str(tmp_path / "r"))
-    assert code == cli.EXIT_USAGE and "SQL error" in err
+    assert code == EXIT_USAGE and "SQL error" in err
     code, _, err = run_cli(capsys, "query", "SELECT 1", str(tmp_path))
-    assert code == cli.EXIT_USAGE and "not a complete tokenprobe run" in err
+    assert code == EXIT_USAGE and "not a complete tokenprobe run" in err
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out
     assert [line.split()[1:6] for line in out.splitlines() if line.startswith("tiny-llama")] == [
@@ -108,7 +109,7 @@ def test_max_tokens_and_sinks_only(capsys, tmp_path):
         "heads", "nonfinite", "prompts", "sinks", "token_layers", "tokens"]
     code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--probes", "sinks",
                            "--backend", "nnsight", "--prompt", "x", "--out", str(tmp_path / "n"))
-    assert code == cli.EXIT_USAGE and "cannot run with --backend nnsight" in err
+    assert code == EXIT_USAGE and "probe sinks needs attention statistics" in err
 
 
 def test_compare_contrast_and_lens(capsys, tmp_path):
@@ -117,7 +118,7 @@ def test_compare_contrast_and_lens(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "run", "--model", "tiny-llama", "--compare", "tiny-llama",
                            "--contrast-beta", "1", "--lens", "--probes", "entropy",
                            "--prompt", "the cat sat", "--out", str(tmp_path / "r"), "--quiet")
-    assert code == cli.EXIT_OK, out
+    assert code == EXIT_OK, out
     assert "mean JSD to tiny-llama 0.000" in out
     tokens = tokenprobe.open_run(tmp_path / "r").tokens.dropna(subset=["entropy"])
     assert tokens.jsd.abs().max() < 1e-6 and tokens.kl_student_teacher.abs().max() < 1e-5
@@ -129,9 +130,9 @@ def test_compare_contrast_and_lens(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("module, argv, expected", [
-    ("tokenprobe.cli:cmd_run", ["run", "--prompt", "x", "--out", "r"],
+    ("tokenprobe.cli.run:cmd_run", ["run", "--prompt", "x", "--out", "r"],
      "interrupted; finished batches are kept, run the same command again to resume"),
-    ("tokenprobe.analyses.critical_cli:cmd_critical", ["critical", "--out", "r"],
+    ("tokenprobe.analyses.critical.cli:cmd_critical", ["critical", "--out", "r"],
      "interrupted; finished prefixes are kept, run the same command again to resume"),
     ("tokenprobe.analyses.attribution_cli:cmd_attribute",
      ["attribute", "--prompt", "x", "--out", "r"], "interrupted; nothing was written"),
@@ -146,5 +147,5 @@ def test_ctrl_c_says_what_is_kept(monkeypatch, capsys, module, argv, expected):
 
     name, attr = module.split(":")
     monkeypatch.setattr(importlib.import_module(name), attr, interrupted)
-    assert cli.main(argv) == 130
+    assert main(argv) == 130
     assert capsys.readouterr().err.strip().endswith(expected)

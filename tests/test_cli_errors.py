@@ -14,10 +14,12 @@ import torch
 import tokenprobe
 import tokenprobe.analyses.toy
 import tokenprobe.models
-from tokenprobe import cli
 from tokenprobe.analyses.counterfactual import GumbelConfig
-from tokenprobe.probes.critical import CriticalConfig
-from tokenprobe.store import PartWriter, Run, check_target
+from tokenprobe.analyses.critical import CriticalConfig
+from tokenprobe.cli.args import (EXIT_CODES, EXIT_CODES_NO_RESUME, EXIT_EXISTS, EXIT_MODEL,
+                                 EXIT_USAGE)
+from tokenprobe.cli.main import main
+from tokenprobe.store import Run, RunWriter, check_target
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def cli_error(capsys, argv: list[str]) -> tuple[int, str]:
     """Exit code and the last stderr line of `tokenprobe ARGV` (argparse's usage errors too),
     checking that stderr holds no traceback and, from main(), exactly one line."""
     try:
-        code = cli.main(argv)
+        code = main(argv)
         from_main = True
     except SystemExit as exit:  # argparse: usage lines, then "prog: error: ..."
         code, from_main = exit.code, False
@@ -91,6 +93,8 @@ NUMERIC = [  # (command, option, bad value, what the option must be)
     *[("app", "--port", v, "a port number from 1 to 65535") for v in ("0", "70000", "x")],
     ("report", "--max-prompts", "-1", "an integer >= 0"),
     *[("report", "--curve-T", v, "comma-separated positive integers") for v in ("0,5", "x", ",")],
+    ("run", "--sinks-eps", "inf", "a finite number"),
+    ("run", "--entropy-window", "x", "an integer"),
 ]
 
 
@@ -98,8 +102,9 @@ NUMERIC = [  # (command, option, bad value, what the option must be)
 def test_bad_numbers_are_usage_errors(no_work, capsys, tmp_path, command, option, value, what):
     before = files_under(tmp_path)
     code, line = cli_error(capsys, [*base_argv(command, tmp_path), f"{option}={value}"])
-    assert (code, line) == (cli.EXIT_USAGE, f"tokenprobe {command}: error: argument {option}: "
-                                            f"must be {what}, got {value}")
+    names = {"--contrast-beta": "--entropy-contrast-beta/--contrast-beta"}  # a probe option
+    assert (code, line) == (EXIT_USAGE, f"tokenprobe {command}: error: argument "
+                                        f"{names.get(option, option)}: must be {what}, got {value}")
     assert files_under(tmp_path) == before
 
 
@@ -109,7 +114,7 @@ def test_query_max_rows(capsys, tmp_path):
     for value in ("0", "-5"):
         code, line = cli_error(capsys, ["query", "SELECT 1", str(tmp_path / "r"),
                                         f"--max-rows={value}"])
-        assert (code, line) == (cli.EXIT_USAGE, "tokenprobe query: error: argument --max-rows: "
+        assert (code, line) == (EXIT_USAGE, "tokenprobe query: error: argument --max-rows: "
                                                 f"must be a positive integer, got {value}")
     assert files_under(tmp_path) == before
 
@@ -125,7 +130,7 @@ def test_query_max_rows(capsys, tmp_path):
 def test_bad_specs_fail_before_the_model_loads(no_work, capsys, tmp_path, argv, message):
     before = files_under(tmp_path)
     code, line = cli_error(capsys, base_argv(argv[0], tmp_path) + argv[1:])
-    assert code == cli.EXIT_USAGE and line.startswith("tokenprobe: error: ") and message in line
+    assert code == EXIT_USAGE and line.startswith("tokenprobe: error: ") and message in line
     assert files_under(tmp_path) == before
 
 
@@ -143,7 +148,7 @@ def test_bad_devices_are_refused_before_loading(no_work, capsys, tmp_path, comma
                                                 message):
     before = files_under(tmp_path)
     code, line = cli_error(capsys, [*base_argv(command, tmp_path), "--device", device])
-    assert code == cli.EXIT_USAGE
+    assert code == EXIT_USAGE
     assert line.startswith(f"tokenprobe {command}: error: argument --device: ") and message in line
     assert files_under(tmp_path) == before
 
@@ -181,7 +186,7 @@ def test_unwritable_out_is_refused_before_loading(no_work, capsys, tmp_path, com
     finally:
         if kind == "read-only":
             parent.chmod(0o755)
-    assert code == cli.EXIT_USAGE
+    assert code == EXIT_USAGE
     assert line.startswith(f"tokenprobe: error: cannot write {out}") and str(parent) in line
     assert files_under(tmp_path) == before
 
@@ -203,19 +208,19 @@ def test_unreadable_gguf_is_a_model_error(capsys, tmp_path, cut, message):
     before = files_under(tmp_path)
     code, line = cli_error(capsys, ["run", "--model", str(model), "--prompt", "x",
                                     "--out", str(tmp_path / "out")])
-    assert code == cli.EXIT_MODEL
+    assert code == EXIT_MODEL
     assert line.startswith(f"tokenprobe: error: {model} is not a readable GGUF file: ")
     assert message in line and "copy or download it again" in line
     assert files_under(tmp_path) == before
 
 
 def test_exit_4_help_says_what_it_covers_and_what_overwrite_fixes():
-    four = " ".join(cli.EXIT_CODES.split(f"\n  {cli.EXIT_EXISTS}    ")[1].split())
+    four = " ".join(EXIT_CODES.split(f"\n  {EXIT_EXISTS}    ")[1].split())
     assert four.startswith("--out is taken: it holds a complete run (--overwrite replaces it), "
                            "or it is a file or a non-empty directory that is not a run (choose "
                            "another --out), or an unfinished run with other settings is staged "
                            "beside it in .NAME.partial")
-    assert ".NAME.partial" not in cli.EXIT_CODES_NO_RESUME  # those commands never resume
+    assert ".NAME.partial" not in EXIT_CODES_NO_RESUME  # those commands never resume
 
 
 def test_exit_4_cases_and_overwrite(capsys, tmp_path, no_work):
@@ -223,18 +228,25 @@ def test_exit_4_cases_and_overwrite(capsys, tmp_path, no_work):
     Run({"prompts": pd.DataFrame({"prompt_id": [0]})}, {"model": "m"}).save(done)
     check_target(done, overwrite=True)  # the one case --overwrite fixes
     code, line = cli_error(capsys, base_argv("run", tmp_path)[:-1] + [str(done)])
-    assert code == cli.EXIT_EXISTS and "pass --overwrite to replace it" in line
+    assert code == EXIT_EXISTS and "pass --overwrite to replace it" in line
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "notes.txt").write_text("x")
     for taken, what in [(tmp_path / "afile", "a file"), (tmp_path / "adir", "a directory")]:
         code, line = cli_error(capsys, base_argv("run", tmp_path)[:-1] + [str(taken),
                                                                           "--overwrite"])
-        assert code == cli.EXIT_EXISTS and f"({what}" in line
+        assert code == EXIT_EXISTS and f"({what}" in line
         assert "with --overwrite too: choose another --out" in line
-    PartWriter(tmp_path / "r", {"seed": 0}, overwrite=False)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=16, vocab_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    first = RunWriter(tmp_path / "r", model=model, name="m", fingerprint="f",
+                      settings={"seed": 0})
+    first.write(0, {"prompts": pd.DataFrame({"prompt_id": [0]})})  # the staging dir exists
     with pytest.raises(FileExistsError, match="different settings.*--overwrite does not"):
-        PartWriter(tmp_path / "r", {"seed": 1}, overwrite=True)
+        RunWriter(tmp_path / "r", model=model, name="m", fingerprint="f", settings={"seed": 1},
+                  overwrite=True)
 
 
 def test_python_api_refuses_the_same_values(tiny_llama, tmp_path):

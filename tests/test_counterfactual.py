@@ -171,7 +171,7 @@ def test_smollm2_counterfactual_story(smollm2):
 def test_cli_run_matches_reference_decoding(tiny_llama, tmp_path, capsys):
     """`tokenprobe counterfactual` writes generations equal to cache-free Gumbel-max decoding
     with the factual noise, the intervened token forced."""
-    from tokenprobe.cli import main
+    from tokenprobe.cli.main import main
     from tokenprobe.store import open_run
     from tokenprobe.tables import SCHEMAS
 

@@ -7,19 +7,12 @@ import random
 
 import pandas as pd
 import pytest
-from tokenprobe.analyses.critical import critical_search, summary_frame
-from tokenprobe.probes.critical import (
-    CriticalConfig,
-    find_critical,
-    next_prefix,
-    next_prefixes,
-    pass_at_k,
-)
 
-from tokenprobe.cli import main
+from tokenprobe.analyses.critical import (CriticalConfig, Task, critical_search, find_critical,
+                                          next_prefix, next_prefixes, pass_at_k, summary_frame)
+from tokenprobe.cli.main import main
 from tokenprobe.store import open_run
 from tokenprobe.tables import SCHEMAS
-from tokenprobe.tasks import Task
 
 TRAJECTORY = "abcdefgh"  # tiny-llama is byte-level: one token per character
 
@@ -195,8 +188,9 @@ def test_smollm2_search_end_to_end(smollm2):
     from its seed; the backward schedule draws exactly the all-prefix scan's rollouts at the
     prefixes it samples (seeds depend on task, prefix and index only).
     """
-    from tokenprobe.sampling import eos_ids, sample_reference
-    from tokenprobe.tasks import load_tasks, prompt_ids, stopper
+    from tokenprobe.analyses.critical.sampling import sample_reference
+    from tokenprobe.analyses.critical.tasks import load_tasks, prompt_ids, stopper
+    from tokenprobe.models import eos_ids
 
     task = load_tasks("arithmetic")[0]  # add-01: 27 + 15 = 42
     task = Task(task.task_id, task.question, task.verifier, task.answer,

@@ -22,7 +22,7 @@ from tokenprobe.analyses.heads import (
     zero_ablation,
 )
 from tokenprobe.analyses.heads_cli import add_parser, parse_layers
-from tokenprobe.options import UsageError
+from tokenprobe.cli.args import UsageError
 from tokenprobe.tokens import pad_batch
 
 from conftest import PROMPTS

@@ -11,7 +11,8 @@ import torch
 
 import tokenprobe
 from tokenprobe.analyses.sinks import sink_rate
-from tokenprobe.cli import EXIT_NONFINITE, main
+from tokenprobe.cli.args import EXIT_NONFINITE
+from tokenprobe.cli.main import main
 from tokenprobe.probe import nonfinite_row
 from tokenprobe.store import open_run
 
@@ -83,7 +84,7 @@ def test_report_and_heatmaps_render_nan_and_inf(nan_model, tmp_path):
     import pandas as pd
 
     from tokenprobe.analyses.report import write_report
-    from tokenprobe.app import figures
+    from tokenprobe.analyses import figures
 
     run = tokenprobe.run(nan_model, PROMPTS, progress=False)
     write_report([run], tmp_path / "report", static=False)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 import tokenprobe
-from tokenprobe import cli
+from tokenprobe.cli.args import EXIT_USAGE
+from tokenprobe.cli.main import main
 from tokenprobe.query import QueryError, connect, query
 from tokenprobe.store import Run, RunNotFoundError
 
@@ -187,7 +188,7 @@ def test_escapes_are_refused(world, capsys, via, sql, message):
         with pytest.raises(QueryError, match=re.escape(message)):
             query(sql, [world["a"], world["b"]])
     else:
-        assert cli.main(["query", sql, world["a"], world["b"]]) == cli.EXIT_USAGE
+        assert main(["query", sql, world["a"], world["b"]]) == EXIT_USAGE
         out, err = capsys.readouterr()
         assert out == "" and message in err
         assert err.startswith("tokenprobe: error: ") and err.count("\n") == 1, err
@@ -201,6 +202,6 @@ def test_cli_refuses_a_run_whose_run_json_names_a_path(world, tmp_path, capsys):
         (tmp_path / "outside" / "secret.parquet").read_bytes())
     meta["tables"] = ["../../outside/prompts"]
     (Path(world["a"]) / "run.json").write_text(json.dumps(meta))
-    assert cli.main(["query", "SELECT * FROM prompts", world["a"]]) == cli.EXIT_USAGE
+    assert main(["query", "SELECT * FROM prompts", world["a"]]) == EXIT_USAGE
     out, err = capsys.readouterr()
     assert "hunter2" not in out and "never a path" in err and err.count("\n") == 1

@@ -17,7 +17,7 @@ from tokenprobe.analyses.replication import NOT_REPORTED, paper_figures, replica
 from tokenprobe.analyses.report import cross_run_summary, load_runs, write_report
 from tokenprobe.analyses.sink_curve import long_prose, rotated_documents, sink_rate_curve
 from tokenprobe.analyses.sinks import sink_rate
-from tokenprobe.cli import main
+from tokenprobe.cli.main import main
 from tokenprobe.probes import ActivationsProbe, EntropyProbe, SinksConfig, SinksProbe
 from tokenprobe.store import RunNotFoundError
 

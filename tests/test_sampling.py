@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenprobe.sampling import Job, draw, eos_ids, sample_continuations, sample_jobs, sample_reference
+from tokenprobe.analyses.critical.sampling import (Job, draw, sample_continuations, sample_jobs,
+                                                   sample_reference)
+from tokenprobe.models import eos_ids
 
 
 def test_draw_follows_the_distribution_and_bans():

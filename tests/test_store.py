@@ -192,7 +192,8 @@ def test_save_refuses_table_names_that_are_not_identifiers(tmp_path):
 
 
 def test_cli_exits_2_on_an_unsafe_run(tmp_path, capsys):
-    from tokenprobe.cli import EXIT_USAGE, main
+    from tokenprobe.cli.args import EXIT_USAGE
+    from tokenprobe.cli.main import main
 
     run = small_run(tmp_path / "run")
     set_tables(run, ["../../etc/passwd"])

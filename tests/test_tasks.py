@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from tokenprobe.tasks import ExactString, FinalNumber, Regex, load_tasks, prompt_ids
+from tokenprobe.analyses.critical.tasks import (ExactString, FinalNumber, Regex, load_tasks,
+                                                prompt_ids)
 
 
 def test_final_number_verdicts():

@@ -79,7 +79,7 @@ def test_batch_size_does_not_change_tables(tiny_gemma3):
 def test_query_never_prints_raw_control_characters(tiny_llama, tmp_path, capsys, fmt):
     import json
 
-    from tokenprobe.cli import main
+    from tokenprobe.cli.main import main
 
     text = "red \x1b[31m bell \x07 nul \x00 cr \r tab \t end"
     tokenprobe.run(tiny_llama, [text], ["activations"], progress=False, out=tmp_path / "r")

@@ -1,6 +1,6 @@
 """tokenprobe: token-level interpretability of language models, reduced inside the hooks.
 
-The top-level names load on first use, so `import tokenprobe.cli` (and `tokenprobe --help`)
+The top-level names load on first use, so `import tokenprobe.cli.main` (and `tokenprobe --help`)
 does not import torch and transformers.
 """
 from __future__ import annotations

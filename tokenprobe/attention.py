@@ -5,7 +5,8 @@ builder, so the model's own causal, padding and sliding-window masks arrive as a
 (B, 1, T, S) tensor or None for plain causal). Every attention module of a model switched to it
 calls `kernels.attention.attention_with_stats` on its post-RoPE q, k, v: the output replaces
 sdpa's, and the per-head statistics go to whoever is observing, a block of queries at a time,
-never as a [H, T, T] tensor.
+never as a [H, T, T] tensor; the value states and
+the output projection go with them, for statistics of the values.
 
 Two context managers switch a model over and always switch it back:
 - `observing(model, observe, lengths, ...)`: the runner's, for probes on the `attention` site;
@@ -57,29 +58,6 @@ def output_weight(module: torch.nn.Module) -> torch.Tensor:
     raise ValueError(f"cannot find the output projection of {type(module).__name__}")
 
 
-def value_norms(module: torch.nn.Module, value: torch.Tensor, heads: int) -> torch.Tensor:
-    """Guo et al.'s value-state drain: ||W_O^(h) v_t^(h)|| per head and token.
-
-    Computed as sqrt(v^T (W_O^(h)T W_O^(h)) v): a (Dh, Dh) Gram matrix per head instead of a
-    projection to the model width, the same number with D / Dh times fewer multiplications.
-
-    Args:
-        module: the attention module.
-        value: (B, KVH, S, Dh) value states.
-        heads: number of query heads H (value head of head h is h // (H / KVH)).
-
-    Returns:
-        (B, H, S) float32 norms.
-    """
-    bsz, kvh, s, dh = value.shape
-    groups = heads // kvh
-    w = output_weight(module).float().view(-1, heads, dh)  # (D, H, Dh)
-    gram = torch.einsum("dhi,dhj->hij", w, w)  # (H, Dh, Dh)
-    v = value.float().repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-    quad = (torch.matmul(v, gram) * v).sum(-1)  # (B, H, S)
-    return quad.clamp_min(0).sqrt()
-
-
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
                dropout: float = 0.0, softcap: float | None = None, **_: object
@@ -109,10 +87,9 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         query, key, value, mask, lengths, scaling=scaling if scaling is not None else dh ** -0.5,
         softcap=softcap, k_pos=observer.k_pos if observer else 0, gamma=gamma,
         block=observer.block if observer else 256, impl=observer.impl if observer else "auto")
-    if observer is not None:
-        with torch.no_grad():
-            stats["value_norm"] = value_norms(module, value, heads)
-        observer.observe("attention", layer, stats)
+    if observer is not None:  # the value states and W_O for statistics of the values
+        observer.observe("attention", layer, {**stats, "value": value,
+                                              "w_o": output_weight(module)})
     if graph:
         out = _explicit(query, key, value, mask, scaling, softcap, gamma)
     return out, None

@@ -335,6 +335,16 @@ def params_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     return f"params:{digest.hexdigest()}"
 
 
+def eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """The ids that end a generation: the generation config's EOS ids and the tokenizer's."""
+    found: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        values = source if isinstance(source, (list, tuple)) else [source]
+        found += [int(v) for v in values if v is not None and int(v) not in found]
+    return found
+
+
 def describe(name: str) -> dict:
     """Architecture facts of a registered model without loading its weights."""
     entry = REGISTRY[name]

@@ -1,19 +1,33 @@
-"""The probe protocol: what a probe declares, and the batch it sees inside the hooks."""
+"""The probe protocol: what a probe declares, the batch it sees inside the hooks, the registry.
+
+A probe is one class in one file. It declares its name, the sites it hooks (`SITES`), its
+settings (`Config`, a frozen dataclass whose fields are the probe's options: the CLI and the
+dashboard offer every field), and the tables and columns it writes (`tables`, declared with
+`tokenprobe.tables`), and it reduces inside the hooks. `register` makes it known by name;
+the built-in probes (package `tokenprobe.probes`) and any other package's are found through
+the `tokenprobe.probes` entry-point group, so the core never imports a probe.
+"""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import re
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
+from tokenprobe.tables import Column, Table, declare, withdraw
+
 # Sites the runner can hook.
 # `resid_post`: the residual stream after block `layer`, a (B, T, D) tensor.
 # `attention`: statistics computed inside the attention call of layer `layer` (see
-#   tokenprobe.attention): a dict of sink_mass (B, H), attn_entropy (B, H), received (B, S) and
-#   value_norm (B, H, S). Needs the transformers entry point.
+#   tokenprobe.attention): a dict of sink_mass (B, H), attn_entropy (B, H), received (B, S),
+#   the value states `value` (B, KVH, S, Dh) and the output projection `w_o` (D, H * Dh).
+#   Only some backends provide it (`tokenprobe.backends`).
 SITES = ("resid_post", "attention")
 
 
@@ -36,6 +50,11 @@ class Batch:
     lengths: list[int]
     token_texts: list[list[str]]
     n_layers: int
+
+    def rows(self) -> list[tuple[int, int, int]]:
+        """(row, prompt_id, length) of every prompt in the batch: `tensor[row, :length]` are
+        its real tokens."""
+        return list(zip(range(len(self.lengths)), self.prompt_ids, self.lengths))
 
 
 class LayerBuffers:
@@ -103,25 +122,136 @@ def nonfinite_frame(rows: list[dict | None]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+@dataclass(frozen=True)
+class Option:
+    """One setting a user can give a probe: a field of its `Config` (or an extra option such
+    as the entropy probe's compare model), as the CLI and the dashboard offer it.
+
+    Attributes:
+        name: the field name (CLI: --PROBE-NAME with dashes, plus `aliases`).
+        type: bool, int, float, str, tuple (comma-separated integers) or "model" (a model
+            name, loaded by whoever builds the probe).
+        default: the field's default.
+        help: what it sets, from the Config docstring's Attributes section.
+        choices: the allowed values, when only some are.
+        aliases: further CLI flags (e.g. "--lens").
+        optional: None is a value (a field typed `float | None`).
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple = ()
+    aliases: tuple[str, ...] = ()
+    optional: bool = False
+
+    def parse(self, text: str) -> Any:
+        """The value of `text` as this option's type (ValueError if it is not one)."""
+        if self.type is tuple:
+            return tuple(int(t) for t in text.split(",") if t.strip())
+        if self.type is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{self.name} must be true or false, got {text!r}")
+            return text.lower() in ("true", "1", "yes")
+        value = text if self.type in (str, "model") else self.type(text)
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, "
+                             f"got {text!r}")
+        return value
+
+
+def config_options(config: type) -> list[Option]:
+    """The options of a Config dataclass: one per field, typed from its annotation, helped
+    from the docstring's `Attributes:` section, with `choices` and `aliases` from the field's
+    metadata."""
+    hints = typing.get_type_hints(config)
+    helps = _attribute_docs(config.__doc__ or "")
+    out = []
+    for f in dataclasses.fields(config):
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        optional = type(None) in args
+        if optional:
+            kind = next(a for a in args if a is not type(None))
+        if typing.get_origin(kind) is tuple:
+            kind = tuple
+        out.append(Option(f.name, kind, f.default, helps.get(f.name, ""),
+                          tuple(f.metadata.get("choices", ())),
+                          tuple(f.metadata.get("aliases", ())), optional))
+    return out
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """name -> text of a Google-style `Attributes:` section (continuation lines joined)."""
+    found: dict[str, str] = {}
+    body = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    name = None
+    for line in body.splitlines():
+        entry = re.match(r"\s{4,8}(\w+): (.*)", line)
+        if entry and len(line) - len(line.lstrip()) <= 8:
+            name, found[entry.group(1)] = entry.group(1), entry.group(2).strip()
+        elif name and line.strip():
+            found[name] += " " + line.strip()
+        elif not line.strip() and found:
+            name = None
+    return found
+
+
 class Probe:
     """Base class: a probe reduces hooked tensors to rows and returns tables per batch.
 
-    A subclass sets `name`, `sites` (a subset of `SITES`) and `config` (a frozen dataclass),
-    and implements `observe` (called inside the hook; must reduce and keep only small
-    tensors) and `collect` (turn what `observe` kept into DataFrames, then forget it).
+    A subclass sets `name`, `sites` (a subset of `SITES`), `Config` (a frozen dataclass of its
+    settings) and `tables` (what it writes: a `tokenprobe.tables.Table` per new table, a
+    mapping of `Column`s per table it adds columns to), and implements `observe` (called
+    inside the hook; must reduce there and keep only values per token, head or entry, never
+    the hooked tensor) and `collect` (turn what `observe` kept into DataFrames, then forget
+    it). `register` makes it known by name.
     """
 
     name: ClassVar[str]
     sites: ClassVar[tuple[str, ...]]
-    config: object
+    Config: ClassVar[type]
+    tables: ClassVar[Mapping[str, Table | Mapping[str, Column]]] = {}
+    config: Any
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        """What a user can set: the fields of `Config` (subclasses may add options)."""
+        return config_options(cls.Config)
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any],
+                     load: Callable[[str], Any] | None = None) -> "Probe":
+        """The probe built from user options (option name -> value; absent: the default).
+        `load(name)` loads a model for options of type "model".
+
+        Raises:
+            ValueError: a value the probe does not accept (the message names it).
+        """
+        return cls(cls.Config(**values))
+
+    @property
+    def passes(self) -> int:
+        """Forward passes the probe needs per batch (1; the logit lens takes 2)."""
+        return 1
+
+    def attention_options(self) -> dict | None:
+        """What the `attention` site computes for this probe (k_pos, impl, block), or None."""
+        return None
 
     def bind(self, model, tokenizer) -> None:
         """Called once before the first batch with the transformers model being probed (also
         under TransformerBridge and nnsight) and its tokenizer; e.g. to find the unembedding."""
 
     def begin(self, batch: Batch) -> None:
-        """Called before the forward pass of each batch."""
+        """Called before the forward passes of each batch."""
         self.batch = batch
+
+    def begin_pass(self, index: int) -> None:
+        """Called before forward pass `index` (0 .. passes - 1) of the batch."""
 
     def observe(self, site: str, layer: int, tensor) -> None:
         """Reduce `tensor` (hooked at `site`, block `layer`; a dict for `attention`) inside the
@@ -144,3 +274,64 @@ class Probe:
     def describe(self) -> dict:
         """The probe's name and configuration, for run metadata."""
         return {"name": self.name, **dataclasses.asdict(self.config)}
+
+
+REGISTRY: dict[str, type[Probe]] = {}
+ENTRY_POINTS = "tokenprobe.probes"  # the group naming modules that register probes
+_plugins_loaded = False
+
+
+def register(cls: type[Probe]) -> type[Probe]:
+    """Make probe class `cls` known by its name and declare its tables (a class decorator)."""
+    known = REGISTRY.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__,
+                                                                         cls.__qualname__):
+        raise ValueError(f"probe name {cls.name!r} is taken by {known.__module__}."
+                         f"{known.__qualname__}")
+    unknown = set(cls.sites) - set(SITES)
+    if unknown:
+        raise ValueError(f"probe {cls.name!r} hooks unknown sites {sorted(unknown)}; sites: "
+                         f"{', '.join(SITES)}")
+    declare(cls.name, cls.tables)
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget probe `name` and the tables and columns it declared."""
+    REGISTRY.pop(name, None)
+    withdraw(name)
+
+
+def registry() -> dict[str, type[Probe]]:
+    """Every registered probe by name, after importing the modules of the `tokenprobe.probes`
+    entry points once (the built-ins, and any installed package's)."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for point in importlib.metadata.entry_points(group=ENTRY_POINTS):
+            point.load()
+        if not REGISTRY:
+            raise RuntimeError("no probe registered: tokenprobe's entry points are missing; "
+                               "install the package (pip install -e .)")
+    return dict(REGISTRY)
+
+
+def make_probes(probes: list[str | Probe] | None, *, sites: set[str] | None = None
+                ) -> list[Probe]:
+    """Instances for a list of probe names or instances; None means every registered probe
+    (those that hook only `sites`, when given: what the backend provides)."""
+    known = registry()
+    if probes is None:
+        return [cls() for cls in known.values() if sites is None or set(cls.sites) <= sites]
+    out = []
+    for p in probes:
+        if isinstance(p, Probe):
+            out.append(p)
+        elif p in known:
+            out.append(known[p]())
+        else:
+            raise ValueError(f"unknown probe {p!r}; available: {', '.join(known)}")
+    if len({p.name for p in out}) != len(out):
+        raise ValueError("each probe may be given once")
+    return out

@@ -1,12 +1,9 @@
 """The runner: tokenise, batch, forward with hooks, collect per-batch tables, save or return a Run."""
 from __future__ import annotations
 
-import datetime
 import hashlib
-import importlib.metadata
 import os
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
@@ -14,14 +11,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from tokenprobe.backends import Backend, resolve
-from tokenprobe.probe import Batch, Probe
-from tokenprobe.probes import make_probes
-from tokenprobe.store import PartWriter, Run
-from tokenprobe.tables import conform, join, merge_parts
-from tokenprobe.tokens import encode_prompts, pad_batch, token_rows
-
-VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
-             "nnsight")
+from tokenprobe.probe import Batch, Probe, make_probes
+from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.tables import conform, join
+from tokenprobe.tokens import encode_prompts, pad_batch
 
 
 def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | None = None, *,
@@ -64,44 +57,61 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise ValueError("no prompts given")
-    probe_list = make_probes(probes)
-    if probes is None and backend.kind != "hf":  # attention-site probes need transformers
-        probe_list = [p for p in probe_list if "attention" not in p.sites]
+    probe_list = make_probes(probes, sites=backend.sites if probes is None else None)
+    backend.check({p.name: set(p.sites) for p in probe_list})
+    attention_request(probe_list)  # probes that disagree fail before the first batch
     for probe in probe_list:
         probe.bind(backend.hf_model, backend.tokenizer)
     encoded = encode_prompts(backend.tokenizer, texts, context_length=backend.context_length,
                              truncate=truncate, max_tokens=max_tokens)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # less padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    meta = _metadata(backend, probe_list, texts, batch_size=batch_size, truncate=truncate,
-                     max_tokens=max_tokens, seed=seed)
-    writer = None
-    if out is not None:
-        request = {k: meta[k] for k in ("model", "weights_fingerprint", "dtype", "probes",
-                                        "prompts_sha256", "batch_size", "truncate", "max_tokens",
-                                        "seed")}
-        writer = PartWriter(Path(out), request, overwrite=overwrite)
-    done = writer.done_batches() if writer else set()
+    settings = {"probes": [p.describe() for p in probe_list],
+                "prompts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+                "batch_size": batch_size, "truncate": truncate, "max_tokens": max_tokens,
+                "seed": seed}
+    writer = RunWriter(out, model=backend.hf_model, name=backend.model_name,
+                       fingerprint=backend.fingerprint, settings=settings,
+                       meta={"backend": backend.kind, "n_prompts": len(texts)},
+                       overwrite=overwrite)
+    done = writer.done()
     torch.manual_seed(seed)
-    parts: list[dict[str, pd.DataFrame]] = []
     with tqdm(total=len(texts), desc="prompts", unit="prompt", disable=not progress) as bar:
         for index, members in enumerate(batches):
             if index not in done:
-                tables = _run_batch(backend, probe_list, members, texts, encoded)
-                writer.write_batch(index, tables) if writer else parts.append(tables)
+                writer.write(index, _run_batch(backend, probe_list, members, texts, encoded))
             bar.update(len(members))
+
     def complete(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:
         for probe in probe_list:
             tables = {n: conform(n, t) for n, t in probe.finalize(tables).items()}
         summaries = {p.name: p.summary(tables) for p in probe_list}
-        meta["warnings"] = nonfinite_warnings(tables, meta["dtype"])  # run.json's list
-        return tables, {name: figures for name, figures in summaries.items() if figures}
+        return tables, {"summary": {name: figures for name, figures in summaries.items()
+                                    if figures},
+                        "warnings": nonfinite_warnings(tables, writer.meta["dtype"])}
 
-    if writer:
-        return writer.finish(meta, complete)
-    names = sorted({name for p in parts for name in p})
-    tables, summary = complete({n: merge_parts(n, [p.get(n) for p in parts]) for n in names})
-    return Run(tables, {**meta, "summary": summary, "status": "complete", "tables": names})
+    return writer.finish(complete)
+
+
+def attention_request(probes: list[Probe]) -> dict | None:
+    """What the `attention` site computes for `probes` (k_pos, impl, block), or None when no
+    probe hooks it; ValueError when two probes ask for different statistics."""
+    asked = {p.name: p.attention_options() for p in probes if "attention" in p.sites}
+    distinct = {tuple(sorted(o.items())) for o in asked.values()}
+    if len(distinct) > 1:
+        raise ValueError(f"probes {', '.join(asked)} ask for different attention statistics "
+                         f"({asked}); run them separately")
+    return next(iter(asked.values()), None)
+
+
+def _dispatch(probes: list[Probe]) -> Callable[[str, int, Any], None]:
+    """The `observe` the backend calls in its hooks: each probe on the sites it hooks."""
+    def observe(site: str, layer: int, tensor: Any) -> None:
+        for probe in probes:
+            if site in probe.sites:
+                probe.observe(site, layer, tensor)
+
+    return observe
 
 
 @torch.inference_mode()  # the forward and every probe's collect (kernels on the model's weights)
@@ -111,37 +121,21 @@ def _run_batch(backend: Backend, probes: list[Probe], members: list[int], texts:
     pad_id = backend.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (backend.tokenizer.eos_token_id or 0)
     input_ids, mask = pad_batch(rows, pad_id, backend.device)
-    tables = _token_tables(backend.tokenizer, members, texts, encoded)
+    tables = prompt_tables(backend.tokenizer, [(i, texts[i], *encoded[i]) for i in members])
     token_texts = [tables["tokens"].token[tables["tokens"].prompt_id == i].tolist() for i in members]
     batch = Batch(members, input_ids, mask, [len(r) for r in rows], token_texts,
                   backend.n_layers)
     for probe in probes:
         probe.begin(batch)
-
-    def observe(site: str, layer: int, tensor: Any) -> None:
-        for probe in probes:
-            if site in probe.sites:
-                probe.observe(site, layer, tensor)
-
-    attention = next(({"k_pos": p.config.k_pos, "impl": p.config.impl, "block": p.config.block}
-                      for p in probes if "attention" in p.sites), None)
-    backend.forward(input_ids, mask, observe, attention)
+    for index in range(max(p.passes for p in probes)):
+        active = [p for p in probes if p.passes > index]
+        for probe in active:
+            probe.begin_pass(index)
+        backend.forward(input_ids, mask, _dispatch(active), attention_request(active))
     for probe in probes:
         for name, frame in probe.collect().items():
             tables[name] = join(name, tables.get(name), conform(name, frame))
     return tables
-
-
-def _token_tables(tokenizer: PreTrainedTokenizerBase, members: list[int], texts: list[str],
-                  encoded: list[tuple[list[int], bool]]) -> dict[str, pd.DataFrame]:
-    special = set(tokenizer.all_special_ids)
-    tokens = pd.concat([token_rows(tokenizer, i, encoded[i][0]) for i in members],
-                       ignore_index=True)
-    prompts = pd.DataFrame(
-        [(i, texts[i], len(encoded[i][0]), encoded[i][1], encoded[i][0][0] in special)
-         for i in members],
-        columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
-    return {"tokens": conform("tokens", tokens), "prompts": conform("prompts", prompts)}
 
 
 def nonfinite_warnings(tables: dict[str, pd.DataFrame], dtype: str) -> list[str]:
@@ -160,40 +154,3 @@ def nonfinite_warnings(tables: dict[str, pd.DataFrame], dtype: str) -> list[str]
             f"{first.layer} ({first.probe} probe, {first.site}: {first.n_nonfinite} of "
             f"{first.n_checked} {unit}); {remedy}. The values stay NaN/inf in the tables, "
             "summaries leave those prompts out, and table `nonfinite` lists every place."]
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of tokenprobe and the packages that shape its numbers."""
-    versions = {}
-    for package in VERSIONED:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def provenance() -> dict[str, object]:
-    """What every run.json records of how it was made: package versions and the UTC time."""
-    return {"versions": package_versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _metadata(backend: Backend, probes: list[Probe], texts: list[str], **settings) -> dict:
-    config = backend.hf_model.config
-    return {
-        "model": backend.name,
-        "backend": backend.kind,
-        "weights_fingerprint": backend.fingerprint,
-        "architecture": type(backend.hf_model).__name__,
-        "n_layers": config.num_hidden_layers,
-        "d_model": config.hidden_size,
-        "vocab_size": config.vocab_size,
-        "dtype": str(next(backend.hf_model.parameters()).dtype).removeprefix("torch."),
-        "device": str(backend.device),
-        "probes": [p.describe() for p in probes],
-        "n_prompts": len(texts),
-        "prompts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        **provenance(),
-        **settings,
-    }

@@ -1,9 +1,10 @@
 """The run store: a run is a directory of `run.json` plus one Parquet file per table.
 
-Writes are atomic at the run level: tables go to a staging directory `.<name>.partial` beside
-the target and the staging directory is renamed to the target when every table is complete.
-While a run is in progress each finished batch is kept in the staging directory, so a run
-interrupted and started again with the same settings resumes after the last finished batch.
+Every command that writes a run does it through `RunWriter`. Writes are atomic at the run
+level: tables go to a staging directory `.<name>.partial` beside the target and the staging
+directory is renamed to the target when every table is complete. While a run is in progress
+each finished part (a batch, a rollout set) is kept in the staging directory, so a run
+interrupted and started again with the same settings resumes after the parts it finished.
 
 A run's files are data, never paths: the table names `run.json` lists are checked to be
 identifiers and their Parquet files to lie inside the run directory (`table_files`) before
@@ -11,6 +12,8 @@ anything reads them.
 """
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
 import re
@@ -21,7 +24,7 @@ from typing import Callable
 
 import pandas as pd
 
-from tokenprobe.tables import merge_parts
+from tokenprobe.tables import conform, merge_parts
 
 RUN_JSON = "run.json"
 TABLE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # what a table name in run.json may be
@@ -198,17 +201,87 @@ def open_run(directory: str | os.PathLike) -> Run:
     return Run(tables, meta)
 
 
-class PartWriter:
-    """Per-batch checkpoints of a run in progress, in the staging dir of `target`.
+VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
+             "nnsight")
 
-    `request` identifies the run's settings; a staging dir left by a run with other settings
-    is refused rather than mixed in or deleted.
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of tokenprobe and the packages that shape its numbers."""
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance() -> dict[str, object]:
+    """What every run.json records of how it was made: package versions and the UTC time."""
+    return {"versions": package_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def model_meta(model, name: str, fingerprint: str) -> dict:
+    """What a run records of the transformers model it ran: name, weights fingerprint,
+    architecture, sizes, dtype and device."""
+    config, weight = model.config, next(model.parameters())
+    return {"model": name, "weights_fingerprint": fingerprint,
+            "architecture": type(model).__name__, "n_layers": config.num_hidden_layers,
+            "d_model": config.hidden_size, "vocab_size": config.vocab_size,
+            "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
+
+
+def prompt_tables(tokenizer, rows: list[tuple[int, str, list[int], bool]]
+                  ) -> dict[str, pd.DataFrame]:
+    """The `prompts` and `tokens` rows of prompts given as (prompt_id, text, token ids,
+    truncated): what every run holds of its text."""
+    from tokenprobe.tokens import token_rows
+
+    special = set(tokenizer.all_special_ids)
+    prompts = pd.DataFrame(
+        [(i, text, len(ids), truncated, bool(ids) and ids[0] in special)
+         for i, text, ids, truncated in rows],
+        columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
+    tokens = pd.concat([token_rows(tokenizer, i, ids) for i, _, ids, _ in rows],
+                       ignore_index=True)
+    return {"prompts": conform("prompts", prompts), "tokens": conform("tokens", tokens)}
+
+
+class RunWriter:
+    """The one way a run is written: by `tokenprobe.run`, the critical-token search,
+    attribution and counterfactual generation.
+
+    It owns the run's base metadata (the model, `settings`, provenance), its parts (numbered
+    table sets, one per batch, prompt or rollout set, in any order), checkpointing, resume and
+    publishing. With `out`, each part is kept in a staging directory `.<name>.partial` beside
+    `out` as soon as it is written, a writer made again with the same model and settings
+    resumes after the parts already there (`done`), and `finish` publishes the run at `out`
+    atomically; nothing is written before the first part. Without `out` the parts stay in
+    memory and `finish` returns the run.
+
+    Args:
+        out: the run directory, or None for a run kept in memory.
+        model, name, fingerprint: the transformers model run, its name and weights fingerprint.
+        settings: what the run computed from, in run.json; with the model they identify the
+            run for resume (a staging dir left with other settings is refused, never mixed in).
+        meta: more run.json entries that do not identify it (the backend, the device, ...).
+        overwrite: allow replacing a complete run at `out`.
     """
 
-    def __init__(self, target: Path, request: dict, *, overwrite: bool) -> None:
-        check_target(target, overwrite=overwrite)
-        self.target, self.staging = target, staging_dir(target)
+    def __init__(self, out: str | os.PathLike | None, *, model, name: str, fingerprint: str,
+                 settings: dict, meta: dict | None = None, overwrite: bool = False) -> None:
+        described = model_meta(model, name, fingerprint)
+        self.meta = {**described, **(meta or {}), **settings, **provenance()}
+        self.target = Path(out) if out is not None else None
+        self._memory: dict[int, dict[str, pd.DataFrame]] = {}
+        if self.target is None:
+            return
+        request = {"model": name, "weights_fingerprint": fingerprint,
+                   "dtype": described["dtype"], **settings}
         self.request = json.loads(json.dumps(request, default=str))
+        check_target(self.target, overwrite=overwrite)
+        self.staging = staging_dir(self.target)
         state = self.staging / "request.json"
         if self.staging.exists():
             previous = json.loads(state.read_text()) if state.exists() else None
@@ -217,16 +290,22 @@ class PartWriter:
                     f"{self.staging} holds an unfinished run with different settings; run the "
                     "same command as before to resume it, or delete that directory (--overwrite "
                     "does not), or choose another --out")
-        else:
-            (self.staging / "parts").mkdir(parents=True)
-            state.write_text(json.dumps(self.request, indent=2))
 
-    def done_batches(self) -> set[int]:
+    def done(self) -> set[int]:
+        """The parts already written (after a resume: those of the interrupted run too)."""
+        if self.target is None:
+            return set(self._memory)
+        if not (self.staging / "parts").exists():
+            return set()
         return {int(p.name) for p in (self.staging / "parts").iterdir()
                 if p.is_dir() and not p.name.startswith(".")}
 
-    def write_batch(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
-        """Store one batch's tables; the batch counts as done only once all are written."""
+    def write(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
+        """Store part `index`; on disk it counts as done only once all its tables are."""
+        if self.target is None:
+            self._memory[index] = tables
+            return
+        self._stage()
         tmp = self.staging / "parts" / f".{index:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -234,18 +313,42 @@ class PartWriter:
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
         tmp.rename(self.staging / "parts" / f"{index:06d}")
 
-    def finish(self, meta: dict, complete: Callable[[dict], tuple[dict, dict]]) -> Run:
-        """Merge the batches into one Parquet file per table, let `complete(tables)` add the
-        run-level columns and return (tables, summary), store the summary in the metadata,
-        and publish the run."""
-        parts = sorted((self.staging / "parts").glob("[0-9]*"))
-        names = sorted({f.stem for part in parts for f in part.glob("*.parquet")})
-        tables = {n: merge_parts(n, [pd.read_parquet(p / f"{n}.parquet") for p in parts
-                                     if (p / f"{n}.parquet").exists()]) for n in names}
-        tables, summary = complete(tables)
+    def _stage(self) -> None:
+        """Make the staging dir (with the first part: before it, nothing is written)."""
+        if not self.staging.exists():
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            (self.staging / "parts").mkdir(parents=True)
+            (self.staging / "request.json").write_text(json.dumps(self.request, indent=2))
+
+    def read(self, index: int, name: str) -> pd.DataFrame:
+        """Table `name` of part `index`, as written."""
+        if self.target is None:
+            return self._memory[index][name]
+        return pd.read_parquet(self.staging / "parts" / f"{index:06d}" / f"{name}.parquet")
+
+    def _merged(self) -> dict[str, pd.DataFrame]:
+        if self.target is None:
+            parts = [self._memory[i] for i in sorted(self._memory)]
+            names = sorted({n for part in parts for n in part})
+            return {n: merge_parts(n, [part.get(n) for part in parts]) for n in names}
+        dirs = sorted((self.staging / "parts").glob("[0-9]*"))
+        names = sorted({f.stem for part in dirs for f in part.glob("*.parquet")})
+        return {n: merge_parts(n, [pd.read_parquet(p / f"{n}.parquet") for p in dirs
+                                   if (p / f"{n}.parquet").exists()]) for n in names}
+
+    def finish(self, complete: Callable[[dict], tuple[dict, dict]] | None = None) -> Run:
+        """Merge the parts into one table each, let `complete(tables)` add the run-level
+        columns and return (tables, more run.json entries, e.g. the summary), and publish the
+        run (with `out`) or return it."""
+        tables, extra = self._merged(), {}
+        if complete is not None:
+            tables, extra = complete(tables)
+        meta = {**self.meta, **extra, "status": "complete", "tables": sorted(tables)}
+        if self.target is None:
+            return Run(tables, meta)
+        self._stage()
         for name, frame in tables.items():
             frame.to_parquet(self.staging / f"{name}.parquet", index=False)
-        meta = {**meta, "summary": summary, "status": "complete", "tables": names}
         (self.staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
         shutil.rmtree(self.staging / "parts")
         (self.staging / "request.json").unlink()

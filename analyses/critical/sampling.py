@@ -325,12 +325,3 @@ def sample_reference(model: PreTrainedModel, prefix: Sequence[int], seed: int, *
             return Continuation(ids, ended, int(seed))
     return Continuation(ids, "length", int(seed))
 
-
-def eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    """The ids that end a generation: the generation config's EOS ids and the tokenizer's."""
-    found: list[int] = []
-    config = getattr(model, "generation_config", None)
-    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        values = source if isinstance(source, (list, tuple)) else [source]
-        found += [int(v) for v in values if v is not None and int(v) not in found]
-    return found

@@ -2,13 +2,15 @@
 
 The method is Lin et al., "Critical Tokens Matter" (cDPO, chenzhiling9954/Critical-Tokens-Matter)
 as fixed in README, "Measures"; the rule, pass@k and the prefix schedule are in
-`tokenprobe.probes.critical`, the KV-shared sampler in `tokenprobe.sampling`. Per task: take
-the given trajectory, or sample up to `trajectory_attempts` at `trajectory_temperature` and keep
-the first incorrect one (tasks with none are reported and skipped); sample `n_rollouts`
-continuations of the prefixes the schedule asks for; at the critical token run the
-counterfactual check. Every sampled prefix is a checkpoint (`tokenprobe.store.PartWriter`), so
-an interrupted search resumes without sampling completed prefixes again, and every rollout's
-seed is derived from the base seed, so the same seed gives the same tables.
+`tokenprobe.analyses.critical.rule`, the KV-shared sampler in
+`tokenprobe.analyses.critical.sampling`, the tasks in `tokenprobe.analyses.critical.tasks`.
+Per task: take the given trajectory, or sample up to `trajectory_attempts` at
+`trajectory_temperature` and keep the first incorrect one (tasks with none are reported and
+skipped); sample `n_rollouts` continuations of the prefixes the schedule asks for; at the
+critical token run the counterfactual check. Every sampled prefix is a part of the run
+(`tokenprobe.store.RunWriter`), so an interrupted search resumes without sampling completed
+prefixes again, and every rollout's seed is derived from the base seed, so the same seed gives
+the same tables.
 
 Tables: `prompts`, `tokens` (prompt + trajectory, with `critical_success` and `critical`) and
 `rollouts` (every sampled continuation, its verdict and seed); the per-task figures are in
@@ -16,52 +18,51 @@ Tables: `prompts`, `tokens` (prompt + trajectory, with `critical_success` and `c
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import pandas as pd
-from tokenprobe.probes.critical import (
-    CriticalConfig,
-    find_critical,
-    next_prefixes,
-    pass_at_k,
-    rollout_seed,
-)
 from tqdm.auto import tqdm
 
-from tokenprobe.models import LoadedModel
-from tokenprobe.runner import provenance
-from tokenprobe.sampling import Continuation, Job, eos_ids, sample_jobs
-from tokenprobe.store import PartWriter, Run
-from tokenprobe.tables import conform, merge_parts
-from tokenprobe.tasks import Task, prompt_ids, stopper
-from tokenprobe.tokens import token_rows
+from tokenprobe.analyses.critical.rule import (CriticalConfig, find_critical, next_prefixes,
+                                               pass_at_k, rollout_seed)
+from tokenprobe.analyses.critical.sampling import Continuation, Job, sample_jobs
+from tokenprobe.analyses.critical.tasks import Task, prompt_ids, stopper
+from tokenprobe.models import LoadedModel, eos_ids
+from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.tables import Column, Table, conform, declare
 
 STRIDE = 100_000  # checkpoint index: task * STRIDE + (0 trajectory | 1 + t prefix | one below)
 COUNTERFACTUAL, PROMPT_ONLY = STRIDE - 1, STRIDE - 2
 
-
-@dataclass
-class _Parts:
-    """Checkpoints of a search: in a `PartWriter`'s staging dir, or in memory."""
-
-    writer: PartWriter | None
-    memory: dict[int, dict[str, pd.DataFrame]] = field(default_factory=dict)
-
-    def done(self) -> set[int]:
-        return self.writer.done_batches() if self.writer else set(self.memory)
-
-    def write(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
-        if self.writer:
-            self.writer.write_batch(index, tables)
-        else:
-            self.memory[index] = tables
-
-    def read(self, index: int, name: str) -> pd.DataFrame:
-        if not self.writer:
-            return self.memory[index][name]
-        return pd.read_parquet(self.writer.staging / "parts" / f"{index:06d}" / f"{name}.parquet")
+C = Column
+declare("critical", {
+    "tokens": {  # prompt + trajectory rows
+        "critical_success": C("float64", "share of the n continuations of the prefix ending at "
+                                         "pos that the verifier accepts (NA: prefixes the "
+                                         "search skipped, and prompt tokens but the last)"),
+        "critical": C("boolean", "the critical token (the search rule, README 'Measures'); "
+                                 "at most one per prompt; NA on prompt tokens")},
+    "rollouts": Table("prompt x position x kind x rollout (tokenprobe critical, Lin et al.)",
+                      ("prompt_id", "pos", "kind", "rollout"), {
+        "prompt_id": C("int64", "key"),
+        "pos": C("int64", "key: the last token of the prefix continued (kind prefix), the "
+                          "resampled token (counterfactual), or the last prompt token "
+                          "(trajectory)"),
+        "kind": C("string", "prefix / counterfactual / trajectory (a sampled trajectory "
+                            "attempt)"),
+        "rollout": C("int64", "0-based index of the continuation among its prefix's"),
+        "seed": C("int64", "the seed of its draws"),
+        "first_token_id": C("Int64", "its first sampled token (counterfactual: the "
+                                     "replacement; NA if none)"),
+        "n_tokens": C("int64", "sampled tokens"),
+        "finish": C("string", "eos / stop (the verifier's answer is complete) / length"),
+        "text": C("string", "the continuation's text"),
+        "correct": C("bool", "the verifier's verdict on the response (trajectory prefix + "
+                             "text)")}),
+})
+del C
 
 
 class _Scorer:
@@ -130,25 +131,21 @@ def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[in
         wrong = [c for c, ok in zip(conts, rollouts.correct) if not ok]
         response = [i for i in wrong[0].ids if i not in eos] if wrong else []
     ids = prompt + response
-    tables = {
-        "prompts": conform("prompts", pd.DataFrame({
-            "prompt_id": [prompt_id], "text": [tok.decode(prompt)], "n_tokens": [len(ids)]})),
-        "tokens": conform("tokens", token_rows(tok, prompt_id, ids)),
-    }
+    tables = prompt_tables(tok, [(prompt_id, tok.decode(prompt), ids, False)])
     if rollouts is not None:
         tables["rollouts"] = rollouts
     return tables
 
 
 def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConfig | None = None,
-                    *, out: str | Path | None = None, overwrite: bool = False,
+                    *, out: str | os.PathLike | None = None, overwrite: bool = False,
                     progress: bool = True,
                     on_prefix: Callable[[int, int], None] | None = None) -> Run:
     """Run the critical-token search (Lin et al.) over `tasks` and return (and save) the run.
 
     Args:
         loaded: the model (`tokenprobe.load`).
-        tasks: verifiable tasks (`tokenprobe.tasks.load_tasks`).
+        tasks: verifiable tasks (`tokenprobe.analyses.critical.tasks.load_tasks`).
         config: search settings (defaults: `CriticalConfig()`).
         out: run directory; checkpoints go beside it and the same call resumes after an
             interruption. None keeps everything in memory.
@@ -162,10 +159,8 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
     """
     config = config or CriticalConfig()
     tok, eos = loaded.tokenizer, eos_ids(loaded.model, loaded.tokenizer)
-    meta = _metadata(loaded, tasks, config)
-    parts = _Parts(PartWriter(Path(out), {k: meta[k] for k in ("model", "weights_fingerprint",
-                                                                 "tasks", "config")},
-                              overwrite=overwrite) if out is not None else None)
+    parts = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
+                      settings=_settings(tasks, config), overwrite=overwrite)
     done = parts.done()
     prompt_lens: dict[int, int] = {}
     sample = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
@@ -217,24 +212,18 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
     def complete(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:
         tables["tokens"] = add_critical_columns(tables["tokens"], tables.get("rollouts"),
                                                 prompt_lens, reset_above=config.reset_above)
-        return tables, {"critical": summarise(tables, tasks, prompt_lens, config)}
+        return tables, {"summary": {"critical": summarise(tables, tasks, prompt_lens, config)}}
 
-    if parts.writer:
-        return parts.writer.finish(meta, complete)
-    names = sorted({n for p in parts.memory.values() for n in p})
-    tables, summary = complete({n: merge_parts(n, [p.get(n) for p in parts.memory.values()])
-                                for n in names})
-    return Run(tables, {**meta, "summary": summary, "status": "complete", "tables": names})
+    return parts.finish(complete)
 
 
-def _metadata(loaded: LoadedModel, tasks: list[Task], config: CriticalConfig) -> dict:
+def _settings(tasks: list[Task], config: CriticalConfig) -> dict:
     return {
-        "model": loaded.name, "weights_fingerprint": loaded.fingerprint,
         "analysis": "critical",
         "tasks": [{"id": t.task_id, "question": t.question, "answer": t.answer,
                    "trajectory": t.trajectory, "raw": t.raw, "verifier": _describe(t.verifier)}
                   for t in tasks],
-        "config": asdict(config), "seed": config.seed, **provenance(),
+        "config": asdict(config), "seed": config.seed,
     }
 
 

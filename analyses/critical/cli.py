@@ -1,20 +1,20 @@
-"""`tokenprobe critical`: the command line of the critical-token search (analyses/critical.py)."""
+"""`tokenprobe critical`: the command line of the critical-token search (its `search` module)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tokenprobe.analyses.critical import CriticalConfig, critical_search
+from tokenprobe.analyses.critical.rule import CriticalConfig
+from tokenprobe.analyses.critical.search import critical_search
+from tokenprobe.analyses.critical.tasks import load_tasks
 from tokenprobe.store import Run
-from tokenprobe.tasks import load_tasks
 from tokenprobe.tokens import display_text
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `critical` subcommand to `subparsers`; its handler is `cmd_critical`."""
-    from tokenprobe.cli import EXIT_CODES, RESUME_NOTE
-    from tokenprobe.options import (
-        add_model_argument, add_run_dir_arguments, nonnegative_float, positive_int, seed)
+    from tokenprobe.cli.args import (EXIT_CODES, RESUME_NOTE, add_model_argument,
+                                     add_run_dir_arguments, nonnegative_float, positive_int, seed)
 
     d = CriticalConfig()
     resume = RESUME_NOTE.replace("batches", "prefixes")
@@ -77,8 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_critical(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe critical`; returns the exit code."""
     import tokenprobe
-    from tokenprobe.cli import EXIT_OK
-    from tokenprobe.options import UsageError
+    from tokenprobe.cli.args import EXIT_OK, UsageError
     from tokenprobe.store import check_target
 
     try:

@@ -13,7 +13,8 @@ The rule only depends on the prefixes after the last reset, so the default sched
 backwards from the end of the trajectory and stops at the first prefix (from the end) with more
 than 3 correct: the prefixes before it cannot change the answer and are never sampled
 (`scan="all"` samples every prefix, for a full success curve). The sampling itself is in
-`tokenprobe.sampling`; the run over a task set in `tokenprobe.analyses.critical`.
+`tokenprobe.analyses.critical.sampling`; the run over a task set in
+`tokenprobe.analyses.critical.search`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""What every subcommand shares: argparse types that check numbers and devices, the model,
-prompt and run-directory options, and reading prompts; `UsageError` for bad input (exit 2)."""
+"""What every subcommand shares: the exit codes and their help text, argparse types that check
+numbers and devices, the model, prompt and run-directory options, and reading prompts;
+`UsageError` for bad input (exit 2). The subcommands (`tokenprobe.cli.run`, the analyses' and
+the app's CLI modules) import this module, never `tokenprobe.cli.main`, which loads them."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenprobe.jsonl import iter_jsonl
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_NONFINITE = 5
+RESUME_NOTE = "finished batches are kept, run the same command again to resume"
+NOTHING_WRITTEN = "nothing was written"  # commands that write their output only when complete
+EXISTS_NOTE = ("--out is taken: it holds a complete run (--overwrite replaces it), or it is a\n"
+               "       file or a non-empty directory that is not a run (choose another --out)")
+STAGED_NOTE = (", or an\n       unfinished run with other settings is staged beside it in "
+               ".NAME.partial (run\n       that command again to resume it, or delete it)")
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    unexpected failure (a bug: please report the traceback)
+  {EXIT_USAGE}    bad input: arguments, empty prompt, unreadable or non-UTF-8 prompt file,
+       prompt longer than the context without --truncate, SQL error, SQL that is not
+       a read-only SELECT over the run tables, not a run dir or an unsafe run.json,
+       a --device this machine lacks, an --out that cannot be written
+  {EXIT_MODEL}    model not found or not loadable (unknown name, weights package missing,
+       a .gguf file that is empty, not a GGUF, truncated or corrupt)
+  {EXIT_EXISTS}    {EXISTS_NOTE}{STAGED_NOTE}
+  {EXIT_NONFINITE}    tokenprobe run --strict: the run holds NaN or inf values (it is saved; its
+       nonfinite table says where)
+  {EXIT_INTERRUPTED}  interrupted; {RESUME_NOTE}"""
+EXIT_CODES_NO_RESUME = EXIT_CODES.replace(RESUME_NOTE, NOTHING_WRITTEN).replace(STAGED_NOTE, "")
 
 
 def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str

@@ -1,0 +1,1 @@
+"""The `tokenprobe` command line: `main` (parser, entry point), `args` (shared), subcommands."""

@@ -1,0 +1,209 @@
+"""`tokenprobe run`: run probes over prompts, save the run, print a summary per prompt."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+from tokenprobe.cli.args import (EXIT_CODES, EXIT_NONFINITE, EXIT_OK, RESUME_NOTE, UsageError,
+                                 add_model_argument, add_prompt_arguments, add_run_dir_arguments,
+                                 checked, gather_prompts, positive_int, seed)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `run` subcommand to `subparsers`; its handler is `cmd_run`. Every option of every
+    registered probe (its Config fields) becomes --PROBE-OPTION."""
+    from tokenprobe.backends import BACKENDS
+    from tokenprobe.probe import registry
+
+    known = registry()
+    run = subparsers.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES,
+        help="run probes over prompts and save the tables",
+        description="Run probes over prompts on a model and save a run directory (run.json + "
+                    "one Parquet file per table). Finished batches are checkpointed next to "
+                    "--out; an interrupted run resumes when the same command is run again.")
+    add_model_argument(run)
+    by_backend = "; ".join(f"with --backend {name}: {','.join(supported(known, cls.sites))}"
+                           for name, cls in BACKENDS.items() if name != "hf")
+    run.add_argument("--probes", help=f"comma-separated probe names (default: all of "
+                                      f"{','.join(known)}; {by_backend})")
+    add_prompt_arguments(run)
+    add_run_dir_arguments(run)
+    run.add_argument("--truncate", action="store_true",
+                     help="cut prompts longer than the model's context instead of refusing them")
+    run.add_argument("--max-tokens", type=positive_int, metavar="T",
+                     help="keep the first T tokens of every prompt (Gu et al. report the sink "
+                          "rate at T=64)")
+    run.add_argument("--batch-size", type=positive_int, default=8,
+                     help="prompts per forward (default 8)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--backend", default="hf", choices=list(BACKENDS),
+                     help="hook through transformers (default), a TransformerLens "
+                          "TransformerBridge, or an nnsight TransformersModel")
+    run.add_argument("--seed", type=seed, default=0, help="torch seed, recorded in run.json")
+    run.add_argument("--strict", action="store_true",
+                     help=f"exit {EXIT_NONFINITE} when the run holds NaN or inf values (e.g. "
+                          "float16 overflow); without it they are a warning. The run is saved "
+                          "either way")
+    for probe in known.values():
+        add_probe_options(run, probe)
+    run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
+    return run
+
+
+def supported(known: dict, sites: frozenset[str]) -> list[str]:
+    """The probes among `known` that hook only `sites`."""
+    return [name for name, cls in known.items() if set(cls.sites) <= sites]
+
+
+def add_probe_options(parser: argparse.ArgumentParser, probe) -> None:
+    """An argument group for `probe`: --NAME-OPTION (and its aliases) for every option."""
+    summary = textwrap.fill(" ".join((probe.__doc__ or "").split("\n\n")[0].split()), 76)
+    group = parser.add_argument_group(f"{probe.name} probe", summary.replace("%", "%%"))
+    for option in probe.options():
+        flags = [f"--{probe.name}-{option.name.replace('_', '-')}", *option.aliases]
+        default = ",".join(map(str, option.default)) if option.type is tuple else option.default
+        help_text = f"{option.help.rstrip('.')} (default: {default})".replace("%", "%%")
+        kwargs = {"dest": f"{probe.name}:{option.name}", "default": None, "help": help_text}
+        if option.type is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        what = ("one of " + ", ".join(map(str, option.choices)) if option.choices else
+                {int: "an integer", float: "a finite number", tuple: "comma-separated integers",
+                 "model": "a model name", str: "a text"}[option.type])
+        group.add_argument(*flags, type=checked(option.parse, finite, what),
+                           metavar="MODEL" if option.type == "model" else option.name.upper(),
+                           **kwargs)
+
+
+def finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def probe_values(args: argparse.Namespace, probe) -> dict:
+    """The options of `probe` given on the command line (name -> value)."""
+    prefix = f"{probe.name}:"
+    return {dest[len(prefix):]: value for dest, value in vars(args).items()
+            if dest.startswith(prefix) and value is not None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import tokenprobe
+    from tokenprobe.backends import BACKENDS, UnsupportedSite
+    from tokenprobe.probe import registry
+    from tokenprobe.store import check_target
+
+    prompts = gather_prompts(args)
+    known, backend = registry(), BACKENDS[args.backend]
+    names = ([p.strip() for p in args.probes.split(",")] if args.probes else
+             supported(known, backend.sites))
+    unknown = [n for n in names if n not in known]
+    if unknown or len(set(names)) != len(names):
+        raise UsageError(f"unknown probe {unknown[0]!r}; available: {', '.join(known)}"
+                         if unknown else "each probe may be given once")
+    for name, cls in known.items():
+        given = probe_values(args, cls)
+        if given and name not in names:
+            flag = next(f"--{name}-{o.name.replace('_', '-')}" for o in cls.options()
+                        if o.name in given)
+            raise UsageError(f"{flag} belongs to the {name} probe; add it to --probes")
+    try:
+        backend.check({n: known[n].sites for n in names}, {n: c.sites for n, c in known.items()})
+    except UnsupportedSite as err:
+        raise UsageError(str(err)) from err
+    check_target(Path(args.out), overwrite=args.overwrite)
+    dtype = getattr(torch, args.dtype)
+
+    def load(name: str):
+        return tokenprobe.load(name, dtype=dtype, device=args.device)
+
+    try:  # settings are checked (and a compare model loaded) before the probed model loads
+        probes = [known[n].from_options(probe_values(args, known[n]), load) for n in names]
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    loaded = load(args.model)
+    try:
+        result = tokenprobe.run(backend.over(loaded), prompts, probes, tokenizer=loaded.tokenizer,
+                                batch_size=args.batch_size, truncate=args.truncate,
+                                max_tokens=args.max_tokens, out=args.out,
+                                overwrite=args.overwrite, progress=not args.quiet, seed=args.seed)
+    except ValueError as err:  # e.g. a compare model over another vocabulary
+        raise UsageError(str(err)) from err
+    print_summary(result)
+    print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
+    for warning in result.meta.get("warnings", []):
+        print(f"tokenprobe: warning: {warning}", file=sys.stderr)
+    return EXIT_NONFINITE if args.strict and result.meta.get("warnings") else EXIT_OK
+
+
+def print_summary(result) -> None:
+    """Per prompt: tokens, massive activations, sink rate and secondary sinks (what ran)."""
+    import pandas as pd
+
+    from tokenprobe.analyses.massive import massive_summary
+    from tokenprobe.analyses.sinks import sink_rate
+
+    tables = result.tables
+    texts = result.prompts.set_index("prompt_id").text
+    massive = massive_summary(result).set_index("prompt_id") if "massive" in tables else None
+    rates = sink_rate(result).set_index("prompt_id") if "heads" in tables else None
+    print(f"model {result.meta['model']} ({result.meta['n_layers']} blocks), "
+          f"{len(texts)} prompt(s)")
+    for prompt_id, text in texts.items():
+        n = int(result.prompts.set_index("prompt_id").n_tokens[prompt_id])
+        head = (text[:48] + "...") if len(text) > 48 else text
+        print(f"  [{prompt_id}] {n:4d} tokens  | {head!r}")
+        if massive is not None:
+            row = massive.loc[prompt_id]
+            if pd.isna(row.first_massive_layer):
+                print("        no massive activations")
+            else:
+                print(f"        massive from block {row.first_massive_layer} to "
+                      f"{row.last_massive_layer}, dims [{row.massive_dims}] at positions "
+                      f"[{row.massive_positions}], max |h| {row.max_massive:,.0f}")
+        if rates is not None and rates.nonfinite_heads[prompt_id]:
+            print(f"        sink rate n/a: sink mass is NaN or inf at "
+                  f"{rates.nonfinite_heads[prompt_id]} (layer, head) pair(s)")
+        elif rates is not None:
+            rate = rates.loc[prompt_id]
+            sinks = tables["sinks"][(tables["sinks"].prompt_id == prompt_id)]
+            secondary = sinks[sinks.kind == "secondary"]
+            found = ", ".join(f"{t!r}@{p} (layers {c}-{c + life - 1})" for t, p, c, life in
+                              zip(secondary.token, secondary.pos, secondary.creation_layer,
+                                  secondary.lifetime)) or "none"
+            print(f"        sink rate {rate.sink_rate:.1f}% (eps {rate.eps}, T={int(rate['T'])}); "
+                  f"secondary sinks: {found}")
+        if "entropy" in tables["tokens"]:
+            print_entropy(result, prompt_id)
+
+
+def print_entropy(result, prompt_id: int, top: int = 3) -> None:
+    """One prompt's mean entropy, self-certainty, perplexity and its top forking tokens."""
+    import numpy as np
+    import pandas as pd
+
+    row = result.prompts.set_index("prompt_id").loc[prompt_id]
+    if row.n_tokens < 2:
+        print("        entropy: nothing to score (one token)")
+        return
+    if pd.isna(row.mean_entropy):
+        scored = result.tokens[(result.tokens.prompt_id == prompt_id) & (result.tokens.pos > 0)]
+        bad = int((~np.isfinite(scored.entropy.to_numpy(float))).sum())
+        print(f"        entropy n/a: NaN or inf at {bad} of {len(scored)} scored positions")
+        return
+    tokens = result.tokens[(result.tokens.prompt_id == prompt_id) & result.tokens.forking.fillna(False)]
+    forks = ", ".join(f"{t!r}@{p} (H {h:.2f})" for t, p, h in
+                      tokens.nlargest(top, "entropy")[["token", "pos", "entropy"]].itertuples(
+                          index=False)) or "none"
+    line = (f"        entropy {row.mean_entropy:.2f} nats, self-certainty "
+            f"{row.mean_self_certainty:.2f}, perplexity {row.perplexity:.1f}; forking: {forks}")
+    if "jsd" in result.tokens:
+        jsd = result.tokens[result.tokens.prompt_id == prompt_id].jsd.mean()
+        compare = next(p["compare"]["model"] for p in result.meta["probes"] if "compare" in p)
+        line += f"; mean JSD to {compare} {jsd:.3f}"
+    print(line)
