@@ -10,8 +10,10 @@ device tool's machine has torch, triton, transformers and pandas, and no network
 1. Correctness: `attention_with_stats(impl="triton")` against the float64 full-matrix
    reference (`impl="reference"`) at SmolLM2-135M's attention shape (9 heads, 3 KV heads,
    head dim 64) and at Gemma 3 270M's (4 heads, 1 KV head, 256), fp32 and bf16, with right
-   padding, softcapping and k_pos 0 and 2. Tolerances are those of the CPU tests (1e-4 fp32,
-   2e-2 bf16).
+   padding, softcapping and k_pos 0 and 2 (the cases of kernels/selfcheck.py). Worst error:
+   max |got - ref| / (1 + |ref|) over outputs and statistics, against the CPU tests'
+   tolerances (1e-4 fp32, 2e-2 bf16). `tokenprobe selftest --device cuda --full` checks
+   every op this way; this script adds the timing against sdpa.
 2. Speed, per layer at each --T: torch's sdpa forward (`is_causal=True`, the plain model's
    attention) against the Triton forward + column pass, as a ratio. The whole-model ratio of the
    issue is about 1 + (ratio - 1) x (attention's share of the forward).
@@ -24,62 +26,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_csv
 
 NAME = "gpu_check"
-SHAPES = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256)}  # heads, kv heads, head dim
 
 
-def inputs(torch, heads, kvh, t, dh, dtype, lengths, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(len(lengths), heads, t, dh, generator=g) * 2
-    k = torch.randn(len(lengths), kvh, t, dh, generator=g) * 2
-    v = torch.randn(len(lengths), kvh, t, dh, generator=g)
-    k[:, :, 0] *= 4  # a strong first key, as sinks make
-    i = torch.arange(t)
-    mask = ((i[None, :] <= i[:, None])[None, None]
-            & (i[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :])
-    return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [
-        mask.to(device), torch.tensor(lengths, device=device)]
+def check(device, t) -> list[tuple[str, float, float]]:
+    """(case, worst error over outputs and stats, tolerance) per case (the selftest's cases)."""
+    import torch
 
+    from tokenprobe.kernels.selfcheck import MODELS, attention_case
 
-def check(torch, attention_with_stats, device, t) -> list[tuple[str, float, float]]:
-    """(case, worst error over outputs and stats, tolerance) per case."""
     results = []
-    for model, (heads, kvh, dh) in SHAPES.items():
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    for model, s in MODELS.items():
+        for dtype in (torch.float32, torch.bfloat16):
             for softcap, k_pos in ((None, 0), (None, 2), (30.0, 0)):
-                q, k, v, mask, lengths = inputs(torch, heads, kvh, t, dh, dtype,
-                                                [t, max(1, t - t // 3)], device)
-                kw = {"scaling": dh ** -0.5, "softcap": softcap, "k_pos": k_pos}
-                out, stats = attention_with_stats(q, k, v, mask, lengths, impl="triton", **kw)
-                ref_out, ref = attention_with_stats(q, k, v, mask, lengths, impl="reference", **kw)
-                real = torch.arange(t, device=device)[None, :] < lengths[:, None]  # (B, T)
-                worst = float((out.double() - ref_out.double())[real].abs().max())
-                for name in ("sink_mass", "attn_entropy", "received"):
-                    diff = (stats[name].double() - ref[name].double()).abs()
-                    worst = max(worst, float(diff.max() / ref[name].double().abs().max().clamp_min(1)))
-                case = f"{model} {str(dtype).split('.')[-1]} softcap={softcap} k_pos={k_pos}"
-                results.append((case, worst, tol))
+                case = attention_case(f"{model} {str(dtype).split('.')[-1]} softcap={softcap} "
+                                      f"k_pos={k_pos}", s.heads, s.kv_heads, s.head_dim, t,
+                                      dtype, device, softcap=softcap, k_pos=k_pos)
+                errors = case.errors(case.run("triton"), case.run("reference"))
+                results.append((case.label, max(errors.values()), case.tol))
     return results
-
-
-def timed(torch, fn, device, repeats) -> float:
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
 
-    from tokenprobe.kernels.attention import attention_with_stats
+    from tokenprobe.kernels.selfcheck import unchecked
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --device cpu for the interpreted run", file=sys.stderr)
@@ -105,33 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     lengths_t = args.T or ([2048, 8192, 32768] if args.device == "cuda" else [16])
     check_t = args.check_T or (1024 if args.device == "cuda" else 13)
     where = f"{machine()}; {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
+    with unchecked():  # the kernels as they are: no first-use self-check, no fallback
+        rows, failed = measure(args, check_t, lengths_t, where)
+    write_csv(rows, args.out)
+    print(f"wrote {args.out}; {failed} correctness case(s) failed")
+    return 1 if failed else 0
+
+
+def measure(args, check_t, lengths_t, where) -> tuple[list[list], int]:
+    """The CSV rows (the correctness cases, then the timings) and the number of failed cases."""
+    import torch
+
+    from tokenprobe.kernels.attention import attention_with_stats
+    from tokenprobe.kernels.selfcheck import MODELS, attention_inputs, time_call
+
     rows, failed = [], 0
-    for case, worst, tol in check(torch, attention_with_stats, args.device, check_t):
+    for case, worst, tol in check(args.device, check_t):
         ok = worst <= tol
         failed += not ok
         rows.append([NAME, "triton_vs_reference", "case", case, "max_error", worst, where])
         print(f"{'ok  ' if ok else 'FAIL'} {case}: max error {worst:.2e} (tolerance {tol:g})",
               flush=True)
     for t in lengths_t:
-        heads, kvh, dh = SHAPES["smollm2-135m"]
-        q, k, v, mask, lengths = inputs(torch, heads, kvh, t, dh, torch.bfloat16
-                                        if args.device == "cuda" else torch.float32, [t],
-                                        args.device)
-        groups = heads // kvh
-        sdpa = timed(torch, lambda: torch.nn.functional.scaled_dot_product_attention(
+        s = MODELS["smollm2-135m"]
+        q, k, v, mask, lengths = attention_inputs(
+            s.heads, s.kv_heads, t, s.head_dim,
+            torch.bfloat16 if args.device == "cuda" else torch.float32, [t], args.device)
+        groups = s.heads // s.kv_heads
+        sdpa = time_call(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True),
             args.device, args.repeats)
-        stats = timed(torch, lambda: attention_with_stats(q, k, v, None, lengths, impl="triton",
-                                                          scaling=dh ** -0.5),
-                      args.device, args.repeats)
+        stats = time_call(lambda: attention_with_stats(q, k, v, None, lengths, impl="triton",
+                                                       scaling=s.head_dim ** -0.5),
+                          args.device, args.repeats)
         rows += [[NAME, "sdpa_causal", "T", t, "time_s", sdpa, where],
                  [NAME, "tokenprobe_triton_stats", "T", t, "time_s", stats, where],
                  [NAME, "tokenprobe_triton_stats", "T", t, "time_ratio", stats / sdpa, where]]
         print(f"T={t}: sdpa {sdpa * 1e3:.3f} ms, triton forward + statistics "
               f"{stats * 1e3:.3f} ms ({stats / sdpa:.2f}x)", flush=True)
-    write_csv(rows, args.out)
-    print(f"wrote {args.out}; {failed} correctness case(s) failed")
-    return 1 if failed else 0
+    return rows, failed
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Implementations (`impl`): "reference" materialises the full masked score matrix 
 log-sum-exp (CPU, causal or causal + right padding masks, no softcapping or ZeroTuning);
 "triton" is the same two passes as Triton kernels (kernels/attention_triton.py: CUDA, or CPU
 under TRITON_INTERPRET=1; causal + right padding, softcapping, no ZeroTuning); "auto" picks
-"triton" on CUDA and "flash" on CPU where they apply, and "torch" elsewhere.
+"triton" on CUDA and "flash" on CPU where they apply, and "torch" elsewhere. "flash" and
+"triton" run only after their first-use self-check on the device (kernels/selfcheck.py).
 
 The "flash" path. With lse_i from the forward call, A[i, j] = exp(s_ij - lse_i), so column
 sums are a second attention with the roles swapped: key j as the query, the real queries i >= j
@@ -37,6 +38,7 @@ import torch
 from tokenprobe.kernels.common import check_impl, resolve_impl, tanh_cap
 
 IMPLS = ("auto", "torch", "flash", "triton", "reference")
+OP = "attention_with_stats"  # its name in the self-check (kernels/selfcheck.py)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -70,10 +72,12 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         received (B, S), all float32 (float64 for the reference).
     """
     check_impl(impl, IMPLS)
+    if impl in ("reference", "torch"):  # asked for: no need to check the mask (O(B T^2))
+        resolve_impl(impl, q.device, allowed=IMPLS, op=OP)  # passes through; recorded
     if impl == "reference":
         return _reference(q, k, v, mask, lengths, scaling=scaling, softcap=softcap,
                           k_pos=k_pos, gamma=gamma)
-    if impl == "torch":  # asked for: no need to check the mask (O(B T^2) per layer)
+    if impl == "torch":
         return _blockwise(q, k, v, mask, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos,
                           gamma=gamma, block=block)
     causal = gamma is None and _is_causal(mask, lengths, q.shape[-2])
@@ -85,7 +89,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     unfit = None if causal else ("impl='triton' needs a causal (+ right padding) mask and no "
                                  "ZeroTuning; use impl='torch' or 'auto'")
     impl = resolve_impl(impl, q.device, allowed=IMPLS, unfit=unfit,
-                        fallback="flash" if flash_ok else "torch")
+                        fallback="flash" if flash_ok else "torch", op=OP)
     if impl == "triton":
         return _triton(q, k, v, lengths, scaling=scaling, softcap=softcap, k_pos=k_pos)
     if impl == "flash":

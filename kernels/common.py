@@ -1,6 +1,7 @@
-"""What every kernel op shares: the implementation names and the rule that picks one, whether
-Triton imports and runs on a device, and logit soft-capping (the Triton side of it lives in
-kernels/triton_common.py, which needs triton)."""
+"""What every kernel op shares: the implementation names and the rule that picks one (with the
+first-use self-check of kernels/selfcheck.py), whether Triton imports and runs on a device, and
+logit soft-capping (the Triton side of it lives in kernels/triton_common.py, which needs
+triton)."""
 from __future__ import annotations
 
 import functools
@@ -37,10 +38,13 @@ def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
 
 
 def resolve_impl(impl: str, device: torch.device, *, allowed: tuple[str, ...] = IMPLS,
-                 unfit: str | None = None, fallback: str = "torch") -> str:
+                 unfit: str | None = None, fallback: str = "torch", op: str | None = None) -> str:
     """The implementation to run. "auto" is "triton" on CUDA where triton imports and the op's
     Triton path takes the inputs (`unfit` is None), else `fallback`; "triton" asked for raises
-    ValueError where it cannot run (`unfit` is the op's own message); others pass through."""
+    ValueError where it cannot run (`unfit` is the op's own message); others pass through.
+    With `op` (the op's name) the result goes through `selfcheck.trusted_impl`: a fast path
+    not yet trusted on `device` is checked first, "torch" replaces one that failed, and what
+    ran is recorded."""
     check_impl(impl, allowed)
     if impl == "triton":
         if not triton_available():
@@ -51,10 +55,14 @@ def resolve_impl(impl: str, device: torch.device, *, allowed: tuple[str, ...] = 
             raise ValueError(f"impl='triton' needs CUDA tensors, or CPU tensors with "
                              f"TRITON_INTERPRET=1 set before triton is imported; got "
                              f"{device.type}")
-    if impl != "auto":
+    if impl == "auto":
+        impl = ("triton" if device.type == "cuda" and unfit is None and triton_available()
+                else fallback)
+    if op is None:
         return impl
-    return ("triton" if device.type == "cuda" and unfit is None and triton_available()
-            else fallback)
+    from tokenprobe.kernels.selfcheck import trusted_impl  # it imports the ops, which import this
+
+    return trusted_impl(op, impl, device)
 
 
 def tanh_cap(x: Tensor, cap: float | None, *, inplace: bool = False) -> Tensor:

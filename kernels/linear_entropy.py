@@ -27,7 +27,8 @@ the tile's value, whose recomputation is bitwise the same.
 Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (token_chunk x
 vocab_chunk tiles, float32 logits even for bf16/fp16 inputs; the CPU path and CUDA fallback),
 "triton" (a program per block of tokens looping over vocabulary tiles; CUDA, or CPU under
-TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports and topk <= 4, else torch).
+TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports and topk <= 4, else torch);
+"triton" runs only after its first-use self-check on the device (kernels/selfcheck.py).
 Ties in top-k: lowest id first in "reference" and "triton"; in "torch" in torch.topk's order.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def linear_entropy(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
     unfit = (f"impl='triton' supports topk <= {TRITON_MAX_TOPK}, got {topk}; use impl='torch'"
              if topk > TRITON_MAX_TOPK
              else NO_FLOAT64 if torch.float64 in (hidden.dtype, weight.dtype) else None)
-    impl = resolve_impl(impl, hidden.device, unfit=unfit)
+    impl = resolve_impl(impl, hidden.device, unfit=unfit, op="linear_entropy")
     if targets is not None:
         targets = targets.to(hidden.device).long()
     if impl == "reference":

@@ -20,7 +20,8 @@ second pass that recomputes the logit tiles (pass 1's matmuls again); jsd=False 
 Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (tiles of
 token_chunk x vocab_chunk, float32 logits even for bf16/fp16 inputs; CPU path, CUDA fallback),
 "triton" (a program per block of tokens looping over vocabulary tiles; CUDA, or CPU under
-TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports, else torch).
+TRITON_INTERPRET=1), "auto" (triton on CUDA when it imports, else torch); "triton" runs only
+after its first-use self-check on the device (kernels/selfcheck.py).
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, w
     pr = _Problem(hidden_p, weight_p, bias_p, softcap_p, hidden_q, weight_q, bias_q, softcap_q,
                   targets, contrast_beta, shared)
     f64 = any(x.dtype == torch.float64 for x in (hidden_p, weight_p, hidden_q, weight_q))
-    impl = resolve_impl(impl, hidden_p.device, unfit=NO_FLOAT64 if f64 else None)
+    impl = resolve_impl(impl, hidden_p.device, unfit=NO_FLOAT64 if f64 else None,
+                        op="two_model_divergence")
     if impl == "reference":
         return _reference(pr, jsd)
     if impl == "triton":

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from tokenprobe.backends import Backend, resolve
+from tokenprobe.kernels import selfcheck
 from tokenprobe.probe import Batch, Probe, make_probes
 from tokenprobe.store import Run, RunWriter, prompt_tables
 from tokenprobe.tables import conform, join
@@ -75,6 +76,7 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
                        meta={"backend": backend.kind, "n_prompts": len(texts)},
                        overwrite=overwrite)
     done = writer.done()
+    selfcheck.reset_ran()  # run.json's "kernels": what this process's batches ran
     torch.manual_seed(seed)
     with tqdm(total=len(texts), desc="prompts", unit="prompt", disable=not progress) as bar:
         for index, members in enumerate(batches):
@@ -88,7 +90,8 @@ def run(model: Any, prompts: str | Iterable[str], probes: list[str | Probe] | No
         summaries = {p.name: p.summary(tables) for p in probe_list}
         return tables, {"summary": {name: figures for name, figures in summaries.items()
                                     if figures},
-                        "warnings": nonfinite_warnings(tables, writer.meta["dtype"])}
+                        "warnings": nonfinite_warnings(tables, writer.meta["dtype"]),
+                        "kernels": selfcheck.ran()}
 
     return writer.finish(complete)
 

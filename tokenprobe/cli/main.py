@@ -1,8 +1,9 @@
 """The `tokenprobe` command: the parser over every subcommand and `main` (the entry point).
 
-`run` is in `tokenprobe.cli.run`, `models` and `query` in `tokenprobe.cli.query`; the other
-subcommands' parsers live with their analyses (`LAZY`) and load only when asked for. What they
-all share (exit codes, argument types, `UsageError`) is `tokenprobe.cli.args`.
+`run` is in `tokenprobe.cli.run`, `models` and `query` in `tokenprobe.cli.query`, `selftest` in
+`tokenprobe.cli.selftest`; the other subcommands' parsers live with their analyses (`LAZY`) and
+load only when asked for. What they all share (exit codes, argument types, `UsageError`) is
+`tokenprobe.cli.args`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ LAZY = {
                        "counterfactual generation with a Gumbel-max causal model (Chatzi et al.)"),
     "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
     "report": ("tokenprobe.analyses.report_cli", "HTML report, static figures, LaTeX tables"),
+    "selftest": ("tokenprobe.cli.selftest",
+                 "check every kernel implementation against the float64 reference on a device"),
 }
 
 

@@ -48,6 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help=f"exit {EXIT_NONFINITE} when the run holds NaN or inf values (e.g. "
                           "float16 overflow); without it they are a warning. The run is saved "
                           "either way")
+    with_impl = {n: impl_option(c) for n, c in known.items() if impl_option(c) is not None}
+    run.add_argument("--impl", choices=list(dict.fromkeys(c for o in with_impl.values()
+                                                          for c in o.choices)),
+                     help=f"kernel implementation of every chosen probe with an impl option "
+                          f"({', '.join(with_impl)}); --PROBE-impl wins over it. Fast paths "
+                          "(flash, triton) run after their first-use self-check")
+    run.add_argument("--no-selfcheck", action="store_true",
+                     help="skip the first-use self-check of the fast kernel paths (also: "
+                          "TOKENPROBE_SELFCHECK=0)")
     for probe in known.values():
         add_probe_options(run, probe)
     run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
@@ -77,6 +86,11 @@ def add_probe_options(parser: argparse.ArgumentParser, probe) -> None:
         group.add_argument(*flags, type=checked(option.parse, finite, what),
                            metavar="MODEL" if option.type == "model" else option.name.upper(),
                            **kwargs)
+
+
+def impl_option(probe):
+    """The probe's `impl` option (its kernel implementation), or None."""
+    return next((o for o in probe.options() if o.name == "impl"), None)
 
 
 def finite(value) -> bool:
@@ -109,9 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, cls in known.items():
         given = probe_values(args, cls)
         if given and name not in names:
-            flag = next(f"--{name}-{o.name.replace('_', '-')}" for o in cls.options()
-                        if o.name in given)
-            raise UsageError(f"{flag} belongs to the {name} probe; add it to --probes")
+            option = next(o for o in cls.options() if o.name in given)
+            flags = "/".join([f"--{name}-{option.name.replace('_', '-')}", *option.aliases])
+            raise UsageError(f"{flags} belongs to the {name} probe; add it to --probes")
     try:
         backend.check({n: known[n].sites for n in names}, {n: c.sites for n, c in known.items()})
     except UnsupportedSite as err:
@@ -122,8 +136,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     def load(name: str):
         return tokenprobe.load(name, dtype=dtype, device=args.device)
 
+    values = {n: probe_values(args, known[n]) for n in names}
+    if args.impl is not None:
+        apply_impl(args.impl, {n: known[n] for n in names}, values)
+    if args.no_selfcheck:
+        from tokenprobe.kernels.selfcheck import set_enabled
+
+        set_enabled(False)
+    one_line_selfcheck_warnings()
     try:  # settings are checked (and a compare model loaded) before the probed model loads
-        probes = [known[n].from_options(probe_values(args, known[n]), load) for n in names]
+        probes = [known[n].from_options(values[n], load) for n in names]
     except ValueError as err:
         raise UsageError(str(err)) from err
     loaded = load(args.model)
@@ -139,6 +161,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in result.meta.get("warnings", []):
         print(f"tokenprobe: warning: {warning}", file=sys.stderr)
     return EXIT_NONFINITE if args.strict and result.meta.get("warnings") else EXIT_OK
+
+
+def one_line_selfcheck_warnings() -> None:
+    """Print a failed kernel self-check as the CLI's other warnings: one line on stderr."""
+    import warnings
+
+    from tokenprobe.kernels.selfcheck import SelfCheckWarning
+
+    default = warnings.formatwarning
+    if getattr(default, "tokenprobe", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, SelfCheckWarning):
+            return f"tokenprobe: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.tokenprobe = True
+    warnings.formatwarning = formatwarning
+
+
+def apply_impl(impl: str, chosen: dict, values: dict[str, dict]) -> None:
+    """--impl: `impl` for every chosen probe with an impl option not given as --PROBE-impl."""
+    options = {n: impl_option(c) for n, c in chosen.items() if impl_option(c) is not None}
+    if not options:
+        raise UsageError("--impl sets the probes' kernel implementation, and none of "
+                         f"{', '.join(chosen)} has one")
+    for name, option in options.items():
+        if "impl" in values[name]:
+            continue
+        if option.choices and impl not in option.choices:
+            raise UsageError(f"--impl {impl} is not an implementation of the {name} probe "
+                             f"(one of {', '.join(option.choices)}); give --{name}-impl too")
+        values[name]["impl"] = impl
 
 
 def print_summary(result) -> None:
