@@ -38,6 +38,7 @@ from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.kernels.linear_entropy import IMPLS
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
 from tokenprobe.tables import Column
+from tokenprobe.unembedding import Unembedding
 
 BANDS = ("low", "mid", "high")
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
@@ -95,35 +96,6 @@ class EntropyConfig:
             raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
         if self.topk < 2:
             raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
-
-
-@dataclass
-class Unembedding:
-    """What turns a block-L residual into logits: final norm, then weight (V, D) [+ bias],
-    then optional soft-capping."""
-
-    norm: torch.nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    n_layers: int
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> "Unembedding":
-        config = model.config
-        for attr in ("logit_scale", "logits_scaling"):
-            if getattr(config, attr, None) not in (None, 1, 1.0):
-                raise NotImplementedError(f"{type(model).__name__} scales its logits "
-                                          f"({attr}); the entropy probe does not support that yet")
-        decoder = model.get_decoder()
-        norm = next((getattr(decoder, n) for n in ("norm", "final_layernorm", "ln_f")
-                     if isinstance(getattr(decoder, n, None), torch.nn.Module)), None)
-        head = model.get_output_embeddings()
-        if norm is None or head is None:
-            raise NotImplementedError(f"cannot find the final norm and unembedding of "
-                                      f"{type(model).__name__}")
-        return cls(norm, head.weight, getattr(head, "bias", None),
-                   getattr(config, "final_logit_softcapping", None), config.num_hidden_layers)
 
 
 def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
