@@ -10,7 +10,7 @@ device tool's machine has torch, triton, transformers and pandas, and no network
 1. Correctness: `attention_with_stats(impl="triton")` against the float64 full-matrix
    reference (`impl="reference"`) at SmolLM2-135M's attention shape (9 heads, 3 KV heads,
    head dim 64) and at Gemma 3 270M's (4 heads, 1 KV head, 256), fp32 and bf16, with right
-   padding, softcapping and k_pos 0 and 2 (the cases of kernels/selfcheck.py). Worst error:
+   padding, softcapping and k_pos 0 and 2 (the cases of kernels/cases.py). Worst error:
    max |got - ref| / (1 + |ref|) over outputs and statistics, against the CPU tests'
    tolerances (1e-4 fp32, 2e-2 bf16). `tokenprobe selftest --device cuda --full` checks
    every op this way; this script adds the timing against sdpa.
@@ -38,7 +38,7 @@ def check(device, t) -> list[tuple[str, float, float]]:
     """(case, worst error over outputs and stats, tolerance) per case (the selftest's cases)."""
     import torch
 
-    from tokenprobe.kernels.selfcheck import MODELS, attention_case
+    from tokenprobe.kernels.cases import MODELS, attention_case
 
     results = []
     for model, s in MODELS.items():
@@ -87,7 +87,8 @@ def measure(args, check_t, lengths_t, where) -> tuple[list[list], int]:
     import torch
 
     from tokenprobe.kernels.attention import attention_with_stats
-    from tokenprobe.kernels.selfcheck import MODELS, attention_inputs, time_call
+    from tokenprobe.kernels.cases import MODELS, attention_inputs
+    from tokenprobe.kernels.selfcheck import time_call
 
     rows, failed = [], 0
     for case, worst, tol in check(args.device, check_t):

@@ -23,7 +23,6 @@ every backend).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,17 +32,16 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenprobe.kernels.linear_entropy import linear_entropy
+from tokenprobe.kernels.linear_entropy import IMPLS, linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
-from tokenprobe.kernels.linear_entropy import IMPLS
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
+from tokenprobe.probes.entropy_measures import (strict_mean, entropy_bands, tip_quadrant,
+                                                window_entropy)
 from tokenprobe.tables import Column
 from tokenprobe.unembedding import Unembedding
 
-BANDS = ("low", "mid", "high")
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
            "teacher_logprob", "kl_student_teacher", "kl_teacher_student", "jsd", "critical_ce")
-TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
 
 
 @dataclass(frozen=True)
@@ -96,61 +94,6 @@ class EntropyConfig:
             raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
         if self.topk < 2:
             raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
-
-
-def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
-    """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
-    mean(H_{t..t+w-1}) ("current", the paper). Position 0 (no prediction) is skipped, a window
-    cut by the end of the prompt averages what is left (NaN if nothing is), and a window that
-    holds a NaN or inf entropy is NaN."""
-    h = np.asarray(entropy, dtype=float)
-    n = len(h)
-    shift = 1 if start == "next" else 0
-    out = np.full(n, np.nan)
-    for t in range(n):
-        chunk = h[max(t + shift, 1):t + shift + w]
-        if len(chunk) and np.isfinite(chunk).all():
-            out[t] = chunk.mean()
-    return out
-
-
-def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantile: float = 0.8,
-                  rho: float = 0.2) -> tuple[pd.Series, pd.Series, dict[str, float]]:
-    """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
-    scored token, and the thresholds used (quantiles of the finite entropies); a NaN or inf
-    entropy gets no band and no forking flag (NA)."""
-    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
-    scored = entropy[finite]
-    if scored.empty:
-        q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
-    else:
-        q = {"q_low": float(np.quantile(scored, low_quantile)),
-             "q_high": float(np.quantile(scored, high_quantile)),
-             "q_forking": float(np.quantile(scored, 1 - rho))}
-    band = pd.Series(np.where(entropy >= q["q_high"], "high",
-                              np.where(entropy >= q["q_low"], "mid", "low")),
-                     index=entropy.index, dtype="string")
-    band[~finite] = pd.NA
-    forking = (entropy >= q["q_forking"]).astype("boolean")
-    forking[~finite] = pd.NA
-    return band, forking, q
-
-
-def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,
-                 divergence_threshold: float = 0.5) -> np.ndarray:
-    """TIP quadrant per token from student entropy and JSD(student || teacher), both in nats."""
-    high_h = np.asarray(entropy) / math.log(vocab) >= entropy_threshold
-    high_d = np.asarray(jsd) / math.log(2) >= divergence_threshold
-    labels = np.where(high_h, np.where(high_d, TIP_QUADRANTS[0], TIP_QUADRANTS[1]),
-                      np.where(high_d, TIP_QUADRANTS[2], TIP_QUADRANTS[3])).astype(object)
-    labels[np.isnan(entropy) | np.isnan(jsd)] = None
-    return labels
-
-
-def _strict_mean(x: pd.Series) -> float:
-    """The mean, NaN when any value is NaN or inf (never a mean over a part of the prompt)."""
-    values = x.to_numpy(float)
-    return float(values.mean()) if np.isfinite(values).all() else math.nan
 
 
 C = Column
@@ -244,7 +187,7 @@ class EntropyProbe(Probe):
         return 2 if self.config.lens else 1
 
     def describe(self) -> dict:
-        out = {"name": self.name, **dataclasses.asdict(self.config)}
+        out = super().describe()
         if self.compare is not None:
             out["compare"] = {"model": self.compare.name, "weights_fingerprint":
                               self.compare.fingerprint}
@@ -411,9 +354,9 @@ class EntropyProbe(Probe):
             tokens.loc[index, "band"], tokens.loc[index, "forking"] = band, forking
         scored = tokens[tokens.pos > 0]  # a NaN there is non-finite: the prompt's means are NaN
         per_prompt = scored.groupby("prompt_id").agg(
-            mean_entropy=("entropy", _strict_mean),
-            mean_self_certainty=("self_certainty", _strict_mean),
-            perplexity=("logprob", lambda x: math.exp(-_strict_mean(x))),
+            mean_entropy=("entropy", strict_mean),
+            mean_self_certainty=("self_certainty", strict_mean),
+            perplexity=("logprob", lambda x: math.exp(-strict_mean(x))),
             forking_share=("forking", lambda x: float(x.astype(float).mean(skipna=False))))
         prompts = tables["prompts"].drop(columns=list(per_prompt.columns), errors="ignore")
         prompts = prompts.merge(per_prompt.reset_index(), on="prompt_id", how="left")

@@ -15,7 +15,7 @@ import torch
 import tokenprobe
 from tokenprobe.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tokenprobe.cli.main import main
-from tokenprobe.kernels import attention, linear_entropy as le, selfcheck, two_model
+from tokenprobe.kernels import attention, cases, linear_entropy as le, selfcheck, two_model
 from tokenprobe.kernels.attention import attention_with_stats
 from tokenprobe.kernels.linear_entropy import linear_entropy
 from tokenprobe.kernels.selfcheck import SelfCheckWarning
@@ -70,7 +70,7 @@ def entropy_inputs():
 
 
 def attention_inputs():
-    return selfcheck.attention_inputs(2, 1, 9, 8, torch.float32, [9, 6], "cpu")
+    return cases.attention_inputs(2, 1, 9, 8, torch.float32, [9, 6], "cpu")
 
 
 def call_entropy(impl):
@@ -295,24 +295,24 @@ def test_selftest_skips_triton_without_the_interpreter(monkeypatch):
 def test_rank_and_ids_errors_allow_near_ties_and_nothing_else():
     logits = torch.tensor([[3.0, 1.0, 1.0 + 1e-7, -2.0]], dtype=torch.float64)
     targets = torch.tensor([1])
-    assert selfcheck.rank_error(torch.tensor([3]), targets, logits) == 0  # exact
-    assert selfcheck.rank_error(torch.tensor([2]), targets, logits) < 1e-7  # across a near-tie
-    assert selfcheck.rank_error(torch.tensor([1]), targets, logits) == pytest.approx(1.0)
-    assert selfcheck.rank_error(torch.tensor([5]), targets, logits) == math.inf
-    assert selfcheck.rank_error(torch.tensor([2]), torch.tensor([-1]), logits) == math.inf
-    assert selfcheck.rank_error(torch.tensor([0]), torch.tensor([-100]), logits) == 0
-    assert selfcheck.ids_error(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), logits) < 1e-7
-    assert selfcheck.ids_error(torch.tensor([[0, 3]]), torch.tensor([[0, 2]]), logits) > 0.5
-    assert selfcheck.ids_error(torch.tensor([[0, 0]]), torch.tensor([[0, 2]]), logits) == math.inf
-    assert selfcheck.max_error(torch.tensor([1.0, math.nan]), torch.tensor([1.0, 1.0])) == math.inf
-    assert selfcheck.max_error(torch.tensor([3.0]), torch.tensor([1.0])) == 1.0  # 2 / (1 + 1)
+    assert cases.rank_error(torch.tensor([3]), targets, logits) == 0  # exact
+    assert cases.rank_error(torch.tensor([2]), targets, logits) < 1e-7  # across a near-tie
+    assert cases.rank_error(torch.tensor([1]), targets, logits) == pytest.approx(1.0)
+    assert cases.rank_error(torch.tensor([5]), targets, logits) == math.inf
+    assert cases.rank_error(torch.tensor([2]), torch.tensor([-1]), logits) == math.inf
+    assert cases.rank_error(torch.tensor([0]), torch.tensor([-100]), logits) == 0
+    assert cases.ids_error(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), logits) < 1e-7
+    assert cases.ids_error(torch.tensor([[0, 3]]), torch.tensor([[0, 2]]), logits) > 0.5
+    assert cases.ids_error(torch.tensor([[0, 0]]), torch.tensor([[0, 2]]), logits) == math.inf
+    assert cases.max_error(torch.tensor([1.0, math.nan]), torch.tensor([1.0, 1.0])) == math.inf
+    assert cases.max_error(torch.tensor([3.0]), torch.tensor([1.0])) == 1.0  # 2 / (1 + 1)
 
 
 @pytest.mark.embedded
 def test_the_model_shapes_are_the_embedded_models():
     from tokenprobe.models import describe
 
-    for name, shape in selfcheck.MODELS.items():
+    for name, shape in cases.MODELS.items():
         facts = describe(name)
         assert (shape.heads, shape.kv_heads, shape.width, shape.vocab) == (
             facts["heads"], facts["kv_heads"], facts["width"], facts["vocab"]), name

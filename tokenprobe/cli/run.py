@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help=f"exit {EXIT_NONFINITE} when the run holds NaN or inf values (e.g. "
                           "float16 overflow); without it they are a warning. The run is saved "
                           "either way")
-    with_impl = {n: impl_option(c) for n, c in known.items() if impl_option(c) is not None}
+    with_impl = impl_options(known)
     run.add_argument("--impl", choices=list(dict.fromkeys(c for o in with_impl.values()
                                                           for c in o.choices)),
                      help=f"kernel implementation of every chosen probe with an impl option "
@@ -88,9 +88,10 @@ def add_probe_options(parser: argparse.ArgumentParser, probe) -> None:
                            **kwargs)
 
 
-def impl_option(probe):
-    """The probe's `impl` option (its kernel implementation), or None."""
-    return next((o for o in probe.options() if o.name == "impl"), None)
+def impl_options(probes: dict) -> dict:
+    """Probe name -> its `impl` option (its kernel implementation), for the probes with one."""
+    found = {n: next((o for o in c.options() if o.name == "impl"), None) for n, c in probes.items()}
+    return {n: o for n, o in found.items() if o is not None}
 
 
 def finite(value) -> bool:
@@ -184,7 +185,7 @@ def one_line_selfcheck_warnings() -> None:
 
 def apply_impl(impl: str, chosen: dict, values: dict[str, dict]) -> None:
     """--impl: `impl` for every chosen probe with an impl option not given as --PROBE-impl."""
-    options = {n: impl_option(c) for n, c in chosen.items() if impl_option(c) is not None}
+    options = impl_options(chosen)
     if not options:
         raise UsageError("--impl sets the probes' kernel implementation, and none of "
                          f"{', '.join(chosen)} has one")

@@ -1,0 +1,68 @@
+"""The entropy probe's reductions over per-token values, pure and independent of the model:
+ARES window entropy (shawn0728/ARES), entropy bands and forking tokens (Wang et al., "Beyond the
+80/20 Rule", rho = 0.2) and TIP's quadrants (Xu et al., "Token Importance in On-Policy
+Distillation"). Definitions and defaults: README, "Measures". Registers no probe.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
+
+
+def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
+    """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
+    mean(H_{t..t+w-1}) ("current", the paper). Position 0 (no prediction) is skipped, a window
+    cut by the end of the prompt averages what is left (NaN if nothing is), and a window that
+    holds a NaN or inf entropy is NaN."""
+    h = np.asarray(entropy, dtype=float)
+    n = len(h)
+    shift = 1 if start == "next" else 0
+    out = np.full(n, np.nan)
+    for t in range(n):
+        chunk = h[max(t + shift, 1):t + shift + w]
+        if len(chunk) and np.isfinite(chunk).all():
+            out[t] = chunk.mean()
+    return out
+
+
+def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantile: float = 0.8,
+                  rho: float = 0.2) -> tuple[pd.Series, pd.Series, dict[str, float]]:
+    """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
+    scored token, and the thresholds used (quantiles of the finite entropies); a NaN or inf
+    entropy gets no band and no forking flag (NA)."""
+    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
+    scored = entropy[finite]
+    if scored.empty:
+        q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
+    else:
+        q = {"q_low": float(np.quantile(scored, low_quantile)),
+             "q_high": float(np.quantile(scored, high_quantile)),
+             "q_forking": float(np.quantile(scored, 1 - rho))}
+    band = pd.Series(np.where(entropy >= q["q_high"], "high",
+                              np.where(entropy >= q["q_low"], "mid", "low")),
+                     index=entropy.index, dtype="string")
+    band[~finite] = pd.NA
+    forking = (entropy >= q["q_forking"]).astype("boolean")
+    forking[~finite] = pd.NA
+    return band, forking, q
+
+
+def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,
+                 divergence_threshold: float = 0.5) -> np.ndarray:
+    """TIP quadrant per token from student entropy and JSD(student || teacher), both in nats."""
+    high_h = np.asarray(entropy) / math.log(vocab) >= entropy_threshold
+    high_d = np.asarray(jsd) / math.log(2) >= divergence_threshold
+    labels = np.where(high_h, np.where(high_d, TIP_QUADRANTS[0], TIP_QUADRANTS[1]),
+                      np.where(high_d, TIP_QUADRANTS[2], TIP_QUADRANTS[3])).astype(object)
+    labels[np.isnan(entropy) | np.isnan(jsd)] = None
+    return labels
+
+
+def strict_mean(x: pd.Series) -> float:
+    """The mean, NaN when any value is NaN or inf (never a mean over a part of the prompt)."""
+    values = x.to_numpy(float)
+    return float(values.mean()) if np.isfinite(values).all() else math.nan
