@@ -94,7 +94,7 @@ def two_model_divergence(hidden_p: Tensor, weight_p: Tensor, hidden_q: Tensor, w
     if min(token_chunk, vocab_chunk) < 1:
         raise ValueError(f"chunks must be >= 1, got {token_chunk}, {vocab_chunk}")
     shared = weight_q is weight_p and bias_q is bias_p and softcap_q == softcap_p
-    targets = targets.long() if targets is not None else None
+    targets = targets.to(hidden_p.device).long() if targets is not None else None
     pr = _Problem(hidden_p, weight_p, bias_p, softcap_p, hidden_q, weight_q, bias_q, softcap_q,
                   targets, contrast_beta, shared)
     f64 = any(x.dtype == torch.float64 for x in (hidden_p, weight_p, hidden_q, weight_q))

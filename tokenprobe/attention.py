@@ -82,7 +82,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     graph = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
     if not full or (graph and observer is None):  # generation step: the last t positions
         return _explicit(query, key, value, mask, scaling, softcap, gamma), None
-    lengths = observer.lengths if observer else torch.full((bsz,), t, device=query.device)
+    lengths = (observer.lengths.to(query.device) if observer else  # blocks on several GPUs
+               torch.full((bsz,), t, device=query.device))
     out, stats = attention_with_stats(
         query, key, value, mask, lengths, scaling=scaling if scaling is not None else dh ** -0.5,
         softcap=softcap, k_pos=observer.k_pos if observer else 0, gamma=gamma,

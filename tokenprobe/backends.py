@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenprobe.attention import observing
 from tokenprobe.models import LoadedModel, params_fingerprint
+from tokenprobe.placement import input_device
 
 Observe = Callable[[str, int, torch.Tensor], None]
 SITE_WORDS = {"resid_post": "the residual stream", "attention": "attention statistics"}
@@ -71,7 +72,7 @@ def as_bridge(loaded: LoadedModel):
 
     return TransformerBridge.boot_transformers(
         loaded.tokenizer.name_or_path, hf_model=loaded.model, tokenizer=loaded.tokenizer,
-        device=str(next(loaded.model.parameters()).device))
+        device=str(input_device(loaded.model)))
 
 
 def as_nnsight(loaded: LoadedModel):
@@ -115,7 +116,10 @@ class Backend(abc.ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where a batch's input ids and mask go: where the input embedding computes (not
+        `next(parameters())`, which is `meta` for an offloaded embedding of a model spread
+        over devices with `tokenprobe.load(device_map=...)`)."""
+        return input_device(self.hf_model)
 
     @staticmethod
     @abc.abstractmethod

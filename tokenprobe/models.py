@@ -10,6 +10,11 @@ The GGUF is dequantised once with transformers + gguf into fp32 and cached as a 
 directory (config, `model.safetensors`, tokenizer) under `$TOKENPROBE_CACHE/models/<name>`
 (default: the user cache dir). A manifest records every file's size and sha256; each load checks
 both and rebuilds a cache that fails, so a partial or corrupt cache is never used.
+
+Placement: `load(..., device=...)` puts the whole model on one device; `load(...,
+device_map=...)` spreads its blocks over several devices, CPU and disk through accelerate
+(`pip install 'tokenprobe[accelerate]'`), each offloaded decoder block materialised whole for its
+own forward, so the probes see the same tensors as on one device (`tokenprobe.placement`).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import platformdirs
 import torch
@@ -34,6 +39,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenprobe import tiny
+from tokenprobe.placement import (ACCELERATE_HINT, PlacementError, check_device, check_placement,
+                                  module_map, preload_offloaded_blocks)
 
 DEFAULT_MODEL = "smollm2-135m"
 MANIFEST = "tokenprobe-manifest.json"
@@ -52,7 +59,11 @@ class LoadedModel:
         model: the Hugging Face `PreTrainedModel` (eval mode).
         tokenizer: its tokenizer.
         fingerprint: `sha256:<hex>` of the weights file for cached models, else a hash of
-            parameter names, shapes and a strided sample of values (`params:<hex>`).
+            parameter names, shapes and a strided sample of values (`params:<hex>`), the
+            same whether the model sits on one device or is spread over several.
+
+    A model loaded with `device_map` keeps accelerate's `hf_device_map`; where its inputs go
+    is `input_device(model)`, what a run records of its placement `placement_meta(model)`.
     """
 
     name: str
@@ -239,59 +250,64 @@ def _gguf_errors(path: Path, remedy: str) -> Iterator[None]:
         raise ModelError(f"{path} is not a readable GGUF file: {problem}; {remedy}") from err
 
 
-def check_device(device: str) -> str:
-    """`device` if a model can be placed on it on this machine, else ValueError saying why.
-
-    Refused: a string torch does not parse, `meta` (tensors without data: nothing to measure),
-    a device type whose backend is not available here (cuda without a GPU or in a CPU build of
-    torch, mps off Apple silicon), and an index past the device count.
-    """
-    try:
-        kind = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if kind.type == "meta":
-        raise ValueError("device 'meta' holds no weights (tensors without data), so nothing can "
-                         "be measured on it; use --device cpu or cuda")
-    backend = getattr(torch, kind.type, None)
-    if not getattr(backend, "is_available", lambda: False)():
-        why = (" (this torch is a CPU-only build)" if kind.type == "cuda" and torch.version.cuda
-               is None and torch.version.hip is None else "")
-        raise ValueError(f"device {device!r} is not available on this machine{why}; use "
-                         "--device cpu")
-    count = getattr(backend, "device_count", lambda: 1)()
-    if kind.index is not None and kind.index >= count:
-        raise ValueError(f"device {device!r} does not exist: this machine has {count} "
-                         f"{kind.type} device(s), {kind.type}:0 to {kind.type}:{count - 1}")
-    return device
-
-
-def _from_dir(directory: Path, name: str, dtype: torch.dtype, device: str,
-              fingerprint: str | None, gguf_file: str | None = None) -> LoadedModel:
+def _from_dir(directory: Path, name: str, dtype: torch.dtype, device: str | None,
+              fingerprint: str | None, gguf_file: str | None = None,
+              placement: dict | None = None) -> LoadedModel:
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, gguf_file=gguf_file)
-    model = model.to(device).eval()
+        if placement and isinstance(placement["device_map"], Mapping):
+            placement = {**placement, "device_map": module_map(directory, gguf_file,
+                                                               placement["device_map"])}
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                     gguf_file=gguf_file, **(placement or {}))
+    if placement:
+        preload_offloaded_blocks(model)
+    else:
+        model = model.to(device or "cpu")
+    model = model.eval()
     return LoadedModel(name, model, tokenizer, fingerprint or params_fingerprint(model))
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-         device: str = "cpu") -> LoadedModel:
+         device: str | None = None, device_map: str | Mapping[str, Any] | None = None,
+         max_memory: Mapping[Any, int | str] | None = None,
+         offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load a registered model, a local HF directory or `.gguf` file, or a Hugging Face hub id.
 
     Args:
         name_or_path: a name from `REGISTRY` (see `tokenprobe models`), a directory holding
             a transformers checkpoint, a `.gguf` file, or a hub id (needs network access).
-        dtype: parameter dtype after loading (the cache itself is fp32).
-        device: torch device string, checked first (`check_device`).
+        dtype: parameter dtype after loading (the cache itself is fp32). float32, the
+            default, suits CPU and the small models; for large models on GPU pass
+            `torch.bfloat16` (what they ship in: half of float32's memory, and float16's
+            speed without its overflow past 65504).
+        device: torch device string, checked first (`check_device`); default cpu. Not with
+            `device_map`.
+        device_map: spread the blocks over devices through accelerate (the `accelerate`
+            extra): "auto", "balanced", "balanced_low_0" or "sequential" (GPUs, then CPU,
+            then disk, within `max_memory`), or a dict from module name ("model.layers.3";
+            "" for the rest) to a GPU index, device string, "cpu" or "disk". What does not
+            fit on a GPU is offloaded (kept on CPU or disk, brought in for its block's
+            forward); tied weights (lm_head and the embedding) share a device. The run's
+            tables equal those of the model on one device (`tokenprobe.placement`).
+        max_memory: with a strategy `device_map`, the most each device may hold, e.g.
+            {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (bytes, or a size string).
+        offload_folder: where disk-offloaded weights go when they must be written (a
+            safetensors checkpoint is read in place; a .gguf is dequantised here).
 
     Raises:
-        ValueError: `device` is not a device of this machine.
+        ValueError: `device` is not a device of this machine. `PlacementError` (a
+            ValueError): a bad `device_map`, `max_memory` or `offload_folder`, both `device`
+            and `device_map` (`check_placement`, `module_map`).
         ModelError: the name is unknown and no such path exists, or the weights' package is
             missing, or a .gguf file is empty, not a GGUF, truncated or corrupt, or
-            transformers could not load the checkpoint.
+            transformers could not load the checkpoint, or `device_map` without accelerate.
     """
-    check_device(device)
+    placement = check_placement(device, device_map, max_memory, offload_folder)
+    if placement is None:
+        check_device(device or "cpu")
+    elif importlib.util.find_spec("accelerate") is None:
+        raise ModelError(f"device_map needs accelerate, which is not installed: {ACCELERATE_HINT}")
     if name_or_path in REGISTRY:
         directory = _cache_dir(name_or_path)
         problem = cache_problem(directory) if directory.exists() else "not built yet"
@@ -301,7 +317,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
             build_cache(name_or_path)
         manifest = json.loads((directory / MANIFEST).read_text())
         digest = manifest["files"]["model.safetensors"]["sha256"]
-        return _from_dir(directory, name_or_path, dtype, device, f"sha256:{digest}")
+        return _from_dir(directory, name_or_path, dtype, device, f"sha256:{digest}",
+                         placement=placement)
     path = Path(name_or_path).expanduser()
     if not path.exists() and name_or_path.count("/") != 1:
         close = difflib.get_close_matches(name_or_path, REGISTRY, n=1)
@@ -312,10 +329,14 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
     try:
         if path.is_file() and path.suffix == ".gguf":
             with _gguf_errors(path, "copy or download it again"):
-                return _from_dir(path.parent, str(path), dtype, device, None, gguf_file=path.name)
+                return _from_dir(path.parent, str(path), dtype, device, None, gguf_file=path.name,
+                                 placement=placement)
         if path.is_dir():
-            return _from_dir(path, str(path), dtype, device, None)
-        return _from_dir(Path(name_or_path), name_or_path, dtype, device, None)
+            return _from_dir(path, str(path), dtype, device, None, placement=placement)
+        return _from_dir(Path(name_or_path), name_or_path, dtype, device, None,
+                         placement=placement)
+    except PlacementError:
+        raise
     except (OSError, ValueError) as err:
         known = ", ".join(REGISTRY)
         raise ModelError(
@@ -325,13 +346,42 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
 
 
 def params_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
-    """Hash of parameter names, shapes, dtypes and up to `samples` strided values of each."""
-    digest = hashlib.sha256()
-    for pname, param in sorted(model.state_dict().items()):
-        flat = param.detach().reshape(-1)
+    """Hash of parameter names, shapes, dtypes and up to `samples` strided values of each.
+
+    Offloaded weights (on `meta` between forwards, `load(device_map=...)`) are read through
+    their accelerate hook, one module (or preloaded block) at a time: the fingerprint is that
+    of the same model on one device."""
+    tensors = model.state_dict(keep_vars=True)
+
+    def sample(tensor: torch.Tensor) -> bytes:
+        flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples)
+        return flat[::step].to("cpu", torch.float64).numpy().tobytes()
+
+    values = {n: sample(t) for n, t in tensors.items() if not t.is_meta}
+    missing = {n for n, t in tensors.items() if t.is_meta}
+    if missing:
+        from accelerate.utils import align_module_device, has_offloaded_params
+
+        for module_name, module in model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            mine = [n for n in missing if n.startswith(prefix)]
+            if not mine or not has_offloaded_params(module):
+                continue
+            with align_module_device(module):
+                local = module.state_dict(keep_vars=True)
+                for name in mine:
+                    tensor = local.get(name[len(prefix):])
+                    if tensor is not None and not tensor.is_meta:
+                        values[name] = sample(tensor)
+                        missing.discard(name)
+        if missing:
+            raise ValueError(f"cannot read the offloaded weights {', '.join(sorted(missing)[:3])} "
+                             "(no accelerate hook holds them)")
+    digest = hashlib.sha256()
+    for pname, param in sorted(tensors.items()):
         digest.update(f"{pname}{tuple(param.shape)}{param.dtype}".encode())
-        digest.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+        digest.update(values[pname])
     return f"params:{digest.hexdigest()}"
 
 

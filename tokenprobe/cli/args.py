@@ -5,6 +5,7 @@ the app's CLI modules) import this module, never `tokenprobe.cli.main`, which lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -64,8 +65,8 @@ positive_ints = checked(lambda text: [int(t) for t in text.split(",") if t.strip
 
 def device(text: str) -> str:
     """The argparse `type=` of --device: a torch device this machine has
-    (`tokenprobe.models.check_device`)."""
-    from tokenprobe.models import check_device
+    (`tokenprobe.placement.check_device`)."""
+    from tokenprobe.placement import check_device
 
     try:
         return check_device(text)
@@ -103,6 +104,109 @@ def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
 
 class UsageError(Exception):
     """Bad input from the user; exits with EXIT_USAGE."""
+
+
+def device_map(text: str) -> str | dict:
+    """The argparse `type=` of --device-map: a strategy or a JSON object {module: device}."""
+    from tokenprobe.placement import DEVICE_MAPS
+
+    if text in DEVICE_MAPS:
+        return text
+    if not text.lstrip().startswith("{"):
+        raise argparse.ArgumentTypeError(
+            f"must be {', '.join(DEVICE_MAPS)} or a JSON object such as "
+            f'\'{{"model.layers.0": 0, "lm_head": "cpu"}}\', got {text}')
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({err}): {text}") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(f"must be a non-empty JSON object from module name "
+                                         f"to device, got {text}")
+    for module, where in value.items():
+        if isinstance(where, bool) or not isinstance(where, (int, str)):
+            raise argparse.ArgumentTypeError(
+                f"{module!r} maps to {json.dumps(where)}: a device is a GPU index, \"cpu\", "
+                '"disk" or a string such as "cuda:1"')
+    return value
+
+
+def max_memory(text: str) -> dict:
+    """The argparse `type=` of --max-memory: DEVICE=SIZE pairs, comma-separated, e.g.
+    `0=20GiB,1=20GiB,cpu=64GiB` (DEVICE a GPU index, cpu or disk; SIZE bytes or a number with
+    B, KB, MB, GB, TB, KiB, MiB, GiB or TiB); returns {device: bytes}."""
+    from tokenprobe.placement import size_bytes
+
+    out: dict = {}
+    for part in (p.strip() for p in text.split(",")):
+        key, sep, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not key or not size:
+            raise argparse.ArgumentTypeError(f"must be DEVICE=SIZE pairs such as "
+                                             f"0=20GiB,cpu=64GiB, got {part or text!r}")
+        index = key.removeprefix("cuda:")
+        device_key: int | str = int(index) if index.isdigit() else key
+        if isinstance(device_key, str) and device_key not in ("cpu", "disk", "mps"):
+            raise argparse.ArgumentTypeError(f"{key!r} is not a device: use a GPU index (0, 1, "
+                                             "... or cuda:N), cpu or disk")
+        if size_bytes(size) < 0:
+            raise argparse.ArgumentTypeError(f"{size!r} is not a size: use bytes or a number "
+                                             "with a unit such as 20GiB or 1.5GB")
+        if device_key in out:
+            raise argparse.ArgumentTypeError(f"{key} is given twice")
+        out[device_key] = size_bytes(size)
+    return out
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device-map`, `--max-memory` and `--offload-folder`: a model spread over GPUs, CPU and
+    disk through accelerate (`placement` turns them into `tokenprobe.load` keywords)."""
+    group = parser.add_argument_group(
+        "placement over several devices (needs accelerate: pip install 'tokenprobe[accelerate]')")
+    group.add_argument("--device-map", type=device_map, metavar="MAP",
+                       help="spread the model's blocks over devices instead of --device: auto, "
+                            "balanced, balanced_low_0 or sequential (fill the GPUs, then CPU, "
+                            "then disk) or a JSON object from module name to device, e.g. "
+                            "'{\"model.embed_tokens\": 0, \"model.layers.0\": 0, \"\": 1}' "
+                            '("" for the rest; a device is a GPU index, "cpu", "disk" or '
+                            '"cuda:N"); use --dtype bfloat16 for large models')
+    group.add_argument("--max-memory", type=max_memory, metavar="DEV=SIZE,...",
+                       help="with a strategy --device-map, the most each device may hold, e.g. "
+                            "0=20GiB,1=20GiB,cpu=64GiB (leave room for the probes' working set)")
+    group.add_argument("--offload-folder", metavar="DIR",
+                       help="with --device-map, where disk-offloaded weights are written when "
+                            "they must be (a safetensors checkpoint is read in place)")
+
+
+def placement(args: argparse.Namespace) -> dict:
+    """The `tokenprobe.load` keywords of `--device`, `--device-map`, `--max-memory` and
+    `--offload-folder`: {"device": ...} or {"device_map": ..., "max_memory": ...,
+    "offload_folder": ...}; UsageError (before any model loads) when they disagree or a
+    device is not one of this machine's. Module names are checked when the model's config is
+    read (`tokenprobe.models.PlacementError`)."""
+    from tokenprobe.placement import PlacementError, check_placement
+
+    chosen = getattr(args, "device_map", None)
+    device_ = getattr(args, "device", None)
+    if chosen is not None and device_ not in (None, "cpu"):
+        raise UsageError(f"pick one of --device {device_} (the whole model on one device) and "
+                         "--device-map (its blocks spread over devices)")
+    try:
+        where = check_placement(None, chosen, getattr(args, "max_memory", None),
+                                getattr(args, "offload_folder", None))
+    except PlacementError as err:
+        raise UsageError(_flags(str(err))) from err
+    folder = getattr(args, "offload_folder", None)
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise UsageError(f"--offload-folder {folder} is a file, not a directory")
+    return {"device": device_ or "cpu"} if where is None else where
+
+
+def _flags(message: str) -> str:
+    """A `tokenprobe.load` keyword's message in the CLI's flags."""
+    for keyword in ("device_map", "max_memory", "offload_folder"):
+        message = message.replace(keyword, f"--{keyword.replace('_', '-')}")
+    return message
 
 
 def read_prompts(path: Path) -> list[str]:
