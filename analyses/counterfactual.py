@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import pandas as pd
@@ -29,7 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tokenprobe.models import LoadedModel, eos_ids
-from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.store import Run, RunWriter, check_target, prompt_tables
 from tokenprobe.tables import Column, Table, conform, declare
 from tokenprobe.tokens import token_text
 
@@ -324,10 +325,12 @@ def counterfactual_run(loaded: LoadedModel, queries: Sequence[Intervention],
     `out` when given (`tokenprobe.store.RunWriter`)."""
     from dataclasses import asdict
 
+    if out is not None:
+        check_target(Path(out), overwrite=overwrite)  # a taken --out fails before the work
+    steps, generations = counterfactuals(loaded, queries, config, progress=progress)
     writer = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
                        settings={"analysis": "counterfactual", "config": asdict(config),
                                  "queries": [asdict(q) for q in queries]}, overwrite=overwrite)
-    steps, generations = counterfactuals(loaded, queries, config, progress=progress)
     texts = list(dict.fromkeys(q.prompt for q in queries))
     writer.write(0, {**prompt_tables(loaded.tokenizer, [(i, text, _prompt_ids(loaded, text), False)
                                                         for i, text in enumerate(texts)]),

@@ -23,9 +23,10 @@ LIVE_MODELS = ["smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3"]
 QUERY = {"run": "run", "cmpA": "a", "cmpB": "b"}  # URL parameters naming the runs shown
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_resource(show_spinner=False, max_entries=16)
 def load_run(path: str, stamp: float) -> Run:
-    """A run's tables, cached per directory and run.json modification time."""
+    """A run (its run.json; tables are read when a view asks), kept per directory and
+    run.json modification time."""
     return tokenprobe.open_run(path)
 
 
@@ -78,7 +79,8 @@ def run_header(name: str, run: Run) -> None:
                                             if isinstance(p, dict)))
     if meta.get("analysis"):
         parts.append(f"analysis: {plain(meta['analysis'])}")
-    parts += [f"{len(run.prompts)} prompt(s)", f"created {plain(meta.get('created', '?'))}",
+    parts += [f"{run.meta.get('n_prompts') or run.dataset('prompts').count_rows()} prompt(s)",
+              f"created {plain(meta.get('created', '?'))}",
               f"tables: {plain(', '.join(sorted(run.tables)))}"]
     st.caption("; ".join(parts))
     for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
@@ -86,9 +88,11 @@ def run_header(name: str, run: Run) -> None:
 
 
 def show_run(name: str, run: Run, key: str) -> None:
-    """Every view of one prompt of `run`, one tab each."""
+    """Every view of one prompt of `run`, one tab each; the prompt's views read only its rows
+    (`Run.select`)."""
     run_header(name, run)
     prompt_id = pick_prompt(run, key)
+    whole, run = run, run.select([prompt_id])
     tabs = dict(zip(TABS, st.tabs(TABS)))
     with tabs["Tokens"]:
         metric, layer = panels.token_metric_picker(run, key)
@@ -107,7 +111,7 @@ def show_run(name: str, run: Run, key: str) -> None:
     with tabs["Critical"]:
         panels.critical_view(run, prompt_id, f"{key}-critical")
     with tabs["Tables"]:
-        panels.tables_view(run, f"{key}-tables")
+        panels.tables_view(whole, f"{key}-tables")
 
 
 def page_run(root: Path) -> None:

@@ -183,11 +183,18 @@ def critical_view(run: Run, prompt_id: int, key: str) -> None:
     downloads(table, f"rollouts_p{prompt_id}", f"{key}-rollouts")
 
 
-def tables_view(run: Run, key: str) -> None:
-    """Every table of the run with downloads, and its run.json."""
-    for name, frame in sorted(run.tables.items()):
-        with st.expander(f"{name} ({len(frame):,} rows x {frame.shape[1]} columns)"):
+def tables_view(run: Run, key: str, whole: int = 200_000) -> None:
+    """Every table of the run: its size, first rows and downloads (the whole table up to
+    `whole` rows, else the rows shown), and its run.json. Reads no table whole."""
+    for name in sorted(run.tables):
+        data = run.dataset(name)
+        rows = data.count_rows()
+        with st.expander(f"{name} ({rows:,} rows x {len(data.schema.names)} columns)"):
+            frame = run.tables[name] if rows <= whole else data.head(1000).to_pandas()
             st.dataframe(frame.head(1000), hide_index=True)
+            if rows > whole:
+                st.caption(f"The first 1,000 of {rows:,} rows; the whole table is the Parquet "
+                           f"parts in {plain(name)}/ of the run (`tokenprobe query` reads them).")
             downloads(frame, name, f"{key}-{name}")
     with st.expander("run.json"):
         st.json(run.meta, expanded=False)

@@ -35,9 +35,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokenprobe.kernels.linear_entropy import IMPLS, linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
-from tokenprobe.probes.entropy_measures import (strict_mean, entropy_bands, tip_quadrant,
-                                                window_entropy)
+from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, run_quantiles,
+                                                strict_mean, tip_quadrant, window_entropy)
 from tokenprobe.tables import Column
+from tokenprobe.placement import input_device
 from tokenprobe.unembedding import Unembedding
 
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
@@ -112,6 +113,7 @@ class EntropyProbe(Probe):
     """
 
     name = "entropy"
+    finalizes = ("tokens", "prompts")  # bands, forking and per-prompt means
     sites = ("resid_post",)
     Config = EntropyConfig
     tables = {
@@ -300,7 +302,7 @@ class EntropyProbe(Probe):
         """The compare model's final-normed residual rows on the batch, (N, D_q): its forward
         runs before the probed model's, so that no forward is nested in a hook."""
         model, batch = self.compare.model, self.batch
-        device = next(model.parameters()).device
+        device = input_device(model)  # its embedding's device (meta when offloaded)
         out = model.get_decoder()(input_ids=batch.input_ids.to(device),
                                   attention_mask=batch.attention_mask.to(device),
                                   use_cache=False)
@@ -338,20 +340,28 @@ class EntropyProbe(Probe):
                 frame[k] = frame[k].astype("Int64")
         return frame
 
-    def finalize(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        """Bands and forking flags (quantiles over the run or per prompt) and per-prompt
-        summaries: mean entropy, mean self-certainty, perplexity, share of forking tokens."""
+    def statistics(self, sql) -> dict:
+        """The band and forking thresholds over the whole run (quantiles of every finite
+        entropy, `quantiles_over="run"`; exact, linear interpolation as numpy's default)."""
+        if self.config.quantiles_over != "run":
+            return {}
+        return run_quantiles(sql, "coalesce(isfinite(entropy), false)", self.config)
+
+    def finalize(self, tables: dict[str, pd.DataFrame], stats: dict) -> dict[str, pd.DataFrame]:
+        """Bands and forking flags (at the run's thresholds `stats`, or each prompt's own) and
+        per-prompt summaries: mean entropy, mean self-certainty, perplexity, share of forking
+        tokens; of one part (whole prompts)."""
         cfg = self.config
         tokens = tables["tokens"].copy()
-        groups = ([tokens.index] if cfg.quantiles_over == "run" else
-                  [g.index for _, g in tokens.groupby("prompt_id")])
         tokens["band"] = pd.Series(pd.NA, index=tokens.index, dtype="string")
         tokens["forking"] = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
-        for index in groups:
-            band, forking, _ = entropy_bands(tokens.loc[index, "entropy"],
-                                             low_quantile=cfg.low_quantile,
-                                             high_quantile=cfg.high_quantile, rho=cfg.rho)
-            tokens.loc[index, "band"], tokens.loc[index, "forking"] = band, forking
+        if cfg.quantiles_over == "run":
+            tokens["band"], tokens["forking"] = bands_at(tokens.entropy, stats)
+        else:
+            for _, group in tokens.groupby("prompt_id"):
+                band, forking, _ = entropy_bands(group.entropy, low_quantile=cfg.low_quantile,
+                                                 high_quantile=cfg.high_quantile, rho=cfg.rho)
+                tokens.loc[group.index, "band"], tokens.loc[group.index, "forking"] = band, forking
         scored = tokens[tokens.pos > 0]  # a NaN there is non-finite: the prompt's means are NaN
         per_prompt = scored.groupby("prompt_id").agg(
             mean_entropy=("entropy", strict_mean),
@@ -360,28 +370,31 @@ class EntropyProbe(Probe):
             forking_share=("forking", lambda x: float(x.astype(float).mean(skipna=False))))
         prompts = tables["prompts"].drop(columns=list(per_prompt.columns), errors="ignore")
         prompts = prompts.merge(per_prompt.reset_index(), on="prompt_id", how="left")
-        return {**tables, "tokens": tokens, "prompts": prompts}
+        return {"tokens": tokens, "prompts": prompts}
 
-    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
+    def summary(self, sql, stats: dict) -> dict:
         """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
         band and forking thresholds (per-run quantiles), and two-model means when present.
         Prompts with a NaN or inf statistic are left out and counted in `prompts_excluded`."""
-        cfg = self.config
-        scored = tables["tokens"][tables["tokens"].pos > 0]
-        finite = np.isfinite(scored[["entropy", "logprob", "self_certainty"]].to_numpy(float))
-        bad = set(scored.prompt_id[~finite.all(1)])
-        scored = scored[~scored.prompt_id.isin(bad)]  # never a mean over a part of a prompt
-        excluded = {"prompts_excluded": len(bad)}
-        if scored.empty:
+        finite = " AND ".join(f"coalesce(isfinite({c}), false)"
+                              for c in ("entropy", "logprob", "self_certainty"))
+        kept = (f"pos > 0 AND prompt_id NOT IN (SELECT prompt_id FROM tokens WHERE pos > 0 "
+                f"AND NOT ({finite}))")
+        extra = [c for c in ("jsd", "kl_student_teacher", "critical_ce")
+                 if c in sql.columns("tokens")]
+        row = sql.sql(
+            f"SELECT (SELECT count(DISTINCT prompt_id) FROM tokens WHERE pos > 0 AND NOT "
+            f"({finite})) AS excluded, count(*) AS n, avg(entropy) AS h, "
+            f"avg(self_certainty) AS c, avg(logprob) AS lp"
+            + "".join(f", avg({c}) AS {c}" for c in extra)
+            + f" FROM tokens WHERE {kept}").iloc[0]
+        excluded = {"prompts_excluded": int(row.excluded)}
+        if not row.n:
             return {"n_scored": 0, **excluded}
-        _, _, q = entropy_bands(scored.entropy, low_quantile=cfg.low_quantile,
-                                high_quantile=cfg.high_quantile, rho=cfg.rho)
-        out = {"n_scored": len(scored), **excluded,
-               "mean_entropy": float(scored.entropy.mean()),
-               "mean_self_certainty": float(scored.self_certainty.mean()),
-               "perplexity": math.exp(-float(scored.logprob.mean())), **q,
-               "quantiles_over": cfg.quantiles_over}
-        for col in ("jsd", "kl_student_teacher", "critical_ce"):
-            if col in scored:
-                out[f"mean_{col}"] = float(scored[col].mean())
+        out = {"n_scored": int(row.n), **excluded, "mean_entropy": float(row.h),
+               "mean_self_certainty": float(row.c), "perplexity": math.exp(-float(row.lp)),
+               **run_quantiles(sql, kept, self.config),
+               "quantiles_over": self.config.quantiles_over}
+        for col in extra:
+            out[f"mean_{col}"] = float(row[col])
         return out

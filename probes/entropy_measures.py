@@ -34,21 +34,38 @@ def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantil
     """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
     scored token, and the thresholds used (quantiles of the finite entropies); a NaN or inf
     entropy gets no band and no forking flag (NA)."""
-    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
-    scored = entropy[finite]
+    scored = entropy[np.isfinite(entropy.to_numpy(float))]
     if scored.empty:
         q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
     else:
         q = {"q_low": float(np.quantile(scored, low_quantile)),
              "q_high": float(np.quantile(scored, high_quantile)),
              "q_forking": float(np.quantile(scored, 1 - rho))}
+    return (*bands_at(entropy, q), q)
+
+
+def bands_at(entropy: pd.Series, q: dict[str, float]) -> tuple[pd.Series, pd.Series]:
+    """Band and forking flag of each token at given thresholds (q_low, q_high, q_forking, as
+    `entropy_bands` returns them); NA where the entropy is NaN or inf."""
+    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
     band = pd.Series(np.where(entropy >= q["q_high"], "high",
                               np.where(entropy >= q["q_low"], "mid", "low")),
                      index=entropy.index, dtype="string")
     band[~finite] = pd.NA
     forking = (entropy >= q["q_forking"]).astype("boolean")
     forking[~finite] = pd.NA
-    return band, forking, q
+    return band, forking
+
+
+def run_quantiles(sql, where: str, config) -> dict[str, float]:
+    """`entropy_bands`' thresholds over the rows of table `tokens` where SQL `where` holds,
+    by DuckDB over the whole run (`sql`: a `tokenprobe.store.PartsSQL`) without loading it:
+    exact quantiles, linearly interpolated as numpy's default; NaN when no row is left."""
+    levels = [float(config.low_quantile), float(config.high_quantile), 1 - float(config.rho)]
+    row = sql.sql(f"SELECT quantile_cont(entropy, [{', '.join(map(repr, levels))}]) AS q "
+                  f"FROM tokens WHERE {where}").q.iloc[0]
+    values = [float(v) for v in row] if hasattr(row, "__len__") and len(row) else [math.nan] * 3
+    return dict(zip(("q_low", "q_high", "q_forking"), values))
 
 
 def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,

@@ -166,6 +166,19 @@ def run_sink_rate(rates: pd.DataFrame) -> float:
         else float("nan")
 
 
+# `run_sink_rate(sink_rates(heads, eps))` as SQL over table `heads` (parameter: eps), so that a
+# run's rate never loads the table: per prompt the rate 100 x mean(sink_mass > eps), then the
+# mean over the heads of the prompts with no NaN or inf sink mass.
+RUN_SINK_RATE = """
+WITH p AS (
+    SELECT prompt_id, count(*) AS n,
+           sum(CASE WHEN coalesce(isfinite(sink_mass), false) THEN 0 ELSE 1 END) AS bad,
+           100 * avg(CASE WHEN sink_mass > $1 THEN 1.0 ELSE 0.0 END) AS rate
+    FROM heads GROUP BY prompt_id)
+SELECT sum(rate * n) FILTER (WHERE bad = 0) / sum(n) FILTER (WHERE bad = 0) AS sink_rate,
+       count(*) FILTER (WHERE bad > 0) AS excluded, coalesce(sum(bad), 0) AS heads_nonfinite
+FROM p"""
+
 C = Column
 
 
@@ -288,17 +301,18 @@ class SinksProbe(Probe):
                 "sinks": pd.concat(sinks, ignore_index=True) if sinks else None,
                 "nonfinite": nonfinite_frame(nonfinite)}
 
-    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
-        """Gu et al.'s sink rate over the run, with the prompt lengths it depends on.
+    def summary(self, sql, stats: dict) -> dict:
+        """Gu et al.'s sink rate over the run, with the prompt lengths it depends on (SQL over
+        the whole run, `RUN_SINK_RATE`).
 
         A prompt with a non-finite sink mass at any (layer, head) is left out of the rate (its
         rate over the other heads would not be Gu et al.'s measure) and counted in
         `prompts_excluded`; the rate is None when no prompt is left."""
-        rates = sink_rates(tables["heads"], self.config.eps)
-        lengths = tables["prompts"].n_tokens
-        rate = run_sink_rate(rates)
-        return {"sink_rate": None if math.isnan(rate) else rate, "eps": self.config.eps,
-                "k_pos": self.config.k_pos, "T_min": int(lengths.min()),
-                "T_max": int(lengths.max()), "T_mean": float(lengths.mean()),
-                "prompts_excluded": int((rates.nonfinite_heads > 0).sum()),
-                "heads_nonfinite": int(rates.nonfinite_heads.sum())}
+        rates = sql.sql(RUN_SINK_RATE, [self.config.eps]).iloc[0]
+        lengths = sql.sql("SELECT min(n_tokens) AS lo, max(n_tokens) AS hi, "
+                          "avg(n_tokens) AS mean FROM prompts").iloc[0]
+        rate = rates.sink_rate
+        return {"sink_rate": None if pd.isna(rate) else float(rate), "eps": self.config.eps,
+                "k_pos": self.config.k_pos, "T_min": int(lengths.lo), "T_max": int(lengths.hi),
+                "T_mean": float(lengths["mean"]), "prompts_excluded": int(rates.excluded),
+                "heads_nonfinite": int(rates.heads_nonfinite)}

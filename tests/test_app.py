@@ -352,8 +352,8 @@ def test_run_json_naming_files_outside_the_run_is_refused(root, tmp_path, monkey
         (evil / "run.json").write_text(json.dumps(meta))
         message = "never a path"
     else:
-        (evil / "prompts.parquet").unlink()
-        (evil / "prompts.parquet").symlink_to(secret / "prompts.parquet")
+        (evil / "prompts" / "part-000000.parquet").unlink()
+        (evil / "prompts" / "part-000000.parquet").symlink_to(secret / "prompts.parquet")
         message = "outside the run directory"
     at = app(served, monkeypatch, run="evil")
     assert not at.exception

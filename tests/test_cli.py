@@ -53,9 +53,9 @@ def test_error_exit_codes(capsys, tmp_path):
     cases = [
         (["--model", "no-such-model", "--prompt", "x"], EXIT_MODEL, "unknown model"),
         (["--prompt", "   "], EXIT_USAGE, "empty or whitespace"),
-        (["--prompts", str(tmp_path / "missing.txt")], EXIT_USAGE, "cannot read prompt file"),
+        (["--prompts", str(tmp_path / "missing.txt")], EXIT_USAGE, "missing.txt does not exist"),
         (["--prompts", str(bad)], EXIT_USAGE, "is not UTF-8"),
-        (["--prompts", str(blank)], EXIT_USAGE, "holds no prompts"),
+        (["--prompts", str(blank)], EXIT_USAGE, "hold no prompts"),
         (["--probes", "nope", "--prompt", "x"], EXIT_USAGE, "unknown probe 'nope'"),
         (["--probes", "sinks", "--lens", "--prompt", "x"], EXIT_USAGE, "add it to --probes"),
         (["--contrast-beta", "1", "--prompt", "x"], EXIT_USAGE, "needs --compare"),
@@ -90,7 +90,7 @@ def test_query_and_models(capsys, tmp_path):
 def test_installed_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "run", "--help"],
                           capture_output=True, text=True, check=True)
-    assert "--prompts FILE" in done.stdout and "exit codes" in done.stdout
+    assert "--prompts SOURCE" in done.stdout and "exit codes" in done.stdout
     top = subprocess.run([sys.executable, "-m", "tokenprobe.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "heads" in top and "toy" in top and "query" in top

@@ -244,6 +244,7 @@ def test_exit_4_cases_and_overwrite(capsys, tmp_path, no_work):
     first = RunWriter(tmp_path / "r", model=model, name="m", fingerprint="f",
                       settings={"seed": 0})
     first.write(0, {"prompts": pd.DataFrame({"prompt_id": [0]})})  # the staging dir exists
+    first.close()  # that process has ended (while it runs, its lock refuses the second)
     with pytest.raises(FileExistsError, match="different settings.*--overwrite does not"):
         RunWriter(tmp_path / "r", model=model, name="m", fingerprint="f", settings={"seed": 1},
                   overwrite=True)

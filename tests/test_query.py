@@ -93,7 +93,7 @@ def test_read_only_queries_work_over_two_runs(world, sql, rows):
 
 
 def test_a_run_table_can_be_read_by_its_path_and_the_views_stay_lazy(world):
-    file = str(Path(world["a"]).resolve() / "tokens.parquet")
+    file = str(Path(world["a"]).resolve() / "tokens" / "part-000000.parquet")
     assert query(f"SELECT token FROM read_parquet('{file}')", [world["a"]]).token.tolist() == [
         "a", "b", "c"]
     assert query("SELECT run, count(*) AS n FROM massive GROUP BY run", [world["a"], world["b"]]

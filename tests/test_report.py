@@ -198,7 +198,7 @@ def test_report_refuses_a_run_json_naming_files_outside_the_run(run_dirs, tmp_pa
     run = tmp_path / "runs" / "evil"
     shutil.copytree(run_dirs[1], run)
     (tmp_path / "secret").mkdir()
-    shutil.copy(run / "prompts.parquet", tmp_path / "secret" / "prompts.parquet")
+    shutil.copy(run / "prompts" / "part-000000.parquet", tmp_path / "secret" / "prompts.parquet")
     meta = json.loads((run / "run.json").read_text())
     meta["tables"] = [t if t != "prompts" else "../../secret/prompts" for t in meta["tables"]]
     (run / "run.json").write_text(json.dumps(meta))

@@ -55,29 +55,29 @@ def test_save_open_round_trip(tiny_llama, tmp_path):
 def test_complete_run_never_overwritten_silently(tiny_llama, tmp_path):
     target = tmp_path / "r"
     tokenprobe.run(tiny_llama, PROMPTS[:1], out=target, progress=False)
-    before = (target / "tokens.parquet").read_bytes()
+    before = (target / "tokens" / "part-000000.parquet").read_bytes()
     with pytest.raises(RunExistsError):
         tokenprobe.run(tiny_llama, PROMPTS[:2], out=target, progress=False)
-    assert (target / "tokens.parquet").read_bytes() == before
+    assert (target / "tokens" / "part-000000.parquet").read_bytes() == before
     tokenprobe.run(tiny_llama, PROMPTS[:2], out=target, overwrite=True, progress=False)
     assert len(tokenprobe.open_run(target).prompts) == 2
 
 
 def test_interrupted_run_publishes_nothing_then_resumes(tiny_llama, tmp_path):
     target = tmp_path / "r"
-    with pytest.raises(KeyboardInterrupt):  # batches of 2 by length: prompt 4 is in the third
-        tokenprobe.run(tiny_llama, PROMPTS, [InterruptAt(4)], batch_size=2, out=target,
+    with pytest.raises(KeyboardInterrupt):  # windows of 2 prompts: prompt 4 is in the third
+        tokenprobe.run(tiny_llama, PROMPTS, [InterruptAt(4)], window=2, out=target,
                        progress=False)
     assert not target.exists()
     with pytest.raises(RunNotFoundError, match="run the same command again to resume"):
         tokenprobe.open_run(target)
-    assert len(list((staging_dir(target) / "parts").glob("0*"))) == 2
+    assert len(list((staging_dir(target) / "_parts").glob("0*.json"))) == 2
     recorder = Recording()
-    resumed = tokenprobe.run(tiny_llama, PROMPTS, [recorder], batch_size=2, out=target,
+    resumed = tokenprobe.run(tiny_llama, PROMPTS, [recorder], window=2, out=target,
                              progress=False)
-    assert sorted(recorder.seen) == [4, 5, 6]  # the two finished batches were not rerun
+    assert sorted(recorder.seen) == [4, 5, 6]  # the two finished windows were not rerun
     assert not staging_dir(target).exists()
-    whole = tokenprobe.run(tiny_llama, PROMPTS, ["activations"], batch_size=2, progress=False)
+    whole = tokenprobe.run(tiny_llama, PROMPTS, ["activations"], window=2, progress=False)
     for name in whole.tables:
         pd.testing.assert_frame_equal(resumed.tables[name], whole.tables[name])
 
@@ -85,10 +85,10 @@ def test_interrupted_run_publishes_nothing_then_resumes(tiny_llama, tmp_path):
 def test_partial_run_with_other_settings_is_refused(tiny_llama, tmp_path):
     target = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        tokenprobe.run(tiny_llama, PROMPTS, [InterruptAt(6)], batch_size=2, out=target,
+        tokenprobe.run(tiny_llama, PROMPTS, [InterruptAt(6)], window=2, out=target,
                        progress=False)
     with pytest.raises(FileExistsError, match="different settings"):
-        tokenprobe.run(tiny_llama, PROMPTS[:3], batch_size=2, out=target, progress=False)
+        tokenprobe.run(tiny_llama, PROMPTS[:3], window=2, out=target, progress=False)
 
 
 def test_non_run_directory_is_not_written_into(tiny_llama, tmp_path):
@@ -150,8 +150,15 @@ def test_open_run_refuses_a_table_file_linked_outside_the_run(tmp_path):
     run = small_run(tmp_path / "run")
     outside = tmp_path / "secret.parquet"
     pd.DataFrame({"prompt_id": [0], "pos": [0], "token": ["TOP SECRET"]}).to_parquet(outside)
-    (run / "tokens.parquet").unlink()
-    (run / "tokens.parquet").symlink_to(outside)
+    (run / "tokens" / "part-000000.parquet").unlink()
+    (run / "tokens" / "part-000000.parquet").symlink_to(outside)
+    with pytest.raises(InvalidRunError, match="outside the run directory"):
+        tokenprobe.open_run(run)
+    (run / "tokens" / "part-000000.parquet").unlink()  # the table's folder itself linked
+    (run / "tokens").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "part-000000.parquet").symlink_to(outside)
+    (run / "tokens").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(InvalidRunError, match="outside the run directory"):
         tokenprobe.open_run(run)
 
@@ -159,20 +166,25 @@ def test_open_run_refuses_a_table_file_linked_outside_the_run(tmp_path):
 def test_links_inside_the_run_and_a_linked_run_directory_still_open(tmp_path):
     run = small_run(tmp_path / "run")
     (run / "data").mkdir()
-    (run / "tokens.parquet").rename(run / "data" / "tokens.parquet")
-    (run / "tokens.parquet").symlink_to(run / "data" / "tokens.parquet")
+    part = run / "tokens" / "part-000000.parquet"
+    part.rename(run / "data" / "tokens.parquet")
+    part.symlink_to(run / "data" / "tokens.parquet")
     (tmp_path / "alias").symlink_to(run)
     assert tokenprobe.open_run(tmp_path / "alias").tokens.token.tolist() == ["h", "i"]
-    assert table_files(tmp_path / "alias")["tokens"] == (run / "data" / "tokens.parquet").resolve()
+    assert table_files(tmp_path / "alias")["tokens"] == [(run / "data" / "tokens.parquet").resolve()]
 
 
 def test_open_run_names_a_missing_or_unreadable_table(tmp_path):
     run = small_run(tmp_path / "run")
-    (run / "tokens.parquet").write_bytes(b"not parquet")
+    part = run / "tokens" / "part-000000.parquet"
+    part.write_bytes(b"not parquet")
     with pytest.raises(InvalidRunError, match="tokens .*not a readable Parquet file"):
         tokenprobe.open_run(run)
-    (run / "tokens.parquet").unlink()
-    with pytest.raises(InvalidRunError, match="lists table 'tokens' but tokens.parquet is missing"):
+    part.unlink()
+    with pytest.raises(InvalidRunError, match="'tokens' with 1 part file.* holds 0"):
+        tokenprobe.open_run(run)
+    (run / "tokens").rmdir()
+    with pytest.raises(InvalidRunError, match="lists table 'tokens' but its files .* missing"):
         tokenprobe.open_run(run)
 
 
@@ -209,9 +221,9 @@ def test_save_keeps_a_resumable_run_staged_at_the_same_target(tmp_path, tiny_lla
     from tokenprobe.store import staging_dir
 
     target = tmp_path / "r"
-    checkpoint = staging_dir(target) / "parts" / "000000"
+    checkpoint = staging_dir(target) / "tokens"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "tokens.parquet").write_bytes(b"a finished batch")
+    (checkpoint / "part-000000.parquet").write_bytes(b"a finished window")
     tokenprobe.run(tiny_llama, ["a b"], ["activations"], progress=False).save(target)
-    assert (checkpoint / "tokens.parquet").read_bytes() == b"a finished batch"
+    assert (checkpoint / "part-000000.parquet").read_bytes() == b"a finished window"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.partial", "r"]

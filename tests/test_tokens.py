@@ -53,7 +53,7 @@ def test_over_long_prompt_refused_unless_truncated(tiny_llama):
 
 @pytest.mark.parametrize("bad", ["", "   \n\t"])
 def test_empty_prompt_refused(tiny_llama, bad):
-    with pytest.raises(PromptError, match="prompt 1 is empty"):
+    with pytest.raises(PromptError, match=r"prompt 1 \(texts\[1\]\) is empty"):
         tokenprobe.run(tiny_llama, ["fine", bad], progress=False)
 
 

@@ -205,13 +205,17 @@ class Probe:
     mapping of `Column`s per table it adds columns to), and implements `observe` (called
     inside the hook; must reduce there and keep only values per token, head or entry, never
     the hooked tensor) and `collect` (turn what `observe` kept into DataFrames, then forget
-    it). `register` makes it known by name.
+    it). `register` makes it known by name. Columns that need the whole run are added after
+    the last part by `statistics` (SQL over the run) and `finalize` (part by part, on the
+    tables named in `finalizes`); `summary` gives run.json its figures, by SQL too, so that no
+    table of a run is ever held in memory whole.
     """
 
     name: ClassVar[str]
     sites: ClassVar[tuple[str, ...]]
     Config: ClassVar[type]
     tables: ClassVar[Mapping[str, Table | Mapping[str, Column]]] = {}
+    finalizes: ClassVar[tuple[str, ...]] = ()  # the tables `finalize` rewrites, part by part
     config: Any
 
     def __init__(self, config: Any = None) -> None:
@@ -262,13 +266,21 @@ class Probe:
         """Tables for the batch just run, keyed by table name; resets per-batch state."""
         raise NotImplementedError
 
-    def finalize(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        """Columns that need the whole run (e.g. per-run quantiles), added to the merged tables
-        before they are saved; returns the tables (unchanged by default)."""
+    def statistics(self, sql) -> dict:
+        """Run-level figures the run-level columns need (e.g. per-run quantiles), computed once
+        all parts are written, by SQL over the whole run's tables (`sql.sql(query)`, DuckDB
+        views over the part files: `tokenprobe.store.PartsSQL`); none by default. JSON data."""
+        return {}
+
+    def finalize(self, tables: dict[str, pd.DataFrame], stats: dict) -> dict[str, pd.DataFrame]:
+        """Run-level columns of one part: `tables` holds the part's tables named in
+        `finalizes`, `stats` what `statistics` returned; returns the tables to write back
+        (unchanged by default). It must give the same result when run again on its output."""
         return tables
 
-    def summary(self, tables: dict[str, pd.DataFrame]) -> dict:
-        """Run-level figures from the finished tables, stored in run.json (none by default)."""
+    def summary(self, sql, stats: dict) -> dict:
+        """Run-level figures for run.json, by SQL over the finished tables (`sql`, as for
+        `statistics`); none by default."""
         return {}
 
     def describe(self) -> dict:

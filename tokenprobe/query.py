@@ -4,7 +4,7 @@ Sandboxed, because SQL can name files: only read-only statements run (SELECT, in
 WITH ... SELECT, VALUES, DESCRIBE, SHOW and SUMMARIZE; not EXPLAIN, which with ANALYZE runs its
 statement, nor a PIVOT without an IN list, which DuckDB runs as several statements). Before any
 of the caller's SQL the connection is set to `enable_external_access=false` with
-`allowed_paths` exactly the run tables' Parquet files, extension autoloading and autoinstalling
+`allowed_paths` exactly the run tables' Parquet files (every part file), extension autoloading and autoinstalling
 off, and `lock_configuration=true`, so that no statement reads another file, loads an extension
 or changes those settings. The statement filter is what keeps the allowed files from being
 written (a COPY to one of them would pass DuckDB's path check).
@@ -113,22 +113,23 @@ def connect(run_dirs: list[str | os.PathLike]) -> RunConnection:
     """
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    by_table: dict[str, list[tuple[str, Path]]] = {}
+    by_table: dict[str, list[tuple[str, list[Path]]]] = {}
     for run_dir in run_dirs:
         path = Path(run_dir)
         if not is_complete(path):
             raise RunNotFoundError(f"{path} is not a complete tokenprobe run")
-        for table, file in table_files(path).items():
-            by_table.setdefault(table, []).append((str(run_dir), file))
+        for table, files in table_files(path).items():
+            by_table.setdefault(table, []).append((str(run_dir), files))
     con = duckdb.connect(config={"autoload_known_extensions": False,
                                  "autoinstall_known_extensions": False})
     try:
         for table, sources in sorted(by_table.items()):
             selects = " UNION ALL BY NAME ".join(
-                f"SELECT {_literal(run)} AS run, * FROM read_parquet({_literal(str(file))})"
-                for run, file in sources)
+                f"SELECT {_literal(run)} AS run, * FROM read_parquet([{_literals(files)}], "
+                "union_by_name = true)" for run, files in sources)
             con.execute(f'CREATE VIEW "{table}" AS {selects}')
-        files = sorted({str(file) for sources in by_table.values() for _, file in sources})
+        files = sorted({str(f) for sources in by_table.values() for _, found in sources
+                        for f in found})
         # In this order: allowed_paths cannot change once external access is off.
         con.execute("SET allowed_paths = ?", [files])
         con.execute("SET enable_external_access = false")
@@ -153,3 +154,7 @@ def query(sql: str, run_dirs: list[str | os.PathLike]) -> pd.DataFrame:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _literals(files: list[Path]) -> str:
+    return ", ".join(_literal(str(f)) for f in files)

@@ -1,14 +1,14 @@
-"""The run store: a run is a directory of `run.json` plus one Parquet file per table.
+"""The run writer: every command that writes a run does it through `RunWriter`, which owns the
+run's metadata, its parts, the lock, resume and publishing; the layout it writes and `open_run`
+are in `tokenprobe.rundir`.
 
-Every command that writes a run does it through `RunWriter`. Writes are atomic at the run
-level: tables go to a staging directory `.<name>.partial` beside the target and the staging
-directory is renamed to the target when every table is complete. While a run is in progress
-each finished part (a batch, a rollout set) is kept in the staging directory, so a run
-interrupted and started again with the same settings resumes after the parts it finished.
-
-A run's files are data, never paths: the table names `run.json` lists are checked to be
-identifiers and their Parquet files to lie inside the run directory (`table_files`) before
-anything reads them.
+While a run is written its parts go to a staging directory `.<name>.partial` beside the target:
+each part's table files (atomic renames) and then its marker `_parts/NNNNNN.json`; a part
+counts as done once its marker is there, so a run interrupted and started again with the same
+settings resumes after the parts it finished. `finish` adds the run-level columns part by part
+(never merging a table in memory), writes run.json and renames the staging directory into
+place. A lock file `.<name>.lock` beside the target keeps a second process from writing the
+same run; a crash at any step is repaired by running the same command again.
 """
 from __future__ import annotations
 
@@ -16,189 +16,25 @@ import datetime
 import importlib.metadata
 import json
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from tokenprobe.rundir import (FORMAT, RUN_JSON, TABLE_NAME, InvalidRunError,  # noqa: F401
+                               OutputNotWritableError, Run, RunExistsError, RunLockedError,
+                               RunNotFoundError, Tables, check_target, check_writable,
+                               is_complete, open_run, part_index, part_name, publish, read_files,
+                               recover, remove, staging_dir, table_files, write_json, write_table)
 from tokenprobe.tables import conform, merge_parts
 
-RUN_JSON = "run.json"
-TABLE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # what a table name in run.json may be
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a complete run."""
-
-
-class RunNotFoundError(FileNotFoundError):
-    """The directory is not a complete tokenprobe run."""
-
-
-class OutputNotWritableError(OSError):
-    """The output path cannot be written: its parent (or the nearest ancestor that exists) is
-    read-only, is a file, or accepts no new directory. The message names the path and why."""
-
-
-class InvalidRunError(RunNotFoundError):
-    """A complete-looking run whose run.json or table files cannot be read safely: a table name
-    that is not an identifier, or a table file that is missing, unreadable or outside the run
-    directory. The message says which."""
-
-
-class Run:
-    """A finished run: metadata plus tables, each a pandas DataFrame (`run.tokens`, ...)."""
-
-    def __init__(self, tables: dict[str, pd.DataFrame], meta: dict) -> None:
-        self.tables = tables
-        self.meta = meta
-
-    def __getattr__(self, name: str) -> pd.DataFrame:
-        tables = self.__dict__.get("tables", {})
-        if name in tables:
-            return tables[name]
-        raise AttributeError(f"run has no table {name!r}; tables: {sorted(tables)}")
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.tables.items())
-        return f"Run(model={self.meta.get('model')!r}, {sizes})"
-
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the run to `directory` atomically; refuse to replace a complete run unless
-        `overwrite`."""
-        target = Path(directory)
-        bad = [name for name in self.tables if not TABLE_NAME.fullmatch(str(name))]
-        if bad:
-            raise ValueError(f"table names {bad} are not identifiers ([a-z][a-z0-9_]*); rename "
-                             "them before saving")
-        check_target(target, overwrite=overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # a staging dir of its own: never the checkpoints of a `tokenprobe run` at the same
-        # target, nor another writer's
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.save-", dir=target.parent))
-        try:
-            for name, frame in self.tables.items():
-                frame.to_parquet(staging / f"{name}.parquet", index=False)
-            meta = {**self.meta, "status": "complete", "tables": sorted(self.tables)}
-            (staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
-            publish(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
-
-
-def staging_dir(target: Path) -> Path:
-    return target.parent / f".{target.name}.partial"
-
-
-def is_complete(directory: Path) -> bool:
-    try:
-        meta = json.loads((directory / RUN_JSON).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("status") == "complete"
-
-
-def table_files(directory: str | os.PathLike, meta: dict | None = None) -> dict[str, Path]:
-    """The resolved Parquet file of each table `run.json` lists (`meta`, read if not given).
-
-    Raises:
-        InvalidRunError: `tables` is not a list of identifier-safe names (`[a-z][a-z0-9_]*`),
-            or a table's file is missing or resolves (through a symlink) outside `directory`.
-    """
-    root = Path(directory)
-    meta = json.loads((root / RUN_JSON).read_text()) if meta is None else meta
-    names = meta.get("tables")
-    where = root / RUN_JSON
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise InvalidRunError(f'{where}: "tables" must be a list of table names, got '
-                              f"{str(names)[:80]!r}; this run.json was not written by tokenprobe "
-                              "or was edited, write the run again")
-    real_root, files = root.resolve(), {}
-    for name in names:
-        if not TABLE_NAME.fullmatch(name):
-            raise InvalidRunError(f"{where} lists table {name[:80]!r}: a table name must be an "
-                                  "identifier ([a-z][a-z0-9_]*), never a path; refusing to "
-                                  "open this run")
-        file = (root / f"{name}.parquet").resolve()
-        if real_root not in file.parents:
-            raise InvalidRunError(f"{root / f'{name}.parquet'} resolves to {file}, outside the "
-                                  "run directory; refusing to open this run (copy the file "
-                                  "into the run instead of linking it)")
-        if not file.is_file():
-            raise InvalidRunError(f"{where} lists table {name!r} but {name}.parquet is missing "
-                                  "from the run directory; write the run again")
-        files[name] = file
-    return files
-
-
-def check_target(target: Path, *, overwrite: bool) -> None:
-    """Raise if `target` holds a complete run (and not `overwrite`), is some other file or
-    non-empty directory (`overwrite` or not), or cannot be written (`check_writable`)."""
-    if target.exists() and is_complete(target):
-        if not overwrite:
-            raise RunExistsError(f"{target} already holds a complete run; choose another "
-                                 "--out, or pass --overwrite to replace it")
-    elif target.exists() and (target.is_file() or any(target.iterdir())):
-        what = "a file" if target.is_file() else "a directory that is not a tokenprobe run"
-        raise FileExistsError(f"{target} exists and is not a tokenprobe run ({what}); refusing "
-                              "to write into it, with --overwrite too: choose another --out, "
-                              "or move it away")
-    check_writable(target)
-
-
-def check_writable(target: Path) -> None:
-    """Raise OutputNotWritableError unless a directory can be made where `target` and its
-    staging directory go: in its parent, or the nearest ancestor that exists (the missing ones
-    are made later). The check makes one empty directory there and removes it at once."""
-    base = Path(os.path.abspath(target)).parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".check", dir=base))
-    except OSError as err:
-        raise OutputNotWritableError(f"cannot write {target}: making a directory in {base} "
-                                     f"fails ({err.strerror}); choose another --out") from err
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Move a complete staging dir into place; what was at `target` (a run, or for a report's
-    --overwrite any file) is removed only after."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(old / target.name)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def open_run(directory: str | os.PathLike) -> Run:
-    """Open a complete run directory written by `Run.save` or `tokenprobe run --out`.
-
-    Raises:
-        RunNotFoundError: `directory` holds no complete run.
-        InvalidRunError: its run.json lists a table name that is not an identifier, or a table
-            file that is missing, unreadable or outside the directory (see `table_files`).
-    """
-    path = Path(directory)
-    if not is_complete(path):
-        hint = (" (an unfinished run is staged beside it; run the same command again to resume)"
-                if staging_dir(path).exists() else "")
-        raise RunNotFoundError(f"{path} is not a complete tokenprobe run{hint}")
-    meta = json.loads((path / RUN_JSON).read_text())
-    tables = {}
-    for name, file in table_files(path, meta).items():
-        try:
-            tables[name] = pd.read_parquet(file)
-        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise InvalidRunError(f"{path}: table {name} ({file.name}) is not a readable "
-                                  f"Parquet file: {err}") from err
-    return Run(tables, meta)
+__all__ = ["FORMAT", "RUN_JSON", "TABLE_NAME", "InvalidRunError", "OutputNotWritableError",
+           "PartsSQL", "Run", "RunExistsError", "RunLockedError", "RunNotFoundError", "RunWriter",
+           "Tables", "check_target", "check_writable", "is_complete", "model_meta",
+           "open_run", "package_versions", "part_index", "prompt_tables", "provenance",
+           "publish", "read_files", "recover", "staging_dir", "table_files"]
+MARKERS = "_parts"  # in the staging dir: one JSON marker per finished part
 
 
 VERSIONED = ("tokenprobe", "torch", "transformers", "pandas", "pyarrow", "transformer-lens",
@@ -224,18 +60,21 @@ def provenance() -> dict[str, object]:
 
 def model_meta(model, name: str, fingerprint: str) -> dict:
     """What a run records of the transformers model it ran: name, weights fingerprint,
-    architecture, sizes, dtype and device."""
+    architecture, sizes, dtype and device (with a device_map: which modules sit where)."""
+    from tokenprobe.placement import placement_meta
+
     config, weight = model.config, next(model.parameters())
     return {"model": name, "weights_fingerprint": fingerprint,
             "architecture": type(model).__name__, "n_layers": config.num_hidden_layers,
             "d_model": config.hidden_size, "vocab_size": config.vocab_size,
-            "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
+            "dtype": str(weight.dtype).removeprefix("torch."), **placement_meta(model)}
 
 
-def prompt_tables(tokenizer, rows: list[tuple[int, str, list[int], bool]]
-                  ) -> dict[str, pd.DataFrame]:
+def prompt_tables(tokenizer, rows: list[tuple[int, str, list[int], bool]],
+                  doc_ids: list[str | None] | None = None) -> dict[str, pd.DataFrame]:
     """The `prompts` and `tokens` rows of prompts given as (prompt_id, text, token ids,
-    truncated): what every run holds of its text."""
+    truncated), with the corpus' `doc_ids` when it has them: what every run holds of its
+    text."""
     from tokenprobe.tokens import token_rows
 
     special = set(tokenizer.all_special_ids)
@@ -243,114 +82,283 @@ def prompt_tables(tokenizer, rows: list[tuple[int, str, list[int], bool]]
         [(i, text, len(ids), truncated, bool(ids) and ids[0] in special)
          for i, text, ids, truncated in rows],
         columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
+    if doc_ids is not None:
+        prompts["doc_id"] = pd.Series(doc_ids, dtype="string")
     tokens = pd.concat([token_rows(tokenizer, i, ids) for i, _, ids, _ in rows],
                        ignore_index=True)
     return {"prompts": conform("prompts", prompts), "tokens": conform("tokens", tokens)}
 
 
+
+
+class PartsSQL:
+    """SQL over a run's tables while it is finished: a DuckDB view per table over its part
+    files (or over the parts held in memory), for the run-level statistics and summaries that
+    must not load a table. `sql(query, params)` returns a DataFrame; `columns(table)` lists a
+    table's columns (empty if it has none)."""
+
+    def __init__(self, files: dict[str, list[Path]] | None = None,
+                 frames: dict[str, pd.DataFrame] | None = None) -> None:
+        import duckdb
+
+        self._con = duckdb.connect()
+        self._columns: dict[str, list[str]] = {}
+        for name, found in (files or {}).items():
+            listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in found)
+            self._con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
+                              f"read_parquet([{listed}], union_by_name = true)")
+        for name, frame in (frames or {}).items():
+            self._con.register(name, frame)
+        for name in [*(files or {}), *(frames or {})]:
+            self._columns[name] = [r[0] for r in self._con.execute(
+                f'DESCRIBE "{name}"').fetchall()]
+
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        return self._con.execute(query, params).df()
+
+    def columns(self, table: str) -> list[str]:
+        return self._columns.get(table, [])
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def write_part(staging: Path, index: int, tables: dict[str, pd.DataFrame],
+               mark: dict | None = None) -> None:
+    """Write part `index` of the run staged at `staging` (made by a `RunWriter`): each table's
+    file, then the part's marker, each atomically; a try interrupted before its marker does
+    not count, and its files are replaced. Other processes of the same run (workers) may call
+    it for parts of their own."""
+    name = part_name(index)
+    for folder in staging.iterdir():  # a table an interrupted try wrote, not this one
+        if folder.name not in tables and (folder / name).exists():
+            (folder / name).unlink()
+    for table, frame in tables.items():
+        write_table(conform(table, frame), staging / table / name)
+    write_json({"tables": {t: len(f) for t, f in tables.items()}, **(mark or {})},
+               staging / MARKERS / f"{index:06d}.json")
+
+
+Finalize = Callable[[dict[str, pd.DataFrame], dict], dict[str, pd.DataFrame]]
+
+
 class RunWriter:
     """The one way a run is written: by `tokenprobe.run`, the critical-token search,
-    attribution and counterfactual generation.
+    attribution and counterfactual generation. Use it as a context manager (or call `close`):
+    it holds the run's lock from construction until `finish` or `close`.
 
     It owns the run's base metadata (the model, `settings`, provenance), its parts (numbered
-    table sets, one per batch, prompt or rollout set, in any order), checkpointing, resume and
-    publishing. With `out`, each part is kept in a staging directory `.<name>.partial` beside
-    `out` as soon as it is written, a writer made again with the same model and settings
-    resumes after the parts already there (`done`), and `finish` publishes the run at `out`
-    atomically; nothing is written before the first part. Without `out` the parts stay in
-    memory and `finish` returns the run.
+    table sets, one per window of prompts, prompt or rollout set, in any order), checkpointing,
+    resume and publishing. With `out`, each part is kept in a staging directory
+    `.<name>.partial` beside `out` as soon as it is written, a writer made again with the same
+    model and settings resumes after the parts already there (`done`), and `finish` publishes
+    the run at `out` atomically; nothing is written before the first part. Without `out` the
+    parts stay in memory and `finish` returns the run.
 
     Args:
         out: the run directory, or None for a run kept in memory.
-        model, name, fingerprint: the transformers model run, its name and weights fingerprint.
+        model, name, fingerprint: the transformers model run (or what `model_meta` says of it,
+            for a writer whose model is loaded elsewhere), its name and weights fingerprint.
         settings: what the run computed from, in run.json; with the model they identify the
             run for resume (a staging dir left with other settings is refused, never mixed in).
         meta: more run.json entries that do not identify it (the backend, the device, ...).
         overwrite: allow replacing a complete run at `out`.
+
+    Raises:
+        RunLockedError: another process is writing a run at `out`.
+        RunExistsError, FileExistsError: `out` is taken (see `check_target`), or a staging dir
+            with other settings is there.
     """
 
     def __init__(self, out: str | os.PathLike | None, *, model, name: str, fingerprint: str,
                  settings: dict, meta: dict | None = None, overwrite: bool = False) -> None:
-        described = model_meta(model, name, fingerprint)
+        described = (model_meta(model, name, fingerprint) if not isinstance(model, dict) else
+                     {**model, "model": name, "weights_fingerprint": fingerprint})
         self.meta = {**described, **(meta or {}), **settings, **provenance()}
         self.target = Path(out) if out is not None else None
         self._memory: dict[int, dict[str, pd.DataFrame]] = {}
+        self._marks: dict[int, dict] = {}
+        self._lock = None
         if self.target is None:
             return
         request = {"model": name, "weights_fingerprint": fingerprint,
                    "dtype": described["dtype"], **settings}
         self.request = json.loads(json.dumps(request, default=str))
-        check_target(self.target, overwrite=overwrite)
         self.staging = staging_dir(self.target)
-        state = self.staging / "request.json"
-        if self.staging.exists():
-            previous = json.loads(state.read_text()) if state.exists() else None
-            if previous != self.request:
-                raise FileExistsError(
-                    f"{self.staging} holds an unfinished run with different settings; run the "
-                    "same command as before to resume it, or delete that directory (--overwrite "
-                    "does not), or choose another --out")
+        self._acquire()
+        try:
+            recover(self.target)
+            check_target(self.target, overwrite=overwrite)
+            state = self.staging / "request.json"
+            if self.staging.exists() and not state.exists():
+                shutil.rmtree(self.staging)  # request.json is written first: nothing finished
+            if self.staging.exists():
+                previous = json.loads(state.read_text())
+                if previous != self.request:
+                    raise FileExistsError(
+                        f"{self.staging} holds an unfinished run with different settings; run "
+                        "the same command as before to resume it, or delete that directory "
+                        "(--overwrite does not), or choose another --out")
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        path = self.target.parent / f".{self.target.name}.lock"
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunLockedError(f"{self.target} is being written by another process (it "
+                                 f"holds {path}); wait for it to finish, or choose another "
+                                 "--out") from None
+        self._lock = lock
+
+    def close(self) -> None:
+        """Release the run's lock (what was written stays, to resume)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def done(self) -> set[int]:
         """The parts already written (after a resume: those of the interrupted run too)."""
         if self.target is None:
             return set(self._memory)
-        if not (self.staging / "parts").exists():
+        if not (self.staging / MARKERS).exists():
             return set()
-        return {int(p.name) for p in (self.staging / "parts").iterdir()
-                if p.is_dir() and not p.name.startswith(".")}
+        return {int(p.stem) for p in (self.staging / MARKERS).glob("[0-9]*.json")}
 
-    def write(self, index: int, tables: dict[str, pd.DataFrame]) -> None:
-        """Store part `index`; on disk it counts as done only once all its tables are."""
+    def mark(self, index: int) -> dict:
+        """What part `index` was written with (`write`'s `mark`)."""
         if self.target is None:
-            self._memory[index] = tables
+            return self._marks[index]
+        return json.loads((self.staging / MARKERS / f"{index:06d}.json").read_text())
+
+    def write(self, index: int, tables: dict[str, pd.DataFrame], mark: dict | None = None
+              ) -> None:
+        """Store part `index` (and `mark`, JSON data it is checked against on resume); on disk
+        it counts as done only once all its tables are (its marker is written last)."""
+        if self.target is None:
+            self._memory[index], self._marks[index] = tables, dict(mark or {})
             return
         self._stage()
-        tmp = self.staging / "parts" / f".{index:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, frame in tables.items():
-            frame.to_parquet(tmp / f"{name}.parquet", index=False)
-        tmp.rename(self.staging / "parts" / f"{index:06d}")
+        write_part(self.staging, index, tables, mark)
 
     def _stage(self) -> None:
-        """Make the staging dir (with the first part: before it, nothing is written)."""
-        if not self.staging.exists():
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            (self.staging / "parts").mkdir(parents=True)
-            (self.staging / "request.json").write_text(json.dumps(self.request, indent=2))
+        """Make the staging dir (with the first part: before it, nothing is written; workers
+        that write parts with `write_part` need it made first)."""
+        if not (self.staging / MARKERS).exists():
+            self.staging.mkdir(parents=True, exist_ok=True)
+            write_json(self.request, self.staging / "request.json")  # first: see __init__
+            (self.staging / MARKERS).mkdir()
 
     def read(self, index: int, name: str) -> pd.DataFrame:
         """Table `name` of part `index`, as written."""
         if self.target is None:
             return self._memory[index][name]
-        return pd.read_parquet(self.staging / "parts" / f"{index:06d}" / f"{name}.parquet")
+        return pd.read_parquet(self.staging / name / part_name(index))
 
-    def _merged(self) -> dict[str, pd.DataFrame]:
-        if self.target is None:
-            parts = [self._memory[i] for i in sorted(self._memory)]
-            names = sorted({n for part in parts for n in part})
-            return {n: merge_parts(n, [part.get(n) for part in parts]) for n in names}
-        dirs = sorted((self.staging / "parts").glob("[0-9]*"))
-        names = sorted({f.stem for part in dirs for f in part.glob("*.parquet")})
-        return {n: merge_parts(n, [pd.read_parquet(p / f"{n}.parquet") for p in dirs
-                                   if (p / f"{n}.parquet").exists()]) for n in names}
+    def files(self) -> dict[str, list[Path]]:
+        """Each table's part files of the finished parts, in part order."""
+        done = sorted(self.done())
+        names = sorted({t for i in done for t in self.mark(i).get("tables", {})})
+        return {n: [self.staging / n / part_name(i) for i in done
+                    if n in self.mark(i)["tables"]] for n in names}
 
-    def finish(self, complete: Callable[[dict], tuple[dict, dict]] | None = None) -> Run:
-        """Merge the parts into one table each, let `complete(tables)` add the run-level
-        columns and return (tables, more run.json entries, e.g. the summary), and publish the
-        run (with `out`) or return it."""
-        tables, extra = self._merged(), {}
-        if complete is not None:
-            tables, extra = complete(tables)
-        meta = {**self.meta, **extra, "status": "complete", "tables": sorted(tables)}
-        if self.target is None:
-            return Run(tables, meta)
-        self._stage()
-        for name, frame in tables.items():
-            frame.to_parquet(self.staging / f"{name}.parquet", index=False)
-        (self.staging / RUN_JSON).write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(self.staging / "parts")
-        (self.staging / "request.json").unlink()
+    def finish(self, complete: Callable[[dict], tuple[dict, dict]] | None = None, *,
+               statistics: Callable[[PartsSQL], dict] | None = None,
+               finalize: Finalize | None = None, rewrites: tuple[str, ...] = (),
+               summarize: Callable[[PartsSQL, dict], dict] | None = None) -> Run:
+        """Publish the run (with `out`) or return it, in one of two ways.
+
+        Part by part (the runner; memory stays that of one part whatever the run's size):
+        `statistics(sql)` computes run-level figures over all parts (DuckDB views, see
+        `PartsSQL`), `finalize(tables, stats)` adds the run-level columns to each part's
+        `rewrites` tables (each file rewritten atomically: running it again gives the same
+        result), and `summarize(sql, stats)` returns more run.json entries (the summary).
+
+        Whole (`complete`, for studies whose runs are small): the parts are merged into one
+        table each, `complete(tables)` returns (tables, more run.json entries), and each table
+        is written as one part.
+        """
+        try:
+            if complete is not None:
+                return self._finish_whole(complete)
+            return self._finish_parts(statistics, finalize, rewrites, summarize)
+        finally:
+            self.close()
+
+    def _finish_parts(self, statistics, finalize, rewrites, summarize) -> Run:
+        memory = self.target is None
+        done = sorted(self.done())
+        if memory:
+            names = sorted({n for part in self._memory.values() for n in part})
+            frames = {n: merge_parts(n, [self._memory[i].get(n) for i in done]) for n in names}
+            sql = PartsSQL(frames=frames)
+        else:
+            files = self.files()
+            sql = PartsSQL(files=files)
+        try:
+            stats = statistics(sql) if statistics else {}
+            if finalize is not None and rewrites:
+                if memory:
+                    frames.update(finalize({n: frames[n] for n in rewrites if n in frames},
+                                           stats))
+                    frames = {n: conform(n, f) for n, f in frames.items()}
+                    sql.close()
+                    sql = PartsSQL(frames=frames)
+                else:
+                    for index in done:
+                        self._rewrite(index, rewrites, finalize, stats)
+            extra = summarize(sql, stats) if summarize else {}
+        finally:
+            sql.close()
+        if memory:
+            return Run(frames, {**self.meta, **extra, "status": "complete",
+                                "tables": sorted(frames)})
+        meta = {**self.meta, **extra, "format": FORMAT, "status": "complete",
+                "tables": sorted(files), "parts": {n: len(f) for n, f in files.items()}}
+        write_json(meta, self.staging / RUN_JSON)
         publish(self.staging, self.target)
-        return Run(tables, meta)
+        for leftover in (self.target / MARKERS, self.target / "request.json"):
+            remove(leftover)
+        return open_run(self.target)
+
+    def _rewrite(self, index: int, rewrites: tuple[str, ...], finalize: Finalize,
+                 stats: dict) -> None:
+        present = [n for n in rewrites if n in self.mark(index)["tables"]]
+        tables = {n: pd.read_parquet(self.staging / n / part_name(index)) for n in present}
+        for name, frame in finalize(tables, stats).items():
+            write_table(conform(name, frame), self.staging / name / part_name(index))
+
+    def _finish_whole(self, complete) -> Run:
+        done = sorted(self.done())
+        parts = ([self._memory[i] for i in done] if self.target is None else
+                 [{n: pd.read_parquet(f) for n, f in self._part_files(i).items()} for i in done])
+        names = sorted({n for part in parts for n in part})
+        tables, extra = complete({n: merge_parts(n, [p.get(n) for p in parts]) for n in names})
+        meta = {**self.meta, **extra}
+        if self.target is None:
+            return Run(tables, {**meta, "status": "complete", "tables": sorted(tables)})
+        final = self.staging / "_final"
+        if final.exists():
+            shutil.rmtree(final)
+        Run(tables, meta).save(final)
+        publish(final, self.target)
+        shutil.rmtree(self.staging)
+        return open_run(self.target)
+
+    def _part_files(self, index: int) -> dict[str, Path]:
+        return {n: self.staging / n / part_name(index) for n in self.mark(index)["tables"]}

@@ -111,6 +111,8 @@ declare("core", {
                                "model's context with truncate / --truncate)"),
         "first_is_special": C("bool", "position 0 is a special token (e.g. Gemma's <bos>; "
                                       "SmolLM2 adds none)"),
+        "doc_id": C("string", "the document's id in a corpus read from files (its id column, "
+                              "--id-column, default `id`; NA when it has none)"),
     }),
     "tokens": Table("prompt x position", ("prompt_id", "pos"), {
         "prompt_id": C("int64", "key"),

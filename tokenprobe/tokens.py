@@ -74,23 +74,26 @@ def token_rows(tokenizer: PreTrainedTokenizerBase, prompt_id: int, ids: list[int
                          "is_special": [i in special for i in ids]})
 
 
-def check_nonempty(prompts: list[str]) -> None:
-    """Raise `PromptError` for the first prompt that is not text or is whitespace only."""
-    for i, text in enumerate(prompts):
+def check_nonempty(prompts: list[str], ids: list[int] | None = None) -> None:
+    """Raise `PromptError` for the first prompt that is not text or is whitespace only (named
+    by its id in `ids`, default its index)."""
+    for i, text in zip(ids if ids is not None else range(len(prompts)), prompts):
         if not isinstance(text, str) or not text.strip():
             raise PromptError(f"prompt {i} is empty or whitespace only; give each prompt some text")
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
-                   context_length: int | None, truncate: bool, max_tokens: int | None = None
-                   ) -> list[tuple[list[int], bool]]:
+                   context_length: int | None, truncate: bool, max_tokens: int | None = None,
+                   ids: list[int] | None = None) -> list[tuple[list[int], bool]]:
     """Token ids of each prompt with the tokenizer's default special tokens, and whether it
-    was truncated (cut to `max_tokens` or to the context). Empty or whitespace-only prompts and over-long prompts (unless `truncate`)
-    raise `PromptError`. `max_tokens` keeps only the first tokens of every prompt (special
-    tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
-    check_nonempty(prompts)
+    was truncated (cut to `max_tokens` or to the context). Empty or whitespace-only prompts and
+    over-long prompts (unless `truncate`) raise `PromptError`, naming the prompt by its id in
+    `ids` (default: its index). `max_tokens` keeps only the first tokens of every prompt
+    (special tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
+    prompt_ids = ids if ids is not None else list(range(len(prompts)))
+    check_nonempty(prompts, prompt_ids)
     out = []
-    for i, text in enumerate(prompts):
+    for i, text in zip(prompt_ids, prompts):
         ids = tokenizer(text)["input_ids"]
         shortened = max_tokens is not None and len(ids) > max_tokens
         if shortened:

@@ -161,53 +161,58 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
     tok, eos = loaded.tokenizer, eos_ids(loaded.model, loaded.tokenizer)
     parts = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
                       settings=_settings(tasks, config), overwrite=overwrite)
-    done = parts.done()
-    prompt_lens: dict[int, int] = {}
-    sample = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
-              "batch_size": config.batch_size, "eos": eos}
-    with tqdm(desc="prefixes", unit="prefix", disable=not progress, position=0) as pbar, \
-            tqdm(desc="rollouts", unit="rollout", disable=not progress, position=1) as rbar:
-        for i, task in enumerate(tasks):
-            prompt = prompt_ids(tok, task)
-            prompt_lens[i] = len(prompt)
-            if i * STRIDE not in done:
-                parts.write(i * STRIDE, _trajectory(loaded, task, i, prompt, config, eos))
-            response = parts.read(i * STRIDE, "tokens").token_id.tolist()[len(prompt):]
-            positions = list(range(len(response)))
-            counts = {t: int(parts.read(i * STRIDE + 1 + t, "rollouts").correct.sum())
-                      for t in positions if i * STRIDE + 1 + t in done}
-            pbar.set_postfix_str(task.task_id)
-            while window := next_prefixes(positions, counts, scan=config.scan,
-                                          reset_above=config.reset_above, limit=config.window):
-                scorers = [_Scorer(tok, task, response[:t + 1]) for t in window]
-                requests = [(scorer, prompt + response[:t + 1],
-                             [rollout_seed(config.seed, task.task_id, "prefix", t, j)
-                              for j in range(config.n_rollouts)], None)
-                            for t, scorer in zip(window, scorers)]
-                for t, scorer, conts in zip(window, scorers,
-                                            _sample(loaded, requests, bar=rbar, **sample)):
-                    rows = scorer.rows(conts, i, len(prompt) + t, "prefix")
-                    parts.write(i * STRIDE + 1 + t, {"rollouts": rows})
-                    counts[t] = int(rows.correct.sum())
-                    pbar.update(1)
-                    if on_prefix is not None:
-                        on_prefix(i, t)
-            t = find_critical(counts, reset_above=config.reset_above)
-            if t == 0 and i * STRIDE + PROMPT_ONLY not in done:  # success before the first token
-                scorer = _Scorer(tok, task, [])
-                seeds = [rollout_seed(config.seed, task.task_id, "prefix", -1, j)
-                         for j in range(config.n_rollouts)]
-                conts = _sample(loaded, [(scorer, prompt, seeds, None)], bar=rbar, **sample)[0]
-                parts.write(i * STRIDE + PROMPT_ONLY,
-                            {"rollouts": scorer.rows(conts, i, len(prompt) - 1, "prefix")})
-            if config.counterfactual and t is not None and i * STRIDE + COUNTERFACTUAL not in done:
-                scorer = _Scorer(tok, task, response[:t])
-                seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
-                         for j in range(config.n_rollouts)]
-                conts = _sample(loaded, [(scorer, prompt + response[:t], seeds, response[t])],
-                                bar=rbar, **sample)[0]
-                parts.write(i * STRIDE + COUNTERFACTUAL,
-                            {"rollouts": scorer.rows(conts, i, len(prompt) + t, "counterfactual")})
+    try:  # the writer holds the run's lock until finish; let it go on an error
+        done = parts.done()
+        prompt_lens: dict[int, int] = {}
+        sample = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                  "batch_size": config.batch_size, "eos": eos}
+        with tqdm(desc="prefixes", unit="prefix", disable=not progress, position=0) as pbar, \
+                tqdm(desc="rollouts", unit="rollout", disable=not progress, position=1) as rbar:
+            for i, task in enumerate(tasks):
+                prompt = prompt_ids(tok, task)
+                prompt_lens[i] = len(prompt)
+                if i * STRIDE not in done:
+                    parts.write(i * STRIDE, _trajectory(loaded, task, i, prompt, config, eos))
+                response = parts.read(i * STRIDE, "tokens").token_id.tolist()[len(prompt):]
+                positions = list(range(len(response)))
+                counts = {t: int(parts.read(i * STRIDE + 1 + t, "rollouts").correct.sum())
+                          for t in positions if i * STRIDE + 1 + t in done}
+                pbar.set_postfix_str(task.task_id)
+                while window := next_prefixes(positions, counts, scan=config.scan,
+                                              reset_above=config.reset_above, limit=config.window):
+                    scorers = [_Scorer(tok, task, response[:t + 1]) for t in window]
+                    requests = [(scorer, prompt + response[:t + 1],
+                                 [rollout_seed(config.seed, task.task_id, "prefix", t, j)
+                                  for j in range(config.n_rollouts)], None)
+                                for t, scorer in zip(window, scorers)]
+                    for t, scorer, conts in zip(window, scorers,
+                                                _sample(loaded, requests, bar=rbar, **sample)):
+                        rows = scorer.rows(conts, i, len(prompt) + t, "prefix")
+                        parts.write(i * STRIDE + 1 + t, {"rollouts": rows})
+                        counts[t] = int(rows.correct.sum())
+                        pbar.update(1)
+                        if on_prefix is not None:
+                            on_prefix(i, t)
+                t = find_critical(counts, reset_above=config.reset_above)
+                if t == 0 and i * STRIDE + PROMPT_ONLY not in done:  # success before token 0
+                    scorer = _Scorer(tok, task, [])
+                    seeds = [rollout_seed(config.seed, task.task_id, "prefix", -1, j)
+                             for j in range(config.n_rollouts)]
+                    conts = _sample(loaded, [(scorer, prompt, seeds, None)], bar=rbar, **sample)[0]
+                    parts.write(i * STRIDE + PROMPT_ONLY,
+                                {"rollouts": scorer.rows(conts, i, len(prompt) - 1, "prefix")})
+                if (config.counterfactual and t is not None
+                        and i * STRIDE + COUNTERFACTUAL not in done):
+                    scorer = _Scorer(tok, task, response[:t])
+                    seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
+                             for j in range(config.n_rollouts)]
+                    conts = _sample(loaded, [(scorer, prompt + response[:t], seeds, response[t])],
+                                    bar=rbar, **sample)[0]
+                    rows = scorer.rows(conts, i, len(prompt) + t, "counterfactual")
+                    parts.write(i * STRIDE + COUNTERFACTUAL, {"rollouts": rows})
+    except BaseException:
+        parts.close()
+        raise
 
     def complete(tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:
         tables["tokens"] = add_critical_columns(tables["tokens"], tables.get("rollouts"),

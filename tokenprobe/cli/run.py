@@ -8,8 +8,11 @@ import textwrap
 from pathlib import Path
 
 from tokenprobe.cli.args import (EXIT_CODES, EXIT_NONFINITE, EXIT_OK, RESUME_NOTE, UsageError,
-                                 add_model_argument, add_prompt_arguments, add_run_dir_arguments,
-                                 checked, gather_prompts, positive_int, seed)
+                                 add_model_argument, add_placement_arguments,
+                                 add_run_dir_arguments, checked, nonnegative_float, placement,
+                                 positive_int, seed)
+
+SHOWN = 10  # prompts printed one by one after a run; the rest are in the tables
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,15 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES,
         help="run probes over prompts and save the tables",
         description="Run probes over prompts on a model and save a run directory (run.json + "
-                    "one Parquet file per table). Finished batches are checkpointed next to "
-                    "--out; an interrupted run resumes when the same command is run again.")
+                    "a directory of Parquet part files per table). Prompts are read lazily, "
+                    "--window at a time; each finished window is checkpointed next to --out, "
+                    "and an interrupted run resumes when the same command is run again.")
     add_model_argument(run)
     by_backend = "; ".join(f"with --backend {name}: {','.join(supported(known, cls.sites))}"
                            for name, cls in BACKENDS.items() if name != "hf")
     run.add_argument("--probes", help=f"comma-separated probe names (default: all of "
                                       f"{','.join(known)}; {by_backend})")
-    add_prompt_arguments(run)
+    add_corpus_arguments(run)
     add_run_dir_arguments(run)
+    add_placement_arguments(run)
     run.add_argument("--truncate", action="store_true",
                      help="cut prompts longer than the model's context instead of refusing them")
     run.add_argument("--max-tokens", type=positive_int, metavar="T",
@@ -39,11 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "rate at T=64)")
     run.add_argument("--batch-size", type=positive_int, default=8,
                      help="prompts per forward (default 8)")
+    run.add_argument("--window", type=positive_int, default=256,
+                     help="prompts read, sorted by length into batches and checkpointed "
+                          "together, one part of every table (default 256)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--backend", default="hf", choices=list(BACKENDS),
                      help="hook through transformers (default), a TransformerLens "
                           "TransformerBridge, or an nnsight TransformersModel")
     run.add_argument("--seed", type=seed, default=0, help="torch seed, recorded in run.json")
+    add_engine_arguments(run)
     run.add_argument("--strict", action="store_true",
                      help=f"exit {EXIT_NONFINITE} when the run holds NaN or inf values (e.g. "
                           "float16 overflow); without it they are a warning. The run is saved "
@@ -61,6 +70,75 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         add_probe_options(run, probe)
     run.set_defaults(func=cmd_run, on_interrupt=RESUME_NOTE)
     return run
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine and the Ray engine's options (`tokenprobe.engine_ray.run_ray`)."""
+    group = parser.add_argument_group(
+        "engine", "where the windows run: in this process (local), or spread over a pool of "
+                  "Ray actors, each loading the model once and writing its windows' parts into "
+                  "the same run (ray; needs pip install 'tokenprobe[ray]'; on a cluster --out "
+                  "must be on a filesystem every node shares)")
+    group.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local (default) or ray")
+    group.add_argument("--workers", type=positive_int, metavar="N",
+                       help="with --engine ray: actors in the pool, each holding a copy of the "
+                            "model (default 2)")
+    group.add_argument("--gpus-per-worker", type=nonnegative_float, metavar="G",
+                       help="with --engine ray: GPUs each actor reserves (default 0: CPU; 1 on a "
+                            "GPU cluster, where each actor loads the model on its own GPU: "
+                            "leave --device out)")
+    group.add_argument("--ray-address", metavar="ADDR",
+                       help="with --engine ray: the cluster to join (auto, or "
+                            "ray://HEAD:10001); default: start a local Ray")
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the prompts come from: --prompt texts and --prompts sources, read lazily."""
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt; repeat for several (prompt ids: --prompt texts first, "
+                             "then each --prompts source in order)")
+    parser.add_argument("--prompts", action="append", metavar="SOURCE",
+                        help=".txt (one prompt per non-blank line), .jsonl (a JSON string or "
+                             "an object per line), .csv or .parquet; a directory of them "
+                             "(sorted by name) or a glob; or a directory saved by Hugging Face "
+                             "datasets (save_to_disk); repeatable")
+    parser.add_argument("--text-column", metavar="NAME",
+                        help="the column or field holding the text (default: text, else "
+                             "prompt)")
+    parser.add_argument("--id-column", metavar="NAME",
+                        help="the column kept as prompts.doc_id (default: id, when present)")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="run the first N prompts (after --shard) and stop reading")
+    parser.add_argument("--shard", metavar="I/N", type=shard,
+                        help="run shard I of N (0-based): the prompts whose id modulo N is I")
+
+
+def shard(text: str) -> tuple[int, int]:
+    """The argparse `type=` of --shard: I/N with 0 <= I < N."""
+    from tokenprobe.corpus import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def corpus_of(args: argparse.Namespace):
+    """The run's `Corpus`, its sources opened (not read) before any model loads."""
+    from tokenprobe.corpus import Corpus, CorpusError
+    from tokenprobe.tokens import check_nonempty
+
+    if not args.prompt and not args.prompts:
+        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts SOURCE")
+    check_nonempty(list(args.prompt or []))
+    try:
+        corpus = Corpus(args.prompts or (), args.prompt or (), text_column=args.text_column,
+                        id_column=args.id_column, limit=args.limit, shard=args.shard)
+        corpus.check()
+    except CorpusError as err:
+        raise UsageError(str(err)) from err
+    return corpus
 
 
 def supported(known: dict, sites: frozenset[str]) -> list[str]:
@@ -110,10 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import tokenprobe
     from tokenprobe.backends import BACKENDS, UnsupportedSite
+    from tokenprobe.corpus import CorpusError
+    from tokenprobe.placement import PlacementError
     from tokenprobe.probe import registry
     from tokenprobe.store import check_target
 
-    prompts = gather_prompts(args)
+    prompts = corpus_of(args)
     known, backend = registry(), BACKENDS[args.backend]
     names = ([p.strip() for p in args.probes.split(",")] if args.probes else
              supported(known, backend.sites))
@@ -132,10 +212,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except UnsupportedSite as err:
         raise UsageError(str(err)) from err
     check_target(Path(args.out), overwrite=args.overwrite)
+    where = placement(args)  # --device or --device-map, checked before any model loads
+    check_engine(args)
     dtype = getattr(torch, args.dtype)
 
     def load(name: str):
-        return tokenprobe.load(name, dtype=dtype, device=args.device)
+        return tokenprobe.load(name, dtype=dtype, **where)
 
     values = {n: probe_values(args, known[n]) for n in names}
     if args.impl is not None:
@@ -145,23 +227,76 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         set_enabled(False)
     one_line_selfcheck_warnings()
+    if args.engine == "ray":  # the models load in the Ray workers, never in this process
+        return report_run(args, run_on_ray(args, prompts, values, dtype))
     try:  # settings are checked (and a compare model loaded) before the probed model loads
         probes = [known[n].from_options(values[n], load) for n in names]
     except ValueError as err:
         raise UsageError(str(err)) from err
-    loaded = load(args.model)
+    try:
+        loaded = load(args.model)
+    except PlacementError as err:  # module names are checked once the config is read
+        raise UsageError(str(err)) from err
     try:
         result = tokenprobe.run(backend.over(loaded), prompts, probes, tokenizer=loaded.tokenizer,
-                                batch_size=args.batch_size, truncate=args.truncate,
+                                batch_size=args.batch_size, window=args.window,
+                                truncate=args.truncate,
                                 max_tokens=args.max_tokens, out=args.out,
                                 overwrite=args.overwrite, progress=not args.quiet, seed=args.seed)
+    except CorpusError as err:
+        raise UsageError(str(err)) from err
     except ValueError as err:  # e.g. a compare model over another vocabulary
         raise UsageError(str(err)) from err
+    return report_run(args, result)
+
+
+def report_run(args: argparse.Namespace, result) -> int:
+    """Print a finished run's summary and warnings; the exit code (--strict)."""
     print_summary(result)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
     for warning in result.meta.get("warnings", []):
         print(f"tokenprobe: warning: {warning}", file=sys.stderr)
     return EXIT_NONFINITE if args.strict and result.meta.get("warnings") else EXIT_OK
+
+
+def check_engine(args: argparse.Namespace) -> None:
+    """UsageError (before anything loads) for the Ray options without --engine ray, or
+    --engine ray without Ray installed."""
+    given = [flag for flag, value in (("--workers", args.workers),
+                                      ("--gpus-per-worker", args.gpus_per_worker),
+                                      ("--ray-address", args.ray_address)) if value is not None]
+    if args.engine != "ray":
+        if given:
+            raise UsageError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to "
+                             "the Ray engine; add --engine ray")
+        return
+    from tokenprobe.engine_ray import RayMissingError, require_ray
+
+    try:
+        require_ray()
+    except RayMissingError as err:
+        raise UsageError(f"--engine ray: {err}") from err
+
+
+def run_on_ray(args: argparse.Namespace, prompts, values: dict[str, dict], dtype):
+    """The run over a pool of Ray actors (`run_ray`), with this command's model, probe options,
+    load options and run options."""
+    from tokenprobe.cli.args import placement
+    from tokenprobe.engine_ray import run_ray
+
+    gpus = args.gpus_per_worker or 0
+    load_options = {"dtype": dtype, **placement(args)}
+    if gpus > 0 and load_options.get("device") == "cpu":
+        load_options.pop("device")  # each actor on the GPU Ray gives it
+    try:
+        return run_ray(args.model, prompts, values, load_options=load_options,
+                       backend=args.backend, workers=args.workers or 2, gpus_per_worker=gpus,
+                       address=args.ray_address, batch_size=args.batch_size,
+                       window=args.window, truncate=args.truncate, max_tokens=args.max_tokens,
+                       out=args.out, overwrite=args.overwrite, progress=not args.quiet,
+                       seed=args.seed)
+    except ValueError as err:  # a bad probe option, the corpus, a compare model's vocabulary
+        raise UsageError(str(err)) from err
 
 
 def one_line_selfcheck_warnings() -> None:
@@ -198,19 +333,23 @@ def apply_impl(impl: str, chosen: dict, values: dict[str, dict]) -> None:
         values[name]["impl"] = impl
 
 
-def print_summary(result) -> None:
-    """Per prompt: tokens, massive activations, sink rate and secondary sinks (what ran)."""
+def print_summary(run) -> None:
+    """Per prompt (the first SHOWN): tokens, massive activations, sink rate and secondary
+    sinks (what ran); only those prompts' rows are read."""
     import pandas as pd
 
     from tokenprobe.analyses.massive import massive_summary
     from tokenprobe.analyses.sinks import sink_rate
 
+    shown = run.dataset("prompts").head(SHOWN, columns=["prompt_id"]).column(0).to_pylist()
+    result = run.select(shown)
     tables = result.tables
     texts = result.prompts.set_index("prompt_id").text
     massive = massive_summary(result).set_index("prompt_id") if "massive" in tables else None
     rates = sink_rate(result).set_index("prompt_id") if "heads" in tables else None
+    n_prompts = run.meta.get("n_prompts", len(texts))
     print(f"model {result.meta['model']} ({result.meta['n_layers']} blocks), "
-          f"{len(texts)} prompt(s)")
+          f"{n_prompts} prompt(s)")
     for prompt_id, text in texts.items():
         n = int(result.prompts.set_index("prompt_id").n_tokens[prompt_id])
         head = (text[:48] + "...") if len(text) > 48 else text
@@ -237,6 +376,9 @@ def print_summary(result) -> None:
                   f"secondary sinks: {found}")
         if "entropy" in tables["tokens"]:
             print_entropy(result, prompt_id)
+    if n_prompts > len(texts):
+        print(f"  ... and {n_prompts - len(texts)} more: `tokenprobe query`, `tokenprobe report` "
+              "and `tokenprobe app` read them all")
 
 
 def print_entropy(result, prompt_id: int, top: int = 3) -> None:
