@@ -149,3 +149,15 @@ def test_ctrl_c_says_what_is_kept(monkeypatch, capsys, module, argv, expected):
     monkeypatch.setattr(importlib.import_module(name), attr, interrupted)
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().endswith(expected)
+
+
+def test_compare_over_another_vocabulary_is_refused_before_any_model_loads(capsys, tmp_path,
+                                                                             monkeypatch):
+    """smollm2-135m (49152 tokens) and gemma3-270m (262144) cannot give the two-model columns:
+    said at once, from the models' configs, instead of after loading both."""
+    loaded = []
+    monkeypatch.setattr(tokenprobe, "load", lambda name, **kw: loaded.append(name))
+    code, _, err = run_cli(capsys, "run", "--model", "smollm2-135m", "--compare", "gemma3-270m",
+                           "--prompt", "x", "--out", str(tmp_path / "r"))
+    assert code == EXIT_USAGE and "vocabulary of 262144 tokens" in err and "49152" in err
+    assert loaded == [] and not (tmp_path / "r").exists()

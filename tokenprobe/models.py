@@ -416,6 +416,22 @@ def describe(name: str) -> dict:
     return row
 
 
+def vocab_size(name: str) -> int | None:
+    """The vocabulary size of model `name` read without loading its weights: a registered
+    name, an HF directory (config.json) or a .gguf file; None when it cannot be told cheaply."""
+    path = Path(name)
+    try:
+        if name in REGISTRY:
+            return describe(name).get("vocab")
+        if (path / "config.json").is_file():
+            return transformers.AutoConfig.from_pretrained(str(path)).vocab_size
+        if path.suffix == ".gguf" and path.is_file():
+            return _gguf_facts(path)["vocab"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
+
+
 def _config_facts(config) -> dict:
     return {"layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),

@@ -230,7 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "ray":  # the models load in the Ray workers, never in this process
         return report_run(args, run_on_ray(args, prompts, values, dtype))
     try:  # settings are checked (and a compare model loaded) before the probed model loads
-        probes = [known[n].from_options(values[n], load) for n in names]
+        probes = [known[n].from_options(values[n], second_model(args.model, load))
+                  for n in names]
     except ValueError as err:
         raise UsageError(str(err)) from err
     try:
@@ -297,6 +298,24 @@ def run_on_ray(args: argparse.Namespace, prompts, values: dict[str, dict], dtype
                        seed=args.seed)
     except ValueError as err:  # a bad probe option, the corpus, a compare model's vocabulary
         raise UsageError(str(err)) from err
+
+
+def second_model(probed: str, load):
+    """The loader of a model a probe option names (--compare): refuses one whose vocabulary
+    size differs from the probed model's before either loads (ValueError), when both sizes
+    can be read without loading (`tokenprobe.models.vocab_size`)."""
+    from tokenprobe.models import vocab_size
+
+    def load_second(name: str):
+        mine, theirs = vocab_size(probed), vocab_size(name)
+        if mine and theirs and mine != theirs:
+            raise ValueError(f"--compare {name} has a vocabulary of {theirs} tokens and "
+                             f"{probed} one of {mine}: the two-model columns compare the same "
+                             "vocabulary (checked before either model loads); models with "
+                             "different tokenisers cannot be compared yet")
+        return load(name)
+
+    return load_second
 
 
 def one_line_selfcheck_warnings() -> None:
