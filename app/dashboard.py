@@ -85,6 +85,9 @@ def run_header(name: str, run: Run) -> None:
     st.caption("; ".join(parts))
     for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
         st.warning(plain(warning))
+    for probe, found in (meta.get("diagnostics") or {}).items():  # measures that mean less here
+        for sentence in found if isinstance(found, list) else []:
+            st.info(f"{plain(probe)}: {plain(sentence)}")
 
 
 def show_run(name: str, run: Run, key: str) -> None:

@@ -37,9 +37,11 @@ from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
 from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, run_quantiles,
                                                 strict_mean, tip_quadrant, window_entropy)
-from tokenprobe.tables import Column
 from tokenprobe.placement import input_device
+from tokenprobe.tables import Column
 from tokenprobe.unembedding import Unembedding
+
+MIN_SCORED = 100  # scored tokens below which quantile bands are flagged (diagnostics)
 
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
            "teacher_logprob", "kl_student_teacher", "kl_teacher_student", "jsd", "critical_ce")
@@ -371,6 +373,25 @@ class EntropyProbe(Probe):
         prompts = tables["prompts"].drop(columns=list(per_prompt.columns), errors="ignore")
         prompts = prompts.merge(per_prompt.reset_index(), on="prompt_id", how="left")
         return {"tokens": tokens, "prompts": prompts}
+
+    def diagnostics(self, sql, stats: dict, meta: dict) -> list[str]:
+        """When bands and forking flags rest on too few tokens to place a quantile: under
+        MIN_SCORED scored tokens in the run (quantiles over the run) or in a prompt (over each
+        prompt)."""
+        cfg = self.config
+        counts = sql.sql("SELECT prompt_id, count(*) AS n FROM tokens WHERE pos > 0 AND "
+                         "coalesce(isfinite(entropy), false) GROUP BY prompt_id")
+        if cfg.quantiles_over == "run" and counts.n.sum() < MIN_SCORED:
+            return [f"entropy bands and forking flags rest on {int(counts.n.sum())} scored "
+                    f"tokens in the whole run: too few for its {cfg.low_quantile:g}, "
+                    f"{cfg.high_quantile:g} and {1 - cfg.rho:g} quantiles to mean much (give "
+                    f"at least {MIN_SCORED})"]
+        few = int((counts.n < MIN_SCORED).sum())
+        if cfg.quantiles_over == "prompt" and few:
+            return [f"{few} of {len(counts)} prompts have under {MIN_SCORED} scored tokens: "
+                    "their own quantiles (--quantiles prompt) place bands and forking flags on "
+                    "a handful of values; quantiles over the run are steadier"]
+        return []
 
     def summary(self, sql, stats: dict) -> dict:
         """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the

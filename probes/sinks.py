@@ -316,3 +316,36 @@ class SinksProbe(Probe):
                 "k_pos": self.config.k_pos, "T_min": int(lengths.lo), "T_max": int(lengths.hi),
                 "T_mean": float(lengths["mean"]), "prompts_excluded": int(rates.excluded),
                 "heads_nonfinite": int(rates.heads_nonfinite)}
+
+    def diagnostics(self, sql, stats: dict, meta: dict) -> list[str]:
+        """When the labels or the rate mean less than they seem: a secondary band that cannot
+        exist for this number of layers, a cosine criterion that marks most tokens as sinks
+        (massive dims dominating every residual), and a sink rate measured far from Gu et
+        al.'s T = 64."""
+        cfg, n_layers, out = self.config, int(meta["n_layers"]), []
+        top = n_layers - cfg.primary_margin  # secondary: secondary_min < lifetime < top
+        if top <= cfg.secondary_min + 1:
+            out.append(f"no secondary sink can exist here: with {n_layers} layers and "
+                       f"primary_margin {cfg.primary_margin} a sink living more than "
+                       f"{cfg.secondary_min} layers is already primary (lifetime >= {top}); "
+                       f"lower --sinks-primary-margin (e.g. {max(1, n_layers // 2)}) for a "
+                       "model this shallow")
+        if sql.columns("sinks"):  # the table exists once any prompt had a flagged token
+            row = sql.sql(f"SELECT (SELECT count(*) FROM sinks WHERE kind = 'primary' AND pos > "
+                          f"{max(cfg.candidates)}) AS marked, (SELECT count(*) FROM tokens WHERE "
+                          f"pos > {max(cfg.candidates)}) AS tokens, (SELECT median(max_cos) "
+                          "FROM sinks) AS cos").iloc[0]
+            marked, tokens = int(row.marked), int(row.tokens)
+            if tokens >= 4 and marked > tokens / 2:
+                out.append(f"{marked} of {tokens} tokens after the candidates "
+                           f"({100 * marked / tokens:.0f}%) are labelled primary sinks "
+                           f"(median max |cos| {row.cos:.2f}): the cosine criterion does not "
+                           "separate tokens in this model (a few massive dims dominate every "
+                           "residual), so `sinks.kind` says little here")
+        lengths = sql.sql("SELECT min(n_tokens) AS lo, max(n_tokens) AS hi FROM prompts").iloc[0]
+        if not (32 <= lengths.lo and lengths.hi <= 128):
+            out.append(f"Gu et al. measure the sink rate at T = 64; these prompts have "
+                       f"{int(lengths.lo)} to {int(lengths.hi)} tokens, and the rate depends on "
+                       "T (--max-tokens 64 on prompts at least that long gives the paper's "
+                       "setting)")
+        return out

@@ -283,6 +283,14 @@ class Probe:
         `statistics`); none by default."""
         return {}
 
+    def diagnostics(self, sql, stats: dict, meta: dict) -> list[str]:
+        """Sentences saying where this run's figures mean less than they seem (a criterion that
+        does not separate tokens, a band that cannot exist for this model, too few tokens for
+        a quantile), by SQL over the finished tables as for `summary`; `meta` is run.json's
+        model entries (n_layers, ...). In run.json "diagnostics", printed by the CLI and shown
+        by the dashboard. None by default."""
+        return []
+
     def describe(self) -> dict:
         """The probe's name and configuration, for run metadata."""
         return {"name": self.name, **dataclasses.asdict(self.config)}

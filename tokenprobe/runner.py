@@ -205,10 +205,12 @@ def finish(writer: RunWriter, probes: list[Probe], digests: list[str],
 
     def summarize(sql: PartsSQL, stats: dict) -> dict:
         summaries = {p.name: p.summary(sql, stats[p.name]) for p in probes}
+        diagnostics = {p.name: p.diagnostics(sql, stats[p.name], writer.meta) for p in probes}
         n_prompts = int(sql.sql("SELECT count(*) AS n FROM prompts").n.iloc[0])
         return {"n_prompts": n_prompts,
                 "prompts_sha256": hashlib.sha256("".join(digests).encode()).hexdigest(),
                 "summary": {name: figures for name, figures in summaries.items() if figures},
+                "diagnostics": {name: found for name, found in diagnostics.items() if found},
                 "warnings": nonfinite_warnings(sql, writer.meta["dtype"], n_prompts),
                 "kernels": selfcheck.ran() if kernels is None else kernels}
 

@@ -257,6 +257,9 @@ def report_run(args: argparse.Namespace, result) -> int:
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
     for warning in result.meta.get("warnings", []):
         print(f"tokenprobe: warning: {warning}", file=sys.stderr)
+    for probe, found in result.meta.get("diagnostics", {}).items():
+        for sentence in found:
+            print(f"tokenprobe: note: {probe}: {sentence}", file=sys.stderr)
     return EXIT_NONFINITE if args.strict and result.meta.get("warnings") else EXIT_OK
 
 
