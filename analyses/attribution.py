@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
@@ -35,7 +36,7 @@ import torch
 
 from tokenprobe.backends import decoder_layers_path
 from tokenprobe.models import LoadedModel
-from tokenprobe.store import Run, RunWriter, prompt_tables
+from tokenprobe.store import Run, RunWriter, check_target, prompt_tables
 from tokenprobe.tables import Column, Table, conform, declare
 from tokenprobe.tokens import token_text
 
@@ -329,34 +330,32 @@ def attribution_run(loaded: LoadedModel, prompts: Sequence[str],
     if layer_sets is not None and config.window is not None:
         raise ValueError("give layer_sets or a window, not both")
     sets = [config.layers] if layer_sets is None else [tuple(s) for s in layer_sets]
+    if out is not None:
+        check_target(Path(out), overwrite=overwrite)  # a taken --out fails before the work
+    tok, frames, rows, summary = loaded.tokenizer, [], [], []
+    with tqdm(total=len(prompts) * len(sets), desc="attribution", unit="pass",
+              disable=not progress) as bar:
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            parts = []
+            for k, layers in enumerate(sets):
+                methods = tuple(m for m in config.methods if m == "knockout" or k == 0)
+                if methods:
+                    parts.append(attribute(loaded, prompt, target,
+                                           replace(config, methods=methods, layers=layers),
+                                           prompt_id=i))
+                bar.update(1)
+            frames += parts
+            p_ids, c_ids = tok(prompt)["input_ids"], parts[0].attrs["target_ids"]
+            ids = list(p_ids) + list(c_ids)
+            rows.append((i, prompt, ids, False))
+            summary.append({"prompt_id": i, "target": parts[0].attrs["target"],
+                            "target_ids": list(c_ids), "prompt_tokens": len(p_ids),
+                            "base_logprob": float(parts[0].base_logprob.iat[0])})
     writer = RunWriter(out, model=loaded.model, name=loaded.name, fingerprint=loaded.fingerprint,
                        settings={"analysis": "attribution", "config": {
                            **asdict(config), "layer_sets": [list(s) if s is not None else None
                                                             for s in sets]}},
                        overwrite=overwrite)
-    try:  # the writer holds the run's lock until finish; let it go on an error
-        tok, frames, rows, summary = loaded.tokenizer, [], [], []
-        with tqdm(total=len(prompts) * len(sets), desc="attribution", unit="pass",
-                  disable=not progress) as bar:
-            for i, (prompt, target) in enumerate(zip(prompts, targets)):
-                parts = []
-                for k, layers in enumerate(sets):
-                    methods = tuple(m for m in config.methods if m == "knockout" or k == 0)
-                    if methods:
-                        parts.append(attribute(loaded, prompt, target,
-                                               replace(config, methods=methods, layers=layers),
-                                               prompt_id=i))
-                    bar.update(1)
-                frames += parts
-                p_ids, c_ids = tok(prompt)["input_ids"], parts[0].attrs["target_ids"]
-                ids = list(p_ids) + list(c_ids)
-                rows.append((i, prompt, ids, False))
-                summary.append({"prompt_id": i, "target": parts[0].attrs["target"],
-                                "target_ids": list(c_ids), "prompt_tokens": len(p_ids),
-                                "base_logprob": float(parts[0].base_logprob.iat[0])})
-    except BaseException:
-        writer.close()
-        raise
     writer.write(0, {**prompt_tables(tok, rows),
                      "attributions": conform("attributions", pd.concat(frames, ignore_index=True))})
     return writer.finish(lambda tables: (tables, {"summary": {"attribution": summary}}))

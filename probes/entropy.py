@@ -35,13 +35,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokenprobe.kernels.linear_entropy import IMPLS, linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
-from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, run_quantiles,
-                                                strict_mean, tip_quadrant, window_entropy)
+from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, run_diagnostics,
+                                                run_quantiles, run_summary, strict_mean,
+                                                tip_quadrant, window_entropy)
 from tokenprobe.placement import input_device
 from tokenprobe.tables import Column
 from tokenprobe.unembedding import Unembedding
-
-MIN_SCORED = 100  # scored tokens below which quantile bands are flagged (diagnostics)
 
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
            "teacher_logprob", "kl_student_teacher", "kl_teacher_student", "jsd", "critical_ce")
@@ -375,47 +374,9 @@ class EntropyProbe(Probe):
         return {"tokens": tokens, "prompts": prompts}
 
     def diagnostics(self, sql, stats: dict, meta: dict) -> list[str]:
-        """When bands and forking flags rest on too few tokens to place a quantile: under
-        MIN_SCORED scored tokens in the run (quantiles over the run) or in a prompt (over each
-        prompt)."""
-        cfg = self.config
-        counts = sql.sql("SELECT prompt_id, count(*) AS n FROM tokens WHERE pos > 0 AND "
-                         "coalesce(isfinite(entropy), false) GROUP BY prompt_id")
-        if cfg.quantiles_over == "run" and counts.n.sum() < MIN_SCORED:
-            return [f"entropy bands and forking flags rest on {int(counts.n.sum())} scored "
-                    f"tokens in the whole run: too few for its {cfg.low_quantile:g}, "
-                    f"{cfg.high_quantile:g} and {1 - cfg.rho:g} quantiles to mean much (give "
-                    f"at least {MIN_SCORED})"]
-        few = int((counts.n < MIN_SCORED).sum())
-        if cfg.quantiles_over == "prompt" and few:
-            return [f"{few} of {len(counts)} prompts have under {MIN_SCORED} scored tokens: "
-                    "their own quantiles (--quantiles prompt) place bands and forking flags on "
-                    "a handful of values; quantiles over the run are steadier"]
-        return []
+        """`run_diagnostics`: bands and forking flags over too few tokens."""
+        return run_diagnostics(sql, self.config)
 
     def summary(self, sql, stats: dict) -> dict:
-        """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
-        band and forking thresholds (per-run quantiles), and two-model means when present.
-        Prompts with a NaN or inf statistic are left out and counted in `prompts_excluded`."""
-        finite = " AND ".join(f"coalesce(isfinite({c}), false)"
-                              for c in ("entropy", "logprob", "self_certainty"))
-        kept = (f"pos > 0 AND prompt_id NOT IN (SELECT prompt_id FROM tokens WHERE pos > 0 "
-                f"AND NOT ({finite}))")
-        extra = [c for c in ("jsd", "kl_student_teacher", "critical_ce")
-                 if c in sql.columns("tokens")]
-        row = sql.sql(
-            f"SELECT (SELECT count(DISTINCT prompt_id) FROM tokens WHERE pos > 0 AND NOT "
-            f"({finite})) AS excluded, count(*) AS n, avg(entropy) AS h, "
-            f"avg(self_certainty) AS c, avg(logprob) AS lp"
-            + "".join(f", avg({c}) AS {c}" for c in extra)
-            + f" FROM tokens WHERE {kept}").iloc[0]
-        excluded = {"prompts_excluded": int(row.excluded)}
-        if not row.n:
-            return {"n_scored": 0, **excluded}
-        out = {"n_scored": int(row.n), **excluded, "mean_entropy": float(row.h),
-               "mean_self_certainty": float(row.c), "perplexity": math.exp(-float(row.lp)),
-               **run_quantiles(sql, kept, self.config),
-               "quantiles_over": self.config.quantiles_over}
-        for col in extra:
-            out[f"mean_{col}"] = float(row[col])
-        return out
+        """`run_summary`: the run's scored tokens, means, perplexity and thresholds."""
+        return run_summary(sql, self.config)

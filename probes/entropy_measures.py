@@ -1,7 +1,9 @@
 """The entropy probe's reductions over per-token values, pure and independent of the model:
 ARES window entropy (shawn0728/ARES), entropy bands and forking tokens (Wang et al., "Beyond the
 80/20 Rule", rho = 0.2) and TIP's quadrants (Xu et al., "Token Importance in On-Policy
-Distillation"). Definitions and defaults: README, "Measures". Registers no probe.
+Distillation"), and the run-level figures over a whole run by SQL (`run_quantiles`,
+`run_summary`, `run_diagnostics`, over a `tokenprobe.store.PartsSQL`). Definitions and
+defaults: README, "Measures". Registers no probe.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
+MIN_SCORED = 100  # scored tokens below which quantile bands are flagged (diagnostics)
 
 
 def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
@@ -83,3 +86,50 @@ def strict_mean(x: pd.Series) -> float:
     """The mean, NaN when any value is NaN or inf (never a mean over a part of the prompt)."""
     values = x.to_numpy(float)
     return float(values.mean()) if np.isfinite(values).all() else math.nan
+
+
+def run_summary(sql, config) -> dict:
+    """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
+    band and forking thresholds (per-run quantiles), and two-model means when present.
+    Prompts with a NaN or inf statistic are left out and counted in `prompts_excluded`."""
+    finite = " AND ".join(f"coalesce(isfinite({c}), false)"
+                          for c in ("entropy", "logprob", "self_certainty"))
+    kept = (f"pos > 0 AND prompt_id NOT IN (SELECT prompt_id FROM tokens WHERE pos > 0 "
+            f"AND NOT ({finite}))")
+    extra = [c for c in ("jsd", "kl_student_teacher", "critical_ce")
+             if c in sql.columns("tokens")]
+    row = sql.sql(
+        f"SELECT (SELECT count(DISTINCT prompt_id) FROM tokens WHERE pos > 0 AND NOT "
+        f"({finite})) AS excluded, count(*) AS n, avg(entropy) AS h, "
+        f"avg(self_certainty) AS c, avg(logprob) AS lp"
+        + "".join(f", avg({c}) AS {c}" for c in extra)
+        + f" FROM tokens WHERE {kept}").iloc[0]
+    excluded = {"prompts_excluded": int(row.excluded)}
+    if not row.n:
+        return {"n_scored": 0, **excluded}
+    out = {"n_scored": int(row.n), **excluded, "mean_entropy": float(row.h),
+           "mean_self_certainty": float(row.c), "perplexity": math.exp(-float(row.lp)),
+           **run_quantiles(sql, kept, config),
+           "quantiles_over": config.quantiles_over}
+    for col in extra:
+        out[f"mean_{col}"] = float(row[col])
+    return out
+
+
+def run_diagnostics(sql, cfg) -> list[str]:
+    """When bands and forking flags rest on too few tokens to place a quantile: under
+    MIN_SCORED scored tokens in the run (quantiles over the run) or in a prompt (over each
+    prompt); `cfg` is the probe's EntropyConfig."""
+    counts = sql.sql("SELECT prompt_id, count(*) AS n FROM tokens WHERE pos > 0 AND "
+                     "coalesce(isfinite(entropy), false) GROUP BY prompt_id")
+    if cfg.quantiles_over == "run" and counts.n.sum() < MIN_SCORED:
+        return [f"entropy bands and forking flags rest on {int(counts.n.sum())} scored "
+                f"tokens in the whole run: too few for its {cfg.low_quantile:g}, "
+                f"{cfg.high_quantile:g} and {1 - cfg.rho:g} quantiles to mean much (give "
+                f"at least {MIN_SCORED})"]
+    few = int((counts.n < MIN_SCORED).sum())
+    if cfg.quantiles_over == "prompt" and few:
+        return [f"{few} of {len(counts)} prompts have under {MIN_SCORED} scored tokens: "
+                "their own quantiles (--quantiles prompt) place bands and forking flags on "
+                "a handful of values; quantiles over the run are steadier"]
+    return []

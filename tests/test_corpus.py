@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tokenprobe.corpus as corpus_module
+import tokenprobe.corpus_files as corpus_module
 from tokenprobe.corpus import Corpus, CorpusError, Prompt, parse_shard
 from tokenprobe.tokens import PromptError
 

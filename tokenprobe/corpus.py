@@ -1,34 +1,26 @@
 """Prompts read lazily from texts and .txt/.jsonl/.csv/.parquet files, folders, globs, datasets."""
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
 import glob
 import hashlib
-import itertools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+from tokenprobe.corpus_files import (RESAVE, CorpusError, _read_csv, _read_dataset,
+                                     _read_jsonl, _read_parquet, _read_txt, _Record, _Source,
+                                     _splits_error)
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
-TEXT_COLUMNS = ("text", "prompt")  # tried in order when no text_column is named
-ID_COLUMN = "id"  # the id column used where a source has it, when no id_column is named
-BATCH_ROWS = 1024  # rows per Parquet / Arrow batch
 ACCEPTED = ("a .txt, .jsonl, .csv or .parquet file, a folder of them, a glob pattern, or a "
             "folder written by datasets' save_to_disk")
-RESAVE = "save the dataset again with save_to_disk"
 SHARD_FORM = "a shard is I/N with 0 <= I < N (e.g. 0/4 to 3/4)"
 
-_Record = tuple[str, str, "str | None"]  # (where: FILE:LINE, FILE record N or texts[i], text, id)
 
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read as given: the message names the file (and line/record) and
-    what to do."""
 
 
 @dataclass(frozen=True)
@@ -43,15 +35,6 @@ class Prompt:
     prompt_id: int
     text: str
     doc_id: str | None
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A resolved source: a prompt file (`kind` its suffix) or a `datasets` folder ("dataset");
-    `files` are what `Corpus.describe` lists (the file, or state.json and its Arrow files)."""
-    path: Path
-    kind: str
-    files: tuple[Path, ...]
 
 
 class Corpus:
@@ -236,13 +219,6 @@ def _expand_path(path: Path) -> list[_Source]:
     return [_Source(p, p.suffix.lower(), (p,)) for p in files]
 
 
-def _splits_error(path: Path) -> CorpusError:
-    """The error for a DatasetDict folder: point at one of its splits."""
-    splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
-    return CorpusError(f"{path} is a datasets DatasetDict (splits: {_names(splits)}); point at "
-                       "one split, DIR/<split>")
-
-
 def _data_files(path: Path) -> list[Path]:
     """The Arrow files a `save_to_disk` folder's state.json lists."""
     state = path / "state.json"
@@ -254,195 +230,3 @@ def _data_files(path: Path) -> list[Path]:
         if not isinstance(name, str) or Path(name).name != name or not (path / name).is_file():
             raise CorpusError(f"{state} lists a data file {name!r} that is not in {path}; {RESAVE}")
     return [path / name for name in names]
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based number, text with its line end) for each line of a file, read one at a time;
-    a leading UTF-8 byte order mark is dropped."""
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise CorpusError(f"cannot read prompt file {path}: {err.strerror}") from err
-    with handle:
-        offset = 0
-        for number, raw in enumerate(handle, 1):
-            skip = 3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
-            try:
-                line = raw[skip:].decode("utf-8")
-            except UnicodeDecodeError as err:
-                at = skip + err.start
-                raise CorpusError(f"prompt file {path} is not UTF-8 (line {number}, byte "
-                                  f"{offset + at}: {raw[at:at + 1]!r}); re-encode it as UTF-8"
-                                  ) from None
-            offset += len(raw)
-            yield number, line
-
-
-def _read_txt(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per non-blank line (lines split as str.splitlines does)."""
-    if id_col is not None:
-        raise CorpusError(f'{source.path}: a .txt file has no "{id_col}" id column (no '
-                          "columns at all); give that source as .jsonl or .csv, or no id_column")
-    for number, line in _lines(source.path):
-        for piece in line.splitlines():
-            if piece.strip():
-                yield f"{source.path}:{number}", piece, None
-
-
-def _read_jsonl(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per non-blank line: a JSON string, or an object with the text (and id)."""
-    for number, line in _lines(source.path):
-        if line.strip():
-            where = f"{source.path}:{number}"
-            try:
-                item = json.loads(line)
-            except ValueError as err:
-                raise CorpusError(f"{where}: not valid JSON ({err})") from err
-            yield _json_record(where, item, column, id_col)
-
-
-def _json_record(where: str, item: Any, column: str | None, id_col: str | None) -> _Record:
-    """The record of one JSON Lines value."""
-    wanted = f'"{column}"' if column else " or ".join(f'"{c}"' for c in TEXT_COLUMNS)
-    if isinstance(item, str):
-        if id_col is not None:
-            raise CorpusError(f'{where}: a JSON string has no "{id_col}" id; give objects '
-                              "with that key, or no id_column")
-        return where, item, None
-    if not isinstance(item, dict):
-        raise CorpusError(f"{where}: expected a string or an object with {wanted}")
-    key = column or next((c for c in TEXT_COLUMNS if c in item), None)
-    if key not in item:
-        raise CorpusError(f"{where}: the object has no {wanted} key (its keys: "
-                          f"{_names(item)}); name the text key with text_column (--text-column)")
-    if id_col is not None and id_col not in item:
-        raise CorpusError(f'{where}: the object has no "{id_col}" id key (its keys: '
-                          f"{_names(item)}); give every record one, or another id_column")
-    return where, _text(where, item[key], key), _doc(item.get(id_col or ID_COLUMN))
-
-
-def _read_csv(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per CSV row after the header (blank lines skipped; an empty id cell: no id)."""
-    path, lines = source.path, _lines(source.path)
-    reader = csv.reader((line for _, line in lines), strict=True)
-    with contextlib.closing(lines):
-        try:
-            header = next(reader, None)
-            if header is None:
-                return
-            text, ident = _pick(header, column, id_col, path)
-            at = [header.index(text)] + ([header.index(ident)] if ident else [])
-            start = reader.line_num + 1
-            for row in reader:
-                where, start = f"{path}:{start}", reader.line_num + 1
-                if row and len(row) <= max(at):
-                    raise CorpusError(f"{where}: the row has {len(row)} fields, the header "
-                                      f"{len(header)}; give every row the header's fields")
-                if row:
-                    yield where, row[at[0]], (row[at[1]] or None) if ident else None
-        except csv.Error as err:
-            raise CorpusError(f"{path}:{reader.line_num}: not valid CSV ({err})") from err
-
-
-def _read_parquet(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per Parquet row, read BATCH_ROWS rows (of the columns used) at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        with pq.ParquetFile(source.path) as handle:
-            text, ident = _pick(handle.schema_arrow.names, column, id_col, source.path)
-            batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=_used(text, ident))
-            yield from _batch_records(source.path, batches, text, ident)
-    except (OSError, pa.ArrowException) as err:
-        raise CorpusError(f"{source.path} is not a readable Parquet file ({err})") from err
-
-
-def _read_dataset(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per row of a `save_to_disk` folder: through `datasets.load_from_disk`
-    (memory-mapped, read in batches) where `datasets` is installed, else `_read_arrow`."""
-    try:
-        import datasets
-    except ImportError:
-        yield from _read_arrow(source, column, id_col)
-        return
-    try:
-        data = datasets.load_from_disk(str(source.path))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CorpusError(f"cannot load the dataset {source.path} ({err}); {RESAVE}") from err
-    if not isinstance(data, datasets.Dataset):
-        raise _splits_error(source.path)
-    text, ident = _pick(data.column_names, column, id_col, source.path)
-    batches = data.select_columns(_used(text, ident)).with_format("arrow")
-    yield from _batch_records(source.path, batches.iter(batch_size=BATCH_ROWS), text, ident)
-
-
-def _read_arrow(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """The rows of the Arrow stream files a `save_to_disk` state.json lists, a record batch
-    at a time (pyarrow only)."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    numbers = itertools.count(1)
-    try:
-        for file in source.files[1:]:
-            with pa.OSFile(str(file)) as handle:
-                stream = ipc.open_stream(handle)
-                text, ident = _pick(stream.schema.names, column, id_col, source.path)
-                yield from _batch_records(source.path, stream, text, ident, numbers)
-    except (OSError, pa.ArrowException) as err:
-        raise CorpusError(f"{source.path} holds an unreadable Arrow file ({err}); {RESAVE}"
-                          ) from err
-
-
-def _batch_records(path: Path, batches: Iterable[Any], text: str, ident: str | None,
-                   numbers: Iterator[int] | None = None) -> Iterator[_Record]:
-    """The records of Arrow record batches (or tables), numbered by `numbers` (from 1)."""
-    numbers = numbers or itertools.count(1)
-    for batch in batches:
-        texts = batch.column(text).to_pylist()
-        ids = batch.column(ident).to_pylist() if ident else [None] * len(texts)
-        for value, doc in zip(texts, ids):
-            where = f"{path} record {next(numbers)}"
-            yield where, _text(where, value, text), _doc(doc)
-
-
-def _pick(names: Sequence[str], column: str | None, id_col: str | None, where: Path
-          ) -> tuple[str, str | None]:
-    """The text column and the id column (None: none) of a source with columns `names`."""
-    text = column or next((c for c in TEXT_COLUMNS if c in names), None)
-    if text not in names:
-        wanted = f'"{column}"' if column else " or ".join(f'"{c}"' for c in TEXT_COLUMNS)
-        raise CorpusError(f"{where} has no {wanted} column (its columns: {_names(names)}); "
-                          "name the text column with text_column (--text-column)")
-    if id_col is not None and id_col not in names:
-        raise CorpusError(f'{where} has no "{id_col}" id column (its columns: '
-                          f"{_names(names)}); name another with id_column (--id-column)")
-    ident = id_col or ID_COLUMN
-    return text, ident if ident in names else None
-
-
-def _used(text: str, ident: str | None) -> list[str]:
-    """The columns to read: the text column and the id column."""
-    return [text] if ident in (None, text) else [text, ident]
-
-
-def _names(names: Iterable[Any], most: int = 20) -> str:
-    """Column, key or split names for a message, the first `most` of them."""
-    names = [str(n) for n in names]
-    more = f", ... ({len(names)} in all)" if len(names) > most else ""
-    return (", ".join(names[:most]) or "none") + more
-
-
-def _text(where: str, value: Any, column: str) -> str:
-    """`value` if it is a string, else CorpusError naming the record."""
-    if isinstance(value, str):
-        return value
-    what = "null" if value is None else f"of type {type(value).__name__}"
-    raise CorpusError(f'{where}: the "{column}" value is {what}, not text; give every record a '
-                      "string there")
-
-
-def _doc(value: Any) -> str | None:
-    """A record's doc_id: its id value as a string, None where it has none."""
-    return None if value is None else str(value)

@@ -272,10 +272,10 @@ class RunWriter:
 
     def files(self) -> dict[str, list[Path]]:
         """Each table's part files of the finished parts, in part order."""
-        done = sorted(self.done())
-        names = sorted({t for i in done for t in self.mark(i).get("tables", {})})
-        return {n: [self.staging / n / part_name(i) for i in done
-                    if n in self.mark(i)["tables"]] for n in names}
+        tables = {i: self.mark(i).get("tables", {}) for i in sorted(self.done())}
+        names = sorted({t for written in tables.values() for t in written})
+        return {n: [self.staging / n / part_name(i) for i, written in tables.items()
+                    if n in written] for n in names}
 
     def finish(self, complete: Callable[[dict], tuple[dict, dict]] | None = None, *,
                statistics: Callable[[PartsSQL], dict] | None = None,

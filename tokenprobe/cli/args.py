@@ -81,14 +81,60 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                              "file or hub id (default: smollm2-135m)")
 
 
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--prompt` and `--prompts`, read together by `gather_prompts`."""
+def add_prompt_arguments(parser: argparse.ArgumentParser, *, corpus: bool = False) -> None:
+    """`--prompt` and `--prompts`, read together by `gather_prompts`; with `corpus`, the
+    sources a `tokenprobe.corpus.Corpus` reads lazily (`corpus_of`) and their options."""
+    what = "source" if corpus else "file"
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a prompt; repeat for several (prompt ids: --prompt texts first, "
-                             "then each --prompts file in order)")
-    parser.add_argument("--prompts", action="append", metavar="FILE",
-                        help=".txt (one prompt per non-blank line) or .jsonl (a JSON string or "
-                             '{"text": ...} per line); repeatable')
+                             f"then each --prompts {what} in order)")
+    if not corpus:
+        parser.add_argument("--prompts", action="append", metavar="FILE",
+                            help=".txt (one prompt per non-blank line) or .jsonl (a JSON string "
+                                 'or {"text": ...} per line); repeatable')
+        return
+    parser.add_argument("--prompts", action="append", metavar="SOURCE",
+                        help=".txt (one prompt per non-blank line), .jsonl (a JSON string or "
+                             "an object per line), .csv or .parquet; a directory of them "
+                             "(sorted by name) or a glob; or a directory saved by Hugging Face "
+                             "datasets (save_to_disk); repeatable")
+    parser.add_argument("--text-column", metavar="NAME",
+                        help="the column or field holding the text (default: text, else "
+                             "prompt)")
+    parser.add_argument("--id-column", metavar="NAME",
+                        help="the column kept as prompts.doc_id (default: id, when present)")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="run the first N prompts (after --shard) and stop reading")
+    parser.add_argument("--shard", metavar="I/N", type=shard,
+                        help="run shard I of N (0-based): the prompts whose id modulo N is I")
+
+
+def shard(text: str) -> tuple[int, int]:
+    """The argparse `type=` of --shard: I/N with 0 <= I < N."""
+    from tokenprobe.corpus import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def corpus_of(args: argparse.Namespace):
+    """The `Corpus` of `add_prompt_arguments(corpus=True)`'s options, its sources opened (not
+    read) before any model loads."""
+    from tokenprobe.corpus import Corpus, CorpusError
+    from tokenprobe.tokens import check_nonempty
+
+    if not args.prompt and not args.prompts:
+        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts SOURCE")
+    check_nonempty(list(args.prompt or []))
+    try:
+        corpus = Corpus(args.prompts or (), args.prompt or (), text_column=args.text_column,
+                        id_column=args.id_column, limit=args.limit, shard=args.shard)
+        corpus.check()
+    except CorpusError as err:
+        raise UsageError(str(err)) from err
+    return corpus
 
 
 def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:

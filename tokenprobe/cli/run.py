@@ -9,10 +9,8 @@ from pathlib import Path
 
 from tokenprobe.cli.args import (EXIT_CODES, EXIT_NONFINITE, EXIT_OK, RESUME_NOTE, UsageError,
                                  add_model_argument, add_placement_arguments,
-                                 add_run_dir_arguments, checked, nonnegative_float, placement,
-                                 positive_int, seed)
-
-SHOWN = 10  # prompts printed one by one after a run; the rest are in the tables
+                                 add_prompt_arguments, add_run_dir_arguments, checked,
+                                 corpus_of, nonnegative_float, placement, positive_int, seed)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                            for name, cls in BACKENDS.items() if name != "hf")
     run.add_argument("--probes", help=f"comma-separated probe names (default: all of "
                                       f"{','.join(known)}; {by_backend})")
-    add_corpus_arguments(run)
+    add_prompt_arguments(run, corpus=True)
     add_run_dir_arguments(run)
     add_placement_arguments(run)
     run.add_argument("--truncate", action="store_true",
@@ -91,54 +89,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", metavar="ADDR",
                        help="with --engine ray: the cluster to join (auto, or "
                             "ray://HEAD:10001); default: start a local Ray")
-
-
-def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the prompts come from: --prompt texts and --prompts sources, read lazily."""
-    parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="a prompt; repeat for several (prompt ids: --prompt texts first, "
-                             "then each --prompts source in order)")
-    parser.add_argument("--prompts", action="append", metavar="SOURCE",
-                        help=".txt (one prompt per non-blank line), .jsonl (a JSON string or "
-                             "an object per line), .csv or .parquet; a directory of them "
-                             "(sorted by name) or a glob; or a directory saved by Hugging Face "
-                             "datasets (save_to_disk); repeatable")
-    parser.add_argument("--text-column", metavar="NAME",
-                        help="the column or field holding the text (default: text, else "
-                             "prompt)")
-    parser.add_argument("--id-column", metavar="NAME",
-                        help="the column kept as prompts.doc_id (default: id, when present)")
-    parser.add_argument("--limit", type=positive_int, metavar="N",
-                        help="run the first N prompts (after --shard) and stop reading")
-    parser.add_argument("--shard", metavar="I/N", type=shard,
-                        help="run shard I of N (0-based): the prompts whose id modulo N is I")
-
-
-def shard(text: str) -> tuple[int, int]:
-    """The argparse `type=` of --shard: I/N with 0 <= I < N."""
-    from tokenprobe.corpus import parse_shard
-
-    try:
-        return parse_shard(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def corpus_of(args: argparse.Namespace):
-    """The run's `Corpus`, its sources opened (not read) before any model loads."""
-    from tokenprobe.corpus import Corpus, CorpusError
-    from tokenprobe.tokens import check_nonempty
-
-    if not args.prompt and not args.prompts:
-        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts SOURCE")
-    check_nonempty(list(args.prompt or []))
-    try:
-        corpus = Corpus(args.prompts or (), args.prompt or (), text_column=args.text_column,
-                        id_column=args.id_column, limit=args.limit, shard=args.shard)
-        corpus.check()
-    except CorpusError as err:
-        raise UsageError(str(err)) from err
-    return corpus
 
 
 def supported(known: dict, sites: frozenset[str]) -> list[str]:
@@ -253,6 +203,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def report_run(args: argparse.Namespace, result) -> int:
     """Print a finished run's summary and warnings; the exit code (--strict)."""
+    from tokenprobe.cli.summary import print_summary
+
     print_summary(result)
     print(f"\nrun saved to {args.out}  (tables: {', '.join(result.meta['tables'])})")
     for warning in result.meta.get("warnings", []):
@@ -353,78 +305,3 @@ def apply_impl(impl: str, chosen: dict, values: dict[str, dict]) -> None:
             raise UsageError(f"--impl {impl} is not an implementation of the {name} probe "
                              f"(one of {', '.join(option.choices)}); give --{name}-impl too")
         values[name]["impl"] = impl
-
-
-def print_summary(run) -> None:
-    """Per prompt (the first SHOWN): tokens, massive activations, sink rate and secondary
-    sinks (what ran); only those prompts' rows are read."""
-    import pandas as pd
-
-    from tokenprobe.analyses.massive import massive_summary
-    from tokenprobe.analyses.sinks import sink_rate
-
-    shown = run.dataset("prompts").head(SHOWN, columns=["prompt_id"]).column(0).to_pylist()
-    result = run.select(shown)
-    tables = result.tables
-    texts = result.prompts.set_index("prompt_id").text
-    massive = massive_summary(result).set_index("prompt_id") if "massive" in tables else None
-    rates = sink_rate(result).set_index("prompt_id") if "heads" in tables else None
-    n_prompts = run.meta.get("n_prompts", len(texts))
-    print(f"model {result.meta['model']} ({result.meta['n_layers']} blocks), "
-          f"{n_prompts} prompt(s)")
-    for prompt_id, text in texts.items():
-        n = int(result.prompts.set_index("prompt_id").n_tokens[prompt_id])
-        head = (text[:48] + "...") if len(text) > 48 else text
-        print(f"  [{prompt_id}] {n:4d} tokens  | {head!r}")
-        if massive is not None:
-            row = massive.loc[prompt_id]
-            if pd.isna(row.first_massive_layer):
-                print("        no massive activations")
-            else:
-                print(f"        massive from block {row.first_massive_layer} to "
-                      f"{row.last_massive_layer}, dims [{row.massive_dims}] at positions "
-                      f"[{row.massive_positions}], max |h| {row.max_massive:,.0f}")
-        if rates is not None and rates.nonfinite_heads[prompt_id]:
-            print(f"        sink rate n/a: sink mass is NaN or inf at "
-                  f"{rates.nonfinite_heads[prompt_id]} (layer, head) pair(s)")
-        elif rates is not None:
-            rate = rates.loc[prompt_id]
-            sinks = tables["sinks"][(tables["sinks"].prompt_id == prompt_id)]
-            secondary = sinks[sinks.kind == "secondary"]
-            found = ", ".join(f"{t!r}@{p} (layers {c}-{c + life - 1})" for t, p, c, life in
-                              zip(secondary.token, secondary.pos, secondary.creation_layer,
-                                  secondary.lifetime)) or "none"
-            print(f"        sink rate {rate.sink_rate:.1f}% (eps {rate.eps}, T={int(rate['T'])}); "
-                  f"secondary sinks: {found}")
-        if "entropy" in tables["tokens"]:
-            print_entropy(result, prompt_id)
-    if n_prompts > len(texts):
-        print(f"  ... and {n_prompts - len(texts)} more: `tokenprobe query`, `tokenprobe report` "
-              "and `tokenprobe app` read them all")
-
-
-def print_entropy(result, prompt_id: int, top: int = 3) -> None:
-    """One prompt's mean entropy, self-certainty, perplexity and its top forking tokens."""
-    import numpy as np
-    import pandas as pd
-
-    row = result.prompts.set_index("prompt_id").loc[prompt_id]
-    if row.n_tokens < 2:
-        print("        entropy: nothing to score (one token)")
-        return
-    if pd.isna(row.mean_entropy):
-        scored = result.tokens[(result.tokens.prompt_id == prompt_id) & (result.tokens.pos > 0)]
-        bad = int((~np.isfinite(scored.entropy.to_numpy(float))).sum())
-        print(f"        entropy n/a: NaN or inf at {bad} of {len(scored)} scored positions")
-        return
-    tokens = result.tokens[(result.tokens.prompt_id == prompt_id) & result.tokens.forking.fillna(False)]
-    forks = ", ".join(f"{t!r}@{p} (H {h:.2f})" for t, p, h in
-                      tokens.nlargest(top, "entropy")[["token", "pos", "entropy"]].itertuples(
-                          index=False)) or "none"
-    line = (f"        entropy {row.mean_entropy:.2f} nats, self-certainty "
-            f"{row.mean_self_certainty:.2f}, perplexity {row.perplexity:.1f}; forking: {forks}")
-    if "jsd" in result.tokens:
-        jsd = result.tokens[result.tokens.prompt_id == prompt_id].jsd.mean()
-        compare = next(p["compare"]["model"] for p in result.meta["probes"] if "compare" in p)
-        line += f"; mean JSD to {compare} {jsd:.3f}"
-    print(line)
