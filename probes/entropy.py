@@ -35,8 +35,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokenprobe.kernels.linear_entropy import IMPLS, linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
-from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, run_diagnostics,
-                                                run_quantiles, run_summary, strict_mean,
+from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, forking_at,
+                                                run_diagnostics, run_quantiles, run_summary,
+                                                scored_sql, scored_tokens, strict_mean,
                                                 tip_quadrant, window_entropy)
 from tokenprobe.placement import input_device
 from tokenprobe.tables import Column
@@ -56,8 +57,15 @@ class EntropyConfig:
             t..t+w-1 (the paper). Windows cut by the end of the prompt average what is left.
         low_quantile: entropy below this quantile is band "low" (0.5).
         high_quantile: entropy at or above this quantile is band "high" (0.8).
-        rho: forking tokens are the top rho by entropy (0.2, Wang et al.).
+        rho: forking tokens are the top rho by entropy (0.2, Wang et al.): exactly
+            max(1, ceil(rho N)) of the N scored tokens, as their code takes them.
         quantiles_over: "run" (all scored tokens of the run) or "prompt" (each prompt's own).
+            The 80/20 code pools a training micro-batch of responses: "run" over a run of
+            those responses is that pooling; "prompt" is one response at a time.
+        score: "response" scores only the response of prompts given with one (prompt /
+            response pairs, chat messages ending with the assistant's), every token of the
+            others; "all" scores every token. Scored tokens make the quantiles, bands, forking
+            flags and per-prompt summaries; the per-token statistics cover every token.
         topk: most likely tokens kept per position (>= 2; top1_prob and margin use two).
         lens: also compute the logit lens per layer (lens_entropy, lens_kl_to_final in
             `token_layers`); costs a second forward pass and one more unembedding pass
@@ -75,6 +83,8 @@ class EntropyConfig:
     rho: float = 0.2
     quantiles_over: str = field(default="run", metadata={"choices": ("run", "prompt"),
                                                          "aliases": ("--quantiles",)})
+    score: str = field(default="response", metadata={"choices": ("response", "all"),
+                                                     "aliases": ("--score",)})
     topk: int = 2
     lens: bool = field(default=False, metadata={"aliases": ("--lens",)})
     contrast_beta: float | None = field(default=None, metadata={"aliases": ("--contrast-beta",)})
@@ -94,6 +104,8 @@ class EntropyConfig:
             raise ValueError(f"rho must be in (0, 1), got {self.rho}")
         if self.quantiles_over not in ("run", "prompt"):
             raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
+        if self.score not in ("response", "all"):
+            raise ValueError(f'score must be "response" or "all", got {self.score!r}')
         if self.topk < 2:
             raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
 
@@ -129,8 +141,9 @@ class EntropyProbe(Probe):
             "window_entropy": C("float64", "ARES window mean of entropy (w = 4, t+1..t+w by "
                                            "default)"),
             "band": C("string", "low / mid / high by entropy quantiles (0.5, 0.8; per run or "
-                                "prompt)"),
-            "forking": C("boolean", "entropy >= its (1 - rho) quantile, rho = 0.2 (Wang et al.)"),
+                                "prompt) of the scored tokens; NA elsewhere"),
+            "forking": C("boolean", "among the max(1, ceil(rho N)) highest-entropy of the N "
+                                    "scored tokens, rho = 0.2 (Wang et al.); NA elsewhere"),
             "teacher_entropy": C("float64", "entropy of the compare model q (nats)"),
             "teacher_logprob": C("float64", "log q[token_id]"),
             "kl_student_teacher": C("float64", "KL(p || q) (nats)"),
@@ -146,7 +159,8 @@ class EntropyProbe(Probe):
             "lens_kl_to_final": C("float64", "KL(lens distribution || final distribution) at "
                                              "the same position")},
         "prompts": {
-            "mean_entropy": C("float64", "mean entropy over the prompt's scored tokens (nats)"),
+            "mean_entropy": C("float64", "mean entropy over the prompt's scored tokens (nats; "
+                                         "its response only, with score=response)"),
             "mean_self_certainty": C("float64", "mean self-certainty (Kang et al.'s sequence "
                                                 "score)"),
             "perplexity": C("float64", "exp(-mean logprob) over the scored tokens"),
@@ -342,29 +356,34 @@ class EntropyProbe(Probe):
         return frame
 
     def statistics(self, sql) -> dict:
-        """The band and forking thresholds over the whole run (quantiles of every finite
-        entropy, `quantiles_over="run"`; exact, linear interpolation as numpy's default)."""
+        """The band and forking thresholds over the whole run's scored tokens
+        (`quantiles_over="run"`; `run_quantiles`)."""
         if self.config.quantiles_over != "run":
             return {}
-        return run_quantiles(sql, "coalesce(isfinite(entropy), false)", self.config)
+        return run_quantiles(sql, scored_sql(sql.columns("tokens"), self.config.score),
+                             self.config)
 
     def finalize(self, tables: dict[str, pd.DataFrame], stats: dict) -> dict[str, pd.DataFrame]:
-        """Bands and forking flags (at the run's thresholds `stats`, or each prompt's own) and
-        per-prompt summaries: mean entropy, mean self-certainty, perplexity, share of forking
-        tokens; of one part (whole prompts)."""
+        """Bands and forking flags of the scored tokens (at the run's thresholds `stats`, or
+        each prompt's own) and per-prompt summaries over them: mean entropy, mean
+        self-certainty, perplexity, share of forking tokens; of one part (whole prompts)."""
         cfg = self.config
         tokens = tables["tokens"].copy()
-        tokens["band"] = pd.Series(pd.NA, index=tokens.index, dtype="string")
-        tokens["forking"] = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
+        scored = scored_tokens(tokens, cfg.score)
         if cfg.quantiles_over == "run":
-            tokens["band"], tokens["forking"] = bands_at(tokens.entropy, stats)
+            tokens["band"] = bands_at(tokens.entropy, stats, scored)
+            tokens["forking"] = forking_at(tokens, scored, stats)
         else:
+            tokens["band"] = pd.Series(pd.NA, index=tokens.index, dtype="string")
+            tokens["forking"] = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
             for _, group in tokens.groupby("prompt_id"):
-                band, forking, _ = entropy_bands(group.entropy, low_quantile=cfg.low_quantile,
-                                                 high_quantile=cfg.high_quantile, rho=cfg.rho)
+                band, forking, _ = entropy_bands(
+                    group.entropy, scored[group.index], low_quantile=cfg.low_quantile,
+                    high_quantile=cfg.high_quantile, rho=cfg.rho)
                 tokens.loc[group.index, "band"], tokens.loc[group.index, "forking"] = band, forking
-        scored = tokens[tokens.pos > 0]  # a NaN there is non-finite: the prompt's means are NaN
-        per_prompt = scored.groupby("prompt_id").agg(
+        # a NaN among these is non-finite: the prompt's means are NaN
+        summed = tokens[scored_tokens(tokens, cfg.score, finite=False)]
+        per_prompt = summed.groupby("prompt_id").agg(
             mean_entropy=("entropy", strict_mean),
             mean_self_certainty=("self_certainty", strict_mean),
             perplexity=("logprob", lambda x: math.exp(-strict_mean(x))),
@@ -379,4 +398,4 @@ class EntropyProbe(Probe):
 
     def summary(self, sql, stats: dict) -> dict:
         """`run_summary`: the run's scored tokens, means, perplexity and thresholds."""
-        return run_summary(sql, self.config)
+        return run_summary(sql, self.config, stats)

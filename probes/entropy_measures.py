@@ -32,43 +32,122 @@ def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> n
     return out
 
 
-def entropy_bands(entropy: pd.Series, *, low_quantile: float = 0.5, high_quantile: float = 0.8,
-                  rho: float = 0.2) -> tuple[pd.Series, pd.Series, dict[str, float]]:
-    """Band (low < q_low <= mid < q_high <= high) and forking flag (H >= q_{1 - rho}) of each
-    scored token, and the thresholds used (quantiles of the finite entropies); a NaN or inf
-    entropy gets no band and no forking flag (NA)."""
-    scored = entropy[np.isfinite(entropy.to_numpy(float))]
-    if scored.empty:
-        q = {"q_low": math.nan, "q_high": math.nan, "q_forking": math.nan}
+def forking_count(n: int, rho: float) -> int:
+    """How many of `n` scored tokens are forking: the 80/20 code's k = max(1, int(n * rho +
+    0.9999)) (its ceil), 0 when there are none."""
+    return max(1, int(n * rho + 0.9999)) if n else 0
+
+
+def scored_tokens(tokens: pd.DataFrame, score: str = "response", *, finite: bool = True
+                  ) -> pd.Series:
+    """Which rows of a `tokens` frame are scored (quantiles, bands, forking, summaries): pos > 0,
+    a finite entropy (`finite`), and with `score="response"` the response tokens of prompts
+    that have a response (column `in_response`; every token of a prompt without one)."""
+    mask = tokens.pos > 0
+    if finite:
+        mask &= np.isfinite(tokens.entropy.to_numpy(float))
+    if score == "response" and "in_response" in tokens:
+        mask &= tokens.in_response.fillna(True).astype(bool)
+    return mask
+
+
+def scored_sql(columns: list[str], score: str = "response", *, finite: bool = True) -> str:
+    """`scored_tokens` as a SQL condition on table `tokens` with `columns`."""
+    where = "pos > 0" + (" AND coalesce(isfinite(entropy), false)" if finite else "")
+    if score == "response" and "in_response" in columns:
+        where += " AND coalesce(in_response, true)"
+    return where
+
+
+def entropy_bands(entropy: pd.Series, scored: pd.Series | None = None, *,
+                  low_quantile: float = 0.5, high_quantile: float = 0.8, rho: float = 0.2
+                  ) -> tuple[pd.Series, pd.Series, dict[str, float]]:
+    """Band (low < q_low <= mid < q_high <= high) and forking flag of each scored token, and
+    the thresholds used. The band quantiles are numpy's (linear) over the scored entropies;
+    forking tokens are exactly `forking_count` of them, the highest entropies (`top_k_forking`).
+    `scored` (default: the finite entropies) chooses the tokens; the others get NA."""
+    scored = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index) \
+        if scored is None else scored
+    values = entropy[scored]
+    if values.empty:
+        q = {"q_low": math.nan, "q_high": math.nan}
     else:
-        q = {"q_low": float(np.quantile(scored, low_quantile)),
-             "q_high": float(np.quantile(scored, high_quantile)),
-             "q_forking": float(np.quantile(scored, 1 - rho))}
-    return (*bands_at(entropy, q), q)
+        q = {"q_low": float(np.quantile(values, low_quantile)),
+             "q_high": float(np.quantile(values, high_quantile))}
+    forking = top_k_forking(entropy, scored, rho)
+    picked = entropy[forking.fillna(False).astype(bool)]
+    q.update(forking_k=int(len(picked)),
+             forking_threshold=float(picked.min()) if len(picked) else math.nan)
+    return bands_at(entropy, q, scored), forking, q
 
 
-def bands_at(entropy: pd.Series, q: dict[str, float]) -> tuple[pd.Series, pd.Series]:
-    """Band and forking flag of each token at given thresholds (q_low, q_high, q_forking, as
-    `entropy_bands` returns them); NA where the entropy is NaN or inf."""
-    finite = pd.Series(np.isfinite(entropy.to_numpy(float)), index=entropy.index)
+def top_k_forking(entropy: pd.Series, scored: pd.Series, rho: float) -> pd.Series:
+    """The forking flag of the 80/20 code (get_global_entropy_top_mask): exactly
+    `forking_count(n)` of the n scored tokens, by entropy, pooled over all of them; where the
+    k-th value is tied, the earliest tokens (in row order) are taken, so ties never add tokens
+    (torch.topk picks among ties in no stated order). NA where not scored."""
+    out = pd.Series(pd.NA, index=entropy.index, dtype="boolean")
+    values = entropy[scored].to_numpy(float)
+    k = forking_count(len(values), rho)
+    flags = np.zeros(len(values), dtype=bool)
+    flags[np.argsort(-values, kind="stable")[:k]] = True
+    out[scored[scored].index] = flags
+    return out
+
+
+def bands_at(entropy: pd.Series, q: dict[str, float], scored: pd.Series | None = None
+             ) -> pd.Series:
+    """Band of each token at given thresholds (q_low, q_high, as `entropy_bands` returns
+    them); NA where the entropy is NaN or inf or the token is not `scored`."""
+    keep = np.isfinite(entropy.to_numpy(float))
+    if scored is not None:
+        keep &= scored.to_numpy(bool)
     band = pd.Series(np.where(entropy >= q["q_high"], "high",
                               np.where(entropy >= q["q_low"], "mid", "low")),
                      index=entropy.index, dtype="string")
-    band[~finite] = pd.NA
-    forking = (entropy >= q["q_forking"]).astype("boolean")
-    forking[~finite] = pd.NA
-    return band, forking
+    band[~keep] = pd.NA
+    return band
+
+
+def forking_at(tokens: pd.DataFrame, scored: pd.Series, q: dict) -> pd.Series:
+    """The run-level forking flag of the rows of one part: entropy above the run's k-th
+    largest (`forking_threshold`), or equal to it up to the last tie taken (`forking_cut`,
+    [prompt_id, pos]; `run_quantiles`). NA where not scored."""
+    out = pd.Series(pd.NA, index=tokens.index, dtype="boolean")
+    if not q.get("forking_k"):
+        out[scored] = False
+        return out
+    h, v = tokens.entropy.to_numpy(float), q["forking_threshold"]
+    cut_prompt, cut_pos = q["forking_cut"]
+    order = (tokens.prompt_id.to_numpy() < cut_prompt) | (
+        (tokens.prompt_id.to_numpy() == cut_prompt) & (tokens.pos.to_numpy() <= cut_pos))
+    flags = (h > v) | ((h == v) & order)
+    out[scored] = flags[scored.to_numpy(bool)]
+    return out
 
 
 def run_quantiles(sql, where: str, config) -> dict[str, float]:
     """`entropy_bands`' thresholds over the rows of table `tokens` where SQL `where` holds,
     by DuckDB over the whole run (`sql`: a `tokenprobe.store.PartsSQL`) without loading it:
-    exact quantiles, linearly interpolated as numpy's default; NaN when no row is left."""
-    levels = [float(config.low_quantile), float(config.high_quantile), 1 - float(config.rho)]
-    row = sql.sql(f"SELECT quantile_cont(entropy, [{', '.join(map(repr, levels))}]) AS q "
-                  f"FROM tokens WHERE {where}").q.iloc[0]
-    values = [float(v) for v in row] if hasattr(row, "__len__") and len(row) else [math.nan] * 3
-    return dict(zip(("q_low", "q_high", "q_forking"), values))
+    exact band quantiles (linear, as numpy's default; NaN when no row is left) and the forking
+    selection: k, the k-th largest entropy and the last tied token taken (in prompt, position
+    order), so that `forking_at` flags exactly k tokens part by part."""
+    levels = [float(config.low_quantile), float(config.high_quantile)]
+    row = sql.sql(f"SELECT quantile_cont(entropy, [{', '.join(map(repr, levels))}]) AS q, "
+                  f"count(*) AS n FROM tokens WHERE {where}").iloc[0]
+    values = [float(v) for v in row.q] if row.n else [math.nan] * 2
+    out = dict(zip(("q_low", "q_high"), values))
+    k = forking_count(int(row.n), float(config.rho))
+    out.update(forking_k=k, forking_threshold=math.nan, forking_cut=None)
+    if k:
+        v = float(sql.sql(f"SELECT entropy FROM tokens WHERE {where} ORDER BY entropy DESC "
+                          f"LIMIT 1 OFFSET {k - 1}").entropy.iloc[0])
+        above = int(sql.sql(f"SELECT count(*) AS n FROM tokens WHERE {where} AND entropy > ?",
+                            [v]).n.iloc[0])
+        cut = sql.sql(f"SELECT prompt_id, pos FROM tokens WHERE {where} AND entropy = ? "
+                      f"ORDER BY prompt_id, pos LIMIT 1 OFFSET {k - above - 1}", [v]).iloc[0]
+        out.update(forking_threshold=v, forking_cut=[int(cut.prompt_id), int(cut.pos)])
+    return out
 
 
 def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,
@@ -88,28 +167,31 @@ def strict_mean(x: pd.Series) -> float:
     return float(values.mean()) if np.isfinite(values).all() else math.nan
 
 
-def run_summary(sql, config) -> dict:
-    """Run-level figures: scored tokens, mean entropy and self-certainty, perplexity, the
-    band and forking thresholds (per-run quantiles), and two-model means when present.
+def run_summary(sql, config, stats: dict) -> dict:
+    """Run-level figures over the scored tokens (`scored_sql`): their count, mean entropy and
+    self-certainty, perplexity, two-model means when present, and the band and forking
+    thresholds used (`stats`, from `run_quantiles`; absent with per-prompt quantiles).
     Prompts with a NaN or inf statistic are left out and counted in `prompts_excluded`."""
     finite = " AND ".join(f"coalesce(isfinite({c}), false)"
                           for c in ("entropy", "logprob", "self_certainty"))
-    kept = (f"pos > 0 AND prompt_id NOT IN (SELECT prompt_id FROM tokens WHERE pos > 0 "
+    scored = scored_sql(sql.columns("tokens"), config.score, finite=False)
+    kept = (f"{scored} AND prompt_id NOT IN (SELECT prompt_id FROM tokens WHERE {scored} "
             f"AND NOT ({finite}))")
     extra = [c for c in ("jsd", "kl_student_teacher", "critical_ce")
              if c in sql.columns("tokens")]
     row = sql.sql(
-        f"SELECT (SELECT count(DISTINCT prompt_id) FROM tokens WHERE pos > 0 AND NOT "
+        f"SELECT (SELECT count(DISTINCT prompt_id) FROM tokens WHERE {scored} AND NOT "
         f"({finite})) AS excluded, count(*) AS n, avg(entropy) AS h, "
         f"avg(self_certainty) AS c, avg(logprob) AS lp"
         + "".join(f", avg({c}) AS {c}" for c in extra)
         + f" FROM tokens WHERE {kept}").iloc[0]
     excluded = {"prompts_excluded": int(row.excluded)}
     if not row.n:
-        return {"n_scored": 0, **excluded}
-    out = {"n_scored": int(row.n), **excluded, "mean_entropy": float(row.h),
-           "mean_self_certainty": float(row.c), "perplexity": math.exp(-float(row.lp)),
-           **run_quantiles(sql, kept, config),
+        return {"n_scored": 0, **excluded, "score": config.score}
+    out = {"n_scored": int(row.n), **excluded, "score": config.score,
+           "mean_entropy": float(row.h), "mean_self_certainty": float(row.c),
+           "perplexity": math.exp(-float(row.lp)),
+           **{k: v for k, v in stats.items() if k != "forking_cut"},
            "quantiles_over": config.quantiles_over}
     for col in extra:
         out[f"mean_{col}"] = float(row[col])
@@ -120,8 +202,8 @@ def run_diagnostics(sql, cfg) -> list[str]:
     """When bands and forking flags rest on too few tokens to place a quantile: under
     MIN_SCORED scored tokens in the run (quantiles over the run) or in a prompt (over each
     prompt); `cfg` is the probe's EntropyConfig."""
-    counts = sql.sql("SELECT prompt_id, count(*) AS n FROM tokens WHERE pos > 0 AND "
-                     "coalesce(isfinite(entropy), false) GROUP BY prompt_id")
+    counts = sql.sql(f"SELECT prompt_id, count(*) AS n FROM tokens WHERE "
+                     f"{scored_sql(sql.columns('tokens'), cfg.score)} GROUP BY prompt_id")
     if cfg.quantiles_over == "run" and counts.n.sum() < MIN_SCORED:
         return [f"entropy bands and forking flags rest on {int(counts.n.sum())} scored "
                 f"tokens in the whole run: too few for its {cfg.low_quantile:g}, "

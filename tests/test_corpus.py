@@ -322,7 +322,7 @@ def test_nothing_is_read_before_iteration_and_check_fails_early(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         corpus.check()
     bad_column = write(tmp_path / "c.csv", "body\nx\n")
-    with pytest.raises(CorpusError, match=r'c\.csv has no "text" or "prompt" column \(its '
+    with pytest.raises(CorpusError, match=r'c\.csv has no "text" or "prompt" or "messages" column \(its '
                                           r"columns: body\)"):
         Corpus([bad_column]).check()
     with pytest.raises(PromptError, match=r"prompt 1 \(texts\[1\]\)"):
@@ -364,8 +364,8 @@ def test_non_utf8_names_the_file_line_and_byte(tmp_path):
 def test_jsonl_errors_name_file_and_line(tmp_path):
     cases = {
         '"ok"\n{"text": }\n': r"j\.jsonl:2: not valid JSON",
-        '"ok"\n\n42\n': r'j\.jsonl:3: expected a string or an object with "text" or "prompt"',
-        '{"body": "x"}\n': r'j\.jsonl:1: the object has no "text" or "prompt" key \(its keys: '
+        '"ok"\n\n42\n': r'j\.jsonl:3: expected a string or an object with "text" or "prompt" or "messages"',
+        '{"body": "x"}\n': r'j\.jsonl:1: the object has no "text" or "prompt" or "messages" key \(its keys: '
                            r"body\)",
         '{"text": 5}\n': r'j\.jsonl:1: the "text" value is of type int, not text',
         '{"text": null}\n': r'j\.jsonl:1: the "text" value is null, not text',
@@ -387,7 +387,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
 def test_column_errors_list_the_columns(tmp_path):
     csv_file = write(tmp_path / "c.csv", "a,b\n1,2\n")
     parquet = write_parquet(tmp_path / "p.parquet", {"a": ["x"], "text": ["y"]})
-    with pytest.raises(CorpusError, match=r'c\.csv has no "text" or "prompt" column \(its '
+    with pytest.raises(CorpusError, match=r'c\.csv has no "text" or "prompt" or "messages" column \(its '
                                           r"columns: a, b\); name the text column"):
         list(Corpus([csv_file]))
     with pytest.raises(CorpusError, match=r'p\.parquet has no "body" column \(its columns: a, '

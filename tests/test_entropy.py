@@ -13,6 +13,7 @@ import tokenprobe
 from tokenprobe.models import LoadedModel
 from tokenprobe.probes import EntropyConfig, EntropyProbe
 from tokenprobe.probes.entropy import entropy_bands, tip_quadrant, window_entropy
+from tokenprobe.probes.entropy_measures import top_k_forking
 
 from conftest import PROMPTS
 
@@ -95,10 +96,42 @@ def test_window_entropy_hand_case():
 def test_bands_and_forking_hand_case():
     h = pd.Series([np.nan, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
     band, forking, q = entropy_bands(h)
-    assert q == {"q_low": 4.5, "q_high": 7.2, "q_forking": 7.2}  # numpy linear quantiles
+    assert q == {"q_low": 4.5, "q_high": 7.2,  # numpy linear quantiles
+                 "forking_k": 2, "forking_threshold": 8.0}  # ceil(0.2 x 10) tokens
     assert band.isna()[0] and forking.isna()[0]
     assert band[1:].tolist() == ["low"] * 5 + ["mid"] * 3 + ["high"] * 2
     assert forking[1:].tolist() == [False] * 8 + [True] * 2
+
+
+def authors_top_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float
+                     ) -> torch.Tensor:
+    """The 80/20 code's get_global_entropy_top_mask (core_algos.py), its logic on (B, S)."""
+    flat, mask = entropy.flatten(), response_mask.flatten().bool()
+    response = flat[mask]
+    top_k = max(1, int(len(response) * top_ratio + 0.9999))
+    _, idx = torch.topk(response, k=top_k)
+    out = torch.zeros_like(flat, dtype=torch.long)
+    out[mask.nonzero().squeeze(1)[idx]] = 1
+    return out.view_as(entropy)
+
+
+def test_forking_is_the_authors_exact_top_k_over_the_response():
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 15, 16, 37):  # 0.2 x 15 = 3.0000000000000004: their ceil gives 3
+        h = rng.random(n)
+        mask = rng.random(n) < 0.7
+        mask[0] = True
+        theirs = authors_top_mask(torch.tensor(h[None]), torch.tensor(mask[None]), 0.2)[0]
+        ours = top_k_forking(pd.Series(h), pd.Series(mask), 0.2)
+        assert ours[~mask].isna().all()
+        assert ours[mask].astype(bool).tolist() == theirs[torch.tensor(mask)].bool().tolist()
+    # quantised entropies: ties at the threshold never add tokens (>= quantile took 7, not 4)
+    h = pd.Series([0.5] * 6 + [0.1] * 10 + [0.9] * 2)
+    forking = top_k_forking(h, pd.Series(True, index=h.index), 0.2)
+    assert forking.sum() == 4 == int(authors_top_mask(torch.tensor(h.to_numpy()[None]),
+                                                      torch.ones(1, 18), 0.2).sum())
+    assert forking.tolist() == [True, True] + [False] * 14 + [True, True]  # earliest ties
+    assert (h >= np.quantile(h, 0.8)).sum() == 8  # the old rule's count
 
 
 def test_tip_quadrants_hand_case():
@@ -114,7 +147,8 @@ def test_run_level_bands_summaries_and_prompt_quantiles(tiny_llama):
     tokens, prompts = run.tokens, run.prompts
     scored = tokens.dropna(subset=["entropy"])
     q80 = np.quantile(scored.entropy, 0.8)
-    assert (scored.forking == (scored.entropy >= q80)).all()
+    k = max(1, int(len(scored) * 0.2 + 0.9999))
+    assert (scored.forking == scored.entropy.rank(method="first", ascending=False).le(k)).all()
     assert (scored.band == "high").sum() == (scored.entropy >= q80).sum()
     for i, g in scored.groupby("prompt_id"):
         row = prompts.set_index("prompt_id").loc[i]
@@ -122,13 +156,15 @@ def test_run_level_bands_summaries_and_prompt_quantiles(tiny_llama):
         assert row.mean_self_certainty == pytest.approx(g.self_certainty.mean())
         assert row.forking_share == pytest.approx(g.forking.astype(bool).mean())
     s = run.meta["summary"]["entropy"]
-    assert s["n_scored"] == len(scored) and s["q_forking"] == pytest.approx(q80)
+    assert s["n_scored"] == len(scored) and s["q_high"] == pytest.approx(q80)
+    assert s["forking_k"] == k == scored.forking.sum()
     assert s["perplexity"] == pytest.approx(math.exp(-scored.logprob.mean()))
     # per-prompt quantiles: every prompt has its own top share flagged
     per = tokenprobe.run(tiny_llama, PROMPTS, [EntropyProbe(EntropyConfig(
         quantiles_over="prompt"))], progress=False).tokens.dropna(subset=["entropy"])
     for _, g in per.groupby("prompt_id"):
-        assert (g.forking == (g.entropy >= np.quantile(g.entropy, 0.8))).all()
+        k = max(1, int(len(g) * 0.2 + 0.9999))
+        assert (g.forking == g.entropy.rank(method="first", ascending=False).le(k)).all()
 
 
 def lens_reference(loaded: LoadedModel, text: str) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,8 @@ def test_a_nan_embedding_is_recorded_and_kept_out_of_the_summaries(nan_model, ti
     assert summary["sink_rate"] == sink_rate(clean).set_index("prompt_id").sink_rate[1]
     assert run.sinks.prompt_id.tolist() == [1]  # no sinks labelled from NaN cosines
     # entropy: every prompt is NaN, so nothing is averaged and the means say NaN
-    assert run.meta["summary"]["entropy"] == {"n_scored": 0, "prompts_excluded": 2}
+    assert run.meta["summary"]["entropy"] == {"n_scored": 0, "prompts_excluded": 2,
+                                             "score": "response"}
     assert run.prompts.mean_entropy.isna().all() and run.prompts.perplexity.isna().all()
     assert run.tokens.band.isna().all() and run.tokens.window_entropy.isna().all()
 

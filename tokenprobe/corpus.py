@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tokenprobe.corpus_files import (RESAVE, CorpusError, _read_csv, _read_dataset,
-                                     _read_jsonl, _read_parquet, _read_txt, _Record, _Source,
+from tokenprobe.corpus_files import (RESAVE, Columns, CorpusError, _json_record, _read_csv,
+                                     _read_dataset, _read_jsonl, _read_parquet, _read_txt, _Record, _Source,
                                      _splits_error)
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
@@ -29,23 +29,34 @@ class Prompt:
 
     Attributes:
         prompt_id: 0-based position in the whole corpus (before shard and limit selection).
-        text: the prompt's text.
+        text: the prompt's text (with a response: the part before it; chat messages: their
+            contents, one per line, until the model's chat template renders them).
         doc_id: the record's id column as a string; None when the source has none.
+        response: the answer that follows `text`, scored on its own (entropy bands, forking
+            tokens and summaries; `score="response"`); None when there is none.
+        messages: chat messages as (role, content) pairs, rendered by the model's chat
+            template when the prompt is run (a last "assistant" message is the response).
     """
     prompt_id: int
     text: str
     doc_id: str | None
+    response: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 class Corpus:
     """The prompts of `texts`, then of each source in order, read only as they are iterated.
 
+    A text is a str or a record as a .jsonl line holds it, e.g. {"prompt": ..., "response":
+    ...} or {"messages": [...]}.
+
     A source is a .txt file (a prompt per non-blank line), .jsonl (a JSON string or object per
     line), .csv or .parquet (a text column), a folder (its files of those kinds by name, not
     recursive, hidden and other files ignored), a folder saved by `datasets`' `save_to_disk`,
     or a glob pattern (its matches sorted). The text is `text_column`, else "text", else
-    "prompt" (a .txt has no columns); `id_column` (default "id", used where present) gives
-    `doc_id`. `shard=(i, n)` keeps the prompts whose id is i modulo n, `limit` the first of
+    "prompt", else "messages" (chat messages, a list of {"role", "content"} objects); a .txt
+    has no columns. `id_column` (default "id", used where present) gives `doc_id`,
+    `response_column` (default "response", used where present) the response. `shard=(i, n)` keeps the prompts whose id is i modulo n, `limit` the first of
     those (reading stops there). Every record read is checked, other shards' too, so each shard
     of a bad corpus fails alike.
 
@@ -54,20 +65,25 @@ class Corpus:
         TypeError: `sources` or `texts` is one string, or holds what is not a path / a str.
     """
 
-    def __init__(self, sources: Sequence[str | os.PathLike] = (), texts: Sequence[str] = (), *,
+    def __init__(self, sources: Sequence[str | os.PathLike] = (),
+                 texts: Sequence[str | dict] = (), *,
                  text_column: str | None = None, id_column: str | None = None,
-                 limit: int | None = None, shard: tuple[int, int] | None = None) -> None:
+                 response_column: str | None = None, limit: int | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         if isinstance(sources, (str, bytes, os.PathLike)) or isinstance(texts, (str, bytes)):
             raise TypeError("sources and texts are sequences; wrap a single one in a list")
         self.sources, self.texts = tuple(sources), tuple(texts)
         if not all(isinstance(s, (str, os.PathLike)) for s in self.sources) \
-                or not all(isinstance(t, str) for t in self.texts):
-            raise TypeError("each source is a path (str or os.PathLike), each text a str")
+                or not all(isinstance(t, (str, dict)) for t in self.texts):
+            raise TypeError("each source is a path (str or os.PathLike), each text a str or a "
+                            'record such as {"prompt": ..., "response": ...}')
         if not self.sources and not self.texts:
             raise ValueError("no prompts given")
         if limit is not None and (type(limit) is not int or limit < 1):
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
         self.text_column, self.id_column, self.limit = text_column, id_column, limit
+        self.response_column = response_column
+        self._columns = Columns(text_column, id_column, response_column)
         self.shard = None if shard is None else _check_shard(shard, repr(shard))
 
     def __iter__(self) -> Iterator[Prompt]:
@@ -80,11 +96,11 @@ class Corpus:
         sources = self._resolve()
         seen = kept = 0
         with contextlib.closing(self._records(sources)) as records:
-            for prompt_id, (where, text, doc_id) in enumerate(records):
+            for prompt_id, record in enumerate(records):
                 seen += 1
-                _check_text(prompt_id, where, text)
+                prompt = _prompt(prompt_id, *record)
                 if self.shard is None or prompt_id % self.shard[1] == self.shard[0]:
-                    yield Prompt(prompt_id, text, doc_id)
+                    yield prompt
                     kept += 1
                     if kept == self.limit:
                         return
@@ -99,8 +115,8 @@ class Corpus:
             CorpusError: as iteration would on a source's first record, or no prompt at all.
             tokenprobe.tokens.PromptError: a given text is empty or whitespace only.
         """
-        for i, text in enumerate(self.texts):
-            _check_text(i, f"texts[{i}]", text)
+        for i, record in enumerate(self._given()):
+            _prompt(i, *record)
         sources = self._resolve()
         found = bool(self.texts)
         for source in sources:
@@ -119,6 +135,7 @@ class Corpus:
         """
         digest = hashlib.sha256()
         for text in self.texts:
+            text = text if isinstance(text, str) else json.dumps(text, sort_keys=True)
             data = text.encode("utf-8", "surrogatepass")
             digest.update(len(data).to_bytes(8, "big") + data)
         files = [(file, file.stat()) for source in self._resolve() for file in source.files]
@@ -126,6 +143,7 @@ class Corpus:
                 "sources": [{"path": str(file.resolve()), "size": st.st_size,
                              "mtime_ns": st.st_mtime_ns} for file, st in files],
                 "text_column": self.text_column, "id_column": self.id_column,
+                **({"response_column": self.response_column} if self.response_column else {}),
                 "limit": self.limit, "shard": None if self.shard is None else list(self.shard)}
 
     def _resolve(self) -> list[_Source]:
@@ -134,16 +152,23 @@ class Corpus:
 
     def _records(self, sources: list[_Source]) -> Iterator[_Record]:
         """The given texts' records, then each source's."""
-        for i, text in enumerate(self.texts):
-            yield f"texts[{i}]", text, None
+        yield from self._given()
         for source in sources:
             yield from self._reader(source)
+
+    def _given(self) -> Iterator[_Record]:
+        """The records of the given texts: a str, or an object read as a JSON Lines record
+        (text or prompt, response, messages, id)."""
+        for i, text in enumerate(self.texts):
+            where = f"texts[{i}]"
+            yield (where, text, None, None) if isinstance(text, str) else \
+                _json_record(where, text, self._columns)
 
     def _reader(self, source: _Source) -> Iterator[_Record]:
         """The records of one source, read lazily."""
         read = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv,
                 ".parquet": _read_parquet, "dataset": _read_dataset}[source.kind]
-        return read(source, self.text_column, self.id_column)
+        return read(source, self._columns)
 
     def _nothing_left(self, seen: int, sources: list[_Source]) -> str:
         """Why iteration yielded nothing."""
@@ -174,13 +199,29 @@ def _check_shard(shard: Any, given: str) -> tuple[int, int]:
     return pair
 
 
-def _check_text(prompt_id: int, where: str, text: str) -> None:
+def _prompt(prompt_id: int, where: str, text: str | tuple, doc_id: str | None,
+            response: str | None) -> Prompt:
+    """The prompt of a record, checked: PromptError if its text (or response) is empty or
+    whitespace only, CorpusError if chat messages come with a response."""
+    messages = text if isinstance(text, tuple) else None
+    if messages is not None:
+        if response is not None:
+            raise CorpusError(f"{where}: chat messages and a response; give the answer as the "
+                              'last message, {"role": "assistant", ...}, or a text and response')
+        text = "\n".join(content for _, content in messages)
+    _check_text(prompt_id, where, text)
+    if response is not None:
+        _check_text(prompt_id, where, response, "its response")
+    return Prompt(prompt_id, text, doc_id, response, messages)
+
+
+def _check_text(prompt_id: int, where: str, text: str, what: str = "") -> None:
     """PromptError if `text` is empty or whitespace only."""
     if not text.strip():
         from tokenprobe.tokens import PromptError
 
-        raise PromptError(f"prompt {prompt_id} ({where}) is empty or whitespace only; give "
-                          "each prompt some text")
+        raise PromptError(f"prompt {prompt_id} ({where}){' ' + what if what else ''} is empty "
+                          "or whitespace only; give each prompt some text")
 
 
 def _expand(source: str | os.PathLike) -> list[_Source]:

@@ -12,11 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-TEXT_COLUMNS = ("text", "prompt")  # tried in order when no text_column is named
+TEXT_COLUMNS = ("text", "prompt", "messages")  # tried in order when no text_column is named
 ID_COLUMN = "id"  # the id column used where a source has it, when no id_column is named
+RESPONSE_COLUMN = "response"  # the response column used where present, when none is named
 BATCH_ROWS = 1024  # rows per Parquet / Arrow batch
 RESAVE = "save the dataset again with save_to_disk"
-_Record = tuple[str, str, "str | None"]  # (where: FILE:LINE, FILE record N or texts[i], text, id)
+# (where: FILE:LINE, FILE record N or texts[i]; the text, or chat messages as (role, content)
+# pairs; the id; the response)
+_Record = tuple[str, "str | tuple[tuple[str, str], ...]", "str | None", "str | None"]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns (JSON keys) a corpus reads: the text (None: the first of TEXT_COLUMNS a
+    source has), the id and the response (None: ID_COLUMN / RESPONSE_COLUMN where present)."""
+    text: str | None = None
+    id: str | None = None
+    response: str | None = None
 
 
 class CorpusError(ValueError):
@@ -62,19 +74,22 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _read_txt(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
+def _read_txt(source: _Source, cols: Columns) -> Iterator[_Record]:
     """A prompt per non-blank line (lines split as str.splitlines does)."""
-    if id_col is not None:
-        raise CorpusError(f'{source.path}: a .txt file has no "{id_col}" id column (no '
-                          "columns at all); give that source as .jsonl or .csv, or no id_column")
+    for named, kind in ((cols.id, "id"), (cols.response, "response")):
+        if named is not None:
+            raise CorpusError(f'{source.path}: a .txt file has no "{named}" {kind} column (no '
+                              "columns at all); give that source as .jsonl or .csv, or no "
+                              f"{kind}_column")
     for number, line in _lines(source.path):
         for piece in line.splitlines():
             if piece.strip():
-                yield f"{source.path}:{number}", piece, None
+                yield f"{source.path}:{number}", piece, None, None
 
 
-def _read_jsonl(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
-    """A prompt per non-blank line: a JSON string, or an object with the text (and id)."""
+def _read_jsonl(source: _Source, cols: Columns) -> Iterator[_Record]:
+    """A prompt per non-blank line: a JSON string, or an object with the text or chat
+    messages (and id, response)."""
     for number, line in _lines(source.path):
         if line.strip():
             where = f"{source.path}:{number}"
@@ -82,30 +97,36 @@ def _read_jsonl(source: _Source, column: str | None, id_col: str | None) -> Iter
                 item = json.loads(line)
             except ValueError as err:
                 raise CorpusError(f"{where}: not valid JSON ({err})") from err
-            yield _json_record(where, item, column, id_col)
+            yield _json_record(where, item, cols)
 
 
-def _json_record(where: str, item: Any, column: str | None, id_col: str | None) -> _Record:
+def _json_record(where: str, item: Any, cols: Columns) -> _Record:
     """The record of one JSON Lines value."""
+    column, id_col = cols.text, cols.id
     wanted = f'"{column}"' if column else " or ".join(f'"{c}"' for c in TEXT_COLUMNS)
     if isinstance(item, str):
-        if id_col is not None:
-            raise CorpusError(f'{where}: a JSON string has no "{id_col}" id; give objects '
-                              "with that key, or no id_column")
-        return where, item, None
+        for named, kind in ((id_col, "id"), (cols.response, "response")):
+            if named is not None:
+                raise CorpusError(f'{where}: a JSON string has no "{named}" {kind}; give '
+                                  f"objects with that key, or no {kind}_column")
+        return where, item, None, None
     if not isinstance(item, dict):
         raise CorpusError(f"{where}: expected a string or an object with {wanted}")
     key = column or next((c for c in TEXT_COLUMNS if c in item), None)
     if key not in item:
         raise CorpusError(f"{where}: the object has no {wanted} key (its keys: "
                           f"{_names(item)}); name the text key with text_column (--text-column)")
-    if id_col is not None and id_col not in item:
-        raise CorpusError(f'{where}: the object has no "{id_col}" id key (its keys: '
-                          f"{_names(item)}); give every record one, or another id_column")
-    return where, _text(where, item[key], key), _doc(item.get(id_col or ID_COLUMN))
+    for named, kind in ((id_col, "id"), (cols.response, "response")):
+        if named is not None and named not in item:
+            raise CorpusError(f'{where}: the object has no "{named}" {kind} key (its keys: '
+                              f"{_names(item)}); give every record one, or another {kind}_column")
+    response = item.get(cols.response or RESPONSE_COLUMN)
+    return (where, _text(where, item[key], key), _doc(item.get(id_col or ID_COLUMN)),
+            None if response is None else _text(where, response, cols.response or
+                                                RESPONSE_COLUMN))
 
 
-def _read_csv(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
+def _read_csv(source: _Source, cols: Columns) -> Iterator[_Record]:
     """A prompt per CSV row after the header (blank lines skipped; an empty id cell: no id)."""
     path, lines = source.path, _lines(source.path)
     reader = csv.reader((line for _, line in lines), strict=True)
@@ -114,41 +135,43 @@ def _read_csv(source: _Source, column: str | None, id_col: str | None) -> Iterat
             header = next(reader, None)
             if header is None:
                 return
-            text, ident = _pick(header, column, id_col, path)
-            at = [header.index(text)] + ([header.index(ident)] if ident else [])
+            picked = _pick(header, cols, path)
+            at = [header.index(c) if c else None for c in picked]
             start = reader.line_num + 1
             for row in reader:
                 where, start = f"{path}:{start}", reader.line_num + 1
-                if row and len(row) <= max(at):
+                if row and len(row) <= max(i for i in at if i is not None):
                     raise CorpusError(f"{where}: the row has {len(row)} fields, the header "
                                       f"{len(header)}; give every row the header's fields")
                 if row:
-                    yield where, row[at[0]], (row[at[1]] or None) if ident else None
+                    ident, response = ((row[i] or None) if i is not None else None
+                                       for i in at[1:])
+                    yield where, _text(where, row[at[0]], picked[0]), ident, response
         except csv.Error as err:
             raise CorpusError(f"{path}:{reader.line_num}: not valid CSV ({err})") from err
 
 
-def _read_parquet(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
+def _read_parquet(source: _Source, cols: Columns) -> Iterator[_Record]:
     """A prompt per Parquet row, read BATCH_ROWS rows (of the columns used) at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         with pq.ParquetFile(source.path) as handle:
-            text, ident = _pick(handle.schema_arrow.names, column, id_col, source.path)
-            batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=_used(text, ident))
-            yield from _batch_records(source.path, batches, text, ident)
+            picked = _pick(handle.schema_arrow.names, cols, source.path)
+            batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=_used(picked))
+            yield from _batch_records(source.path, batches, picked)
     except (OSError, pa.ArrowException) as err:
         raise CorpusError(f"{source.path} is not a readable Parquet file ({err})") from err
 
 
-def _read_dataset(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
+def _read_dataset(source: _Source, cols: Columns) -> Iterator[_Record]:
     """A prompt per row of a `save_to_disk` folder: through `datasets.load_from_disk`
     (memory-mapped, read in batches) where `datasets` is installed, else `_read_arrow`."""
     try:
         import datasets
     except ImportError:
-        yield from _read_arrow(source, column, id_col)
+        yield from _read_arrow(source, cols)
         return
     try:
         data = datasets.load_from_disk(str(source.path))
@@ -156,12 +179,12 @@ def _read_dataset(source: _Source, column: str | None, id_col: str | None) -> It
         raise CorpusError(f"cannot load the dataset {source.path} ({err}); {RESAVE}") from err
     if not isinstance(data, datasets.Dataset):
         raise _splits_error(source.path)
-    text, ident = _pick(data.column_names, column, id_col, source.path)
-    batches = data.select_columns(_used(text, ident)).with_format("arrow")
-    yield from _batch_records(source.path, batches.iter(batch_size=BATCH_ROWS), text, ident)
+    picked = _pick(data.column_names, cols, source.path)
+    batches = data.select_columns(_used(picked)).with_format("arrow")
+    yield from _batch_records(source.path, batches.iter(batch_size=BATCH_ROWS), picked)
 
 
-def _read_arrow(source: _Source, column: str | None, id_col: str | None) -> Iterator[_Record]:
+def _read_arrow(source: _Source, cols: Columns) -> Iterator[_Record]:
     """The rows of the Arrow stream files a `save_to_disk` state.json lists, a record batch
     at a time (pyarrow only)."""
     import pyarrow as pa
@@ -172,28 +195,34 @@ def _read_arrow(source: _Source, column: str | None, id_col: str | None) -> Iter
         for file in source.files[1:]:
             with pa.OSFile(str(file)) as handle:
                 stream = ipc.open_stream(handle)
-                text, ident = _pick(stream.schema.names, column, id_col, source.path)
-                yield from _batch_records(source.path, stream, text, ident, numbers)
+                picked = _pick(stream.schema.names, cols, source.path)
+                yield from _batch_records(source.path, stream, picked, numbers)
     except (OSError, pa.ArrowException) as err:
         raise CorpusError(f"{source.path} holds an unreadable Arrow file ({err}); {RESAVE}"
                           ) from err
 
 
-def _batch_records(path: Path, batches: Iterable[Any], text: str, ident: str | None,
+def _batch_records(path: Path, batches: Iterable[Any], picked: tuple[str, str | None, str | None],
                    numbers: Iterator[int] | None = None) -> Iterator[_Record]:
-    """The records of Arrow record batches (or tables), numbered by `numbers` (from 1)."""
+    """The records of Arrow record batches (or tables) with the columns `picked` (text, id,
+    response; `_pick`), numbered by `numbers` (from 1)."""
     numbers = numbers or itertools.count(1)
+    text, ident, response = picked
     for batch in batches:
         texts = batch.column(text).to_pylist()
         ids = batch.column(ident).to_pylist() if ident else [None] * len(texts)
-        for value, doc in zip(texts, ids):
+        answers = batch.column(response).to_pylist() if response else [None] * len(texts)
+        for value, doc, answer in zip(texts, ids, answers):
             where = f"{path} record {next(numbers)}"
-            yield where, _text(where, value, text), _doc(doc)
+            yield (where, _text(where, value, text), _doc(doc),
+                   None if answer is None else _text(where, answer, response))
 
 
-def _pick(names: Sequence[str], column: str | None, id_col: str | None, where: Path
-          ) -> tuple[str, str | None]:
-    """The text column and the id column (None: none) of a source with columns `names`."""
+def _pick(names: Sequence[str], cols: Columns, where: Path
+          ) -> tuple[str, str | None, str | None]:
+    """The text column, the id column and the response column (None: none) of a source with
+    columns `names`."""
+    column, id_col = cols.text, cols.id
     text = column or next((c for c in TEXT_COLUMNS if c in names), None)
     if text not in names:
         wanted = f'"{column}"' if column else " or ".join(f'"{c}"' for c in TEXT_COLUMNS)
@@ -202,13 +231,18 @@ def _pick(names: Sequence[str], column: str | None, id_col: str | None, where: P
     if id_col is not None and id_col not in names:
         raise CorpusError(f'{where} has no "{id_col}" id column (its columns: '
                           f"{_names(names)}); name another with id_column (--id-column)")
-    ident = id_col or ID_COLUMN
-    return text, ident if ident in names else None
+    if cols.response is not None and cols.response not in names:
+        raise CorpusError(f'{where} has no "{cols.response}" response column (its columns: '
+                          f"{_names(names)}); name another with response_column "
+                          "(--response-column)")
+    ident, response = id_col or ID_COLUMN, cols.response or RESPONSE_COLUMN
+    return (text, ident if ident in names else None,
+            response if response in names and response != text else None)
 
 
-def _used(text: str, ident: str | None) -> list[str]:
-    """The columns to read: the text column and the id column."""
-    return [text] if ident in (None, text) else [text, ident]
+def _used(picked: tuple[str, str | None, str | None]) -> list[str]:
+    """The columns to read: the text, id and response columns (each once)."""
+    return list(dict.fromkeys(c for c in picked if c))
 
 
 def _names(names: Iterable[Any], most: int = 20) -> str:
@@ -218,13 +252,29 @@ def _names(names: Iterable[Any], most: int = 20) -> str:
     return (", ".join(names[:most]) or "none") + more
 
 
-def _text(where: str, value: Any, column: str) -> str:
-    """`value` if it is a string, else CorpusError naming the record."""
+def _text(where: str, value: Any, column: str) -> str | tuple[tuple[str, str], ...]:
+    """`value` if it is a string, chat messages (a list of {"role", "content"} objects) as
+    (role, content) pairs, else CorpusError naming the record."""
     if isinstance(value, str):
         return value
+    if isinstance(value, (list, tuple)) and value:
+        return _messages(where, value, column)
     what = "null" if value is None else f"of type {type(value).__name__}"
     raise CorpusError(f'{where}: the "{column}" value is {what}, not text; give every record a '
                       "string there")
+
+
+def _messages(where: str, value: Any, column: str) -> tuple[tuple[str, str], ...]:
+    """Chat messages as (role, content) pairs; CorpusError unless each is an object with a
+    string role and content."""
+    out = []
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise CorpusError(f'{where}: "{column}" item {i} is not a chat message; give '
+                              'a list of {"role": ..., "content": ...} objects with strings')
+        out.append((message["role"], message["content"]))
+    return tuple(out)
 
 
 def _doc(value: Any) -> str | None:

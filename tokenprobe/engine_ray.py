@@ -12,6 +12,7 @@ dead try left. Ray is imported inside the functions: this module imports without
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -141,7 +142,7 @@ def run_ray(model: str, prompts: Any, probes: dict[str, dict] | None = None, *,
                         check_resumed(writer, index, digests[-1])
                         bar.update(len(part))
                         continue
-                    rows = [(p.prompt_id, p.text, p.doc_id) for p in part]
+                    rows = [dataclasses.astuple(p) for p in part]
                     pending.append({"part": index, "digest": digests[-1], "n": len(part),
                                     "window": ray.put(rows)})
                 check_no_extra_parts(writer, done, len(digests))
@@ -401,7 +402,7 @@ class WindowWorker:
         if self.error:
             raise_failure(self.error)
         self.count_try(index)
-        part = [Prompt(int(i), text, doc) for i, text, doc in ray.get(ref)]
+        part = [Prompt(int(i), *rest) for i, *rest in ray.get(ref)]
         got = prompts_digest(part)
         if got != digest:  # the transfer, or another tokenprobe in the worker than the driver
             ids = [p.prompt_id for p in part]

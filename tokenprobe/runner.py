@@ -18,7 +18,7 @@ from tokenprobe.kernels import selfcheck
 from tokenprobe.probe import Batch, Probe, make_probes
 from tokenprobe.store import PartsSQL, Run, RunWriter, prompt_tables
 from tokenprobe.tables import conform, join, merge_parts
-from tokenprobe.tokens import encode_prompts, pad_batch
+from tokenprobe.tokens import encode_scored, pad_batch, render
 
 WINDOW = 256  # prompts per part: sorted by length within it, checkpointed when it is done
 
@@ -159,11 +159,17 @@ def windows(prompts: Iterable, size: int) -> Iterator[list]:
 
 
 def prompts_digest(part: list) -> str:
-    """sha256 of a window's texts, each length-prefixed (["p\\x00q"] is not ["p", "q"])."""
+    """sha256 of a window's texts, each length-prefixed (["p\\x00q"] is not ["p", "q"]), and
+    of the responses and chat messages of the prompts that have them."""
     digest = hashlib.sha256()
     for prompt in part:
-        data = prompt.text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little") + data)
+        pieces = [prompt.text]
+        if prompt.response is not None or prompt.messages is not None:
+            pieces += ["\x00response", prompt.response or "",
+                       *(f"{role}\x00{content}" for role, content in prompt.messages or ())]
+        for piece in pieces:
+            data = piece.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
 
 
@@ -235,9 +241,8 @@ def run_window(backend: Backend, probes: list[Probe], part: list, *, batch_size:
     """The tables of one window of prompts (`tokenprobe.corpus.Prompt`s): tokenised, sorted by
     length into batches of `batch_size`, run, and each table sorted by its keys; `doc_ids`
     adds column `prompts.doc_id` (a corpus read from files)."""
-    encoded = encode_prompts(backend.tokenizer, [p.text for p in part],
-                             context_length=backend.context_length, truncate=truncate,
-                             max_tokens=max_tokens, ids=[p.prompt_id for p in part])
+    encoded = encode_scored(backend.tokenizer, part, context_length=backend.context_length,
+                            truncate=truncate, max_tokens=max_tokens)
     order = sorted(range(len(part)), key=lambda i: len(encoded[i][0]))  # less padding
     batches = []
     for start in range(0, len(order), batch_size):
@@ -246,6 +251,12 @@ def run_window(backend: Backend, probes: list[Probe], part: list, *, batch_size:
                                   [encoded[i] for i in members], doc_ids))
     names = list(dict.fromkeys(n for tables in batches for n in tables))
     return {n: merge_parts(n, [tables.get(n) for tables in batches]) for n in names}
+
+
+def full_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
+    """The text `prompts.text` holds: the prompt's (chat messages rendered), then its response."""
+    text, response, _ = render(tokenizer, prompt)
+    return text + (response or "")
 
 
 def _dispatch(probes: list[Probe]) -> Callable[[str, int, Any], None]:
@@ -260,14 +271,15 @@ def _dispatch(probes: list[Probe]) -> Callable[[str, int, Any], None]:
 
 @torch.inference_mode()  # the forward and every probe's collect (kernels on the model's weights)
 def _run_batch(backend: Backend, probes: list[Probe], members: list,
-               encoded: list[tuple[list[int], bool]], with_ids: bool
+               encoded: list[tuple[list[int], bool, int | None]], with_ids: bool
                ) -> dict[str, pd.DataFrame]:
-    rows = [ids for ids, _ in encoded]
+    rows = [ids for ids, *_ in encoded]
     pad_id = backend.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (backend.tokenizer.eos_token_id or 0)
     input_ids, mask = pad_batch(rows, pad_id, backend.device)
     tables = prompt_tables(backend.tokenizer,
-                           [(p.prompt_id, p.text, *e) for p, e in zip(members, encoded)],
+                           [(p.prompt_id, full_text(backend.tokenizer, p), *e)
+                            for p, e in zip(members, encoded)],
                            [p.doc_id for p in members] if with_ids else None)
     tokens = tables["tokens"]
     token_texts = [tokens.token[tokens.prompt_id == p.prompt_id].tolist() for p in members]

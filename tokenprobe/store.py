@@ -70,22 +70,29 @@ def model_meta(model, name: str, fingerprint: str) -> dict:
             "dtype": str(weight.dtype).removeprefix("torch."), **placement_meta(model)}
 
 
-def prompt_tables(tokenizer, rows: list[tuple[int, str, list[int], bool]],
-                  doc_ids: list[str | None] | None = None) -> dict[str, pd.DataFrame]:
+def prompt_tables(tokenizer, rows: list[tuple], doc_ids: list[str | None] | None = None
+                  ) -> dict[str, pd.DataFrame]:
     """The `prompts` and `tokens` rows of prompts given as (prompt_id, text, token ids,
-    truncated), with the corpus' `doc_ids` when it has them: what every run holds of its
-    text."""
+    truncated[, response_start]), with the corpus' `doc_ids` when it has them: what every run
+    holds of its text. Columns `response_start` and `in_response` appear when a prompt has a
+    response (a response_start that is not None)."""
     from tokenprobe.tokens import token_rows
 
     special = set(tokenizer.all_special_ids)
+    starts = [row[4] if len(row) > 4 else None for row in rows]
     prompts = pd.DataFrame(
         [(i, text, len(ids), truncated, bool(ids) and ids[0] in special)
-         for i, text, ids, truncated in rows],
+         for i, text, ids, truncated, *_ in rows],
         columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
     if doc_ids is not None:
         prompts["doc_id"] = pd.Series(doc_ids, dtype="string")
-    tokens = pd.concat([token_rows(tokenizer, i, ids) for i, _, ids, _ in rows],
-                       ignore_index=True)
+    frames = [token_rows(tokenizer, row[0], row[2]) for row in rows]
+    if any(start is not None for start in starts):
+        prompts["response_start"] = pd.array(starts, dtype="Int64")
+        for frame, start in zip(frames, starts):
+            frame["in_response"] = pd.array(
+                [pd.NA] * len(frame) if start is None else frame.pos >= start, dtype="boolean")
+    tokens = pd.concat(frames, ignore_index=True)
     return {"prompts": conform("prompts", prompts), "tokens": conform("tokens", tokens)}
 
 

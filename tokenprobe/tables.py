@@ -113,6 +113,9 @@ declare("core", {
                                       "SmolLM2 adds none)"),
         "doc_id": C("string", "the document's id in a corpus read from files (its id column, "
                               "--id-column, default `id`; NA when it has none)"),
+        "response_start": C("Int64", "position of the response's first token (a prompt given "
+                                     "with a response, or chat messages ending with the "
+                                     "assistant's); NA without one"),
     }),
     "tokens": Table("prompt x position", ("prompt_id", "pos"), {
         "prompt_id": C("int64", "key"),
@@ -124,6 +127,8 @@ declare("core", {
         "token_raw": C("string", "the token's exact text (the same \\xNN bytes for partial "
                                  "UTF-8 pieces)"),
         "is_special": C("bool", "the id is one of the tokenizer's special ids"),
+        "in_response": C("boolean", "the token is part of the prompt's response; NA when the "
+                                    "prompt has none"),
     }),
     "token_layers": Table("prompt x layer x position; the residual after block `layer`, "
                           "0-based", ("prompt_id", "layer", "pos"), {

@@ -92,19 +92,66 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
     (special tokens included), as Gu et al. cut inputs to T = 64 for the sink rate."""
     prompt_ids = ids if ids is not None else list(range(len(prompts)))
     check_nonempty(prompts, prompt_ids)
+    return [_fit(tokenizer(text)["input_ids"], i, context_length=context_length,
+                 truncate=truncate, max_tokens=max_tokens) for i, text in zip(prompt_ids, prompts)]
+
+
+def encode_scored(tokenizer: PreTrainedTokenizerBase, prompts: list, *,
+                  context_length: int | None, truncate: bool, max_tokens: int | None = None
+                  ) -> list[tuple[list[int], bool, int | None]]:
+    """`encode_prompts` for `tokenprobe.corpus.Prompt`s, with where each response starts.
+
+    A prompt with a response is tokenised as its text (default special tokens) followed by the
+    response's tokens (none added), as a model's sampled answer follows its prompt; chat
+    messages are first rendered by the tokenizer's chat template (`render`). Returns (token
+    ids, truncated, response_start): the position of the response's first token (at most the
+    kept length), None without a response."""
     out = []
-    for i, text in zip(prompt_ids, prompts):
-        ids = tokenizer(text)["input_ids"]
-        shortened = max_tokens is not None and len(ids) > max_tokens
-        if shortened:
-            ids = ids[:max_tokens]
-        cut = context_length is not None and len(ids) > context_length
-        if cut and not truncate:
-            raise PromptError(
-                f"prompt {i} has {len(ids)} tokens, more than the model's context of "
-                f"{context_length}; shorten it or ask for truncation (--truncate / truncate=True)")
-        out.append((ids[:context_length] if cut else ids, cut or shortened))
+    for prompt in prompts:
+        text, response, templated = render(tokenizer, prompt)
+        head = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        tail = [] if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids, cut = _fit(head + tail, prompt.prompt_id, context_length=context_length,
+                        truncate=truncate, max_tokens=max_tokens)
+        out.append((ids, cut, None if response is None else min(len(head), len(ids))))
     return out
+
+
+def render(tokenizer: PreTrainedTokenizerBase, prompt) -> tuple[str, str | None, bool]:
+    """(the text before the response, the response or None, whether the text came from the
+    chat template) of a `tokenprobe.corpus.Prompt`. Chat messages are rendered with the
+    generation prompt; a last "assistant" message is the response (its content only, no
+    end-of-turn token). PromptError when the tokenizer has no chat template."""
+    if prompt.messages is None:
+        return prompt.text, prompt.response, False
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(f"prompt {prompt.prompt_id} is chat messages and this model's "
+                          "tokenizer has no chat template; give a text and a response instead "
+                          '({"prompt": ..., "response": ...})')
+    messages = [{"role": role, "content": content} for role, content in prompt.messages]
+    response = None
+    if messages[-1]["role"] == "assistant":
+        response = messages.pop()["content"]
+    if not messages:
+        raise PromptError(f"prompt {prompt.prompt_id} is one assistant message: give the "
+                          "messages it answers before it")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text, response, True
+
+
+def _fit(ids: list[int], prompt_id: int, *, context_length: int | None, truncate: bool,
+         max_tokens: int | None) -> tuple[list[int], bool]:
+    """`ids` cut to `max_tokens` and to the context (PromptError if too long and not
+    `truncate`), and whether they were cut."""
+    shortened = max_tokens is not None and len(ids) > max_tokens
+    if shortened:
+        ids = ids[:max_tokens]
+    cut = context_length is not None and len(ids) > context_length
+    if cut and not truncate:
+        raise PromptError(
+            f"prompt {prompt_id} has {len(ids)} tokens, more than the model's context of "
+            f"{context_length}; shorten it or ask for truncation (--truncate / truncate=True)")
+    return (ids[:context_length] if cut else ids), cut or shortened
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device

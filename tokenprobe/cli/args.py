@@ -97,12 +97,18 @@ def add_prompt_arguments(parser: argparse.ArgumentParser, *, corpus: bool = Fals
                         help=".txt (one prompt per non-blank line), .jsonl (a JSON string or "
                              "an object per line), .csv or .parquet; a directory of them "
                              "(sorted by name) or a glob; or a directory saved by Hugging Face "
-                             "datasets (save_to_disk); repeatable")
+                             'datasets (save_to_disk); repeatable. Records with a "response" '
+                             'are scored on it alone (see --score); "messages" (chat, '
+                             '[{"role", "content"}, ...]) go through the model\'s chat '
+                             "template, a last assistant message being the response")
     parser.add_argument("--text-column", metavar="NAME",
                         help="the column or field holding the text (default: text, else "
-                             "prompt)")
+                             "prompt, else messages)")
     parser.add_argument("--id-column", metavar="NAME",
                         help="the column kept as prompts.doc_id (default: id, when present)")
+    parser.add_argument("--response-column", metavar="NAME",
+                        help="the column holding each prompt's response, the answer to score "
+                             "(default: response, when present)")
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="run the first N prompts (after --shard) and stop reading")
     parser.add_argument("--shard", metavar="I/N", type=shard,
@@ -130,7 +136,8 @@ def corpus_of(args: argparse.Namespace):
     check_nonempty(list(args.prompt or []))
     try:
         corpus = Corpus(args.prompts or (), args.prompt or (), text_column=args.text_column,
-                        id_column=args.id_column, limit=args.limit, shard=args.shard)
+                        id_column=args.id_column, response_column=args.response_column,
+                        limit=args.limit, shard=args.shard)
         corpus.check()
     except CorpusError as err:
         raise UsageError(str(err)) from err
