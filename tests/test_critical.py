@@ -42,11 +42,52 @@ def test_search_rule_on_hand_made_counts():
     assert find_critical({0: 5, 1: 0, 2: 2, 3: 0}) == 1
     assert find_critical({0: 0, 1: 4, 2: 0, 3: 1}) == 2  # 4 > 3 resets
     assert find_critical({0: 0, 1: 3, 2: 0}) == 0  # 3 does not
-    assert find_critical({0: 0, 1: 5}) is None
+    assert find_critical({0: 0, 1: 5}) == 0  # no candidate left: the one the reset cleared
+    assert find_critical(dict(enumerate([5, 0, 2, 4, 1, 1]))) == 1
+    assert find_critical(dict(enumerate([0, 9, 0, 9, 2]))) == 2  # the last one cleared
     assert find_critical({0: 1, 1: 2}) is None
     assert find_critical({}) is None
     assert find_critical({4: 0, 9: 0, 2: 7}) == 4  # positions are sorted
-    assert find_critical({0: 0, 1: 2}, reset_above=1) is None
+    assert find_critical({0: 0, 1: 2}, reset_above=1) == 0
+
+
+def authors_rule(counts: list[int], reset_above: int = 3) -> int | None:
+    """Critical-Tokens-Matter's analyse_all_token loop (rollout_sampling_for_critical_tokens.py)
+    on per-prefix correct counts, prefixes in increasing length."""
+    min_prefix, last_min_prefix, has_find = None, None, False
+    for pos, correct in enumerate(counts):
+        if correct == 0 and not has_find:
+            min_prefix, has_find = pos, True
+        if has_find and correct > reset_above:
+            last_min_prefix, min_prefix, has_find = min_prefix, None, False
+    return min_prefix if has_find else last_min_prefix
+
+
+def searches(n_vectors: int, seed: int = 0) -> list[list[int]]:
+    """Count vectors shaped like real searches: n = 64 rollouts per prefix, the success rate
+    decaying along the trajectory with noise, sometimes recovering."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_vectors):
+        length, rate = rng.randint(2, 40), rng.random()
+        counts = []
+        for _ in range(length):
+            rate = min(1.0, max(0.0, rate * rng.uniform(0.6, 1.05) + rng.gauss(0, 0.05)))
+            counts.append(sum(rng.random() < rate for _ in range(64)))
+        out.append(counts)
+    return out
+
+
+def test_the_rule_is_the_authors_on_hand_made_and_search_shaped_counts():
+    differ = 0
+    for counts in searches(2000):
+        old = authors_rule(counts)
+        assert find_critical(dict(enumerate(counts))) == old
+        live = None  # the rule without the authors' fallback (tokenprobe's before)
+        for pos, correct in enumerate(counts):
+            live = pos if correct == 0 and live is None else None if correct > 3 else live
+        differ += live != old
+    assert differ > 0  # the fallback matters on such counts
 
 
 def test_backward_schedule_gives_the_full_rule_and_skips_prefixes():
@@ -92,9 +133,12 @@ def test_critical_token_found_by_construction(tiny_llama, scan, window):
     assert response.critical.tolist() == [False, False, False, True, False, False, False, False]
     assert tokens[tokens.pos < 3].critical.isna().all()
     success = response.critical_success
-    assert (success.loc[6:10] == 0).all() and success[5] > 0.5  # 'abc' then 'd' at pos 6
-    if scan == "backward" and window < 4:  # 'abc' resets the scan: 'a', 'ab' never sampled
-        assert success.loc[3:4].isna().all()  # (windows of 3: 'abcdefgh'..'abcdef', ..'abc')
+    assert (success.loc[6:9] == 0).all() and success[5] > 0.5  # 'abc' then 'd' at pos 6
+    assert pd.isna(success[10])  # the whole trajectory is never a prefix (as the authors')
+    if scan == "backward" and window == 1:  # 'abc' ends the scan: 'a', 'ab' never sampled
+        assert success.loc[3:4].isna().all()
+    elif scan == "backward" and window == 3:  # windows 'abcdefg'..'abcde', 'abcd'..'ab'
+        assert pd.isna(success[3]) and success[4] == 1
     else:
         assert (success.loc[3:4] == 1).all()
     prefix = rollouts[rollouts.kind == "prefix"]
@@ -151,7 +195,7 @@ def test_resume_samples_only_the_remaining_prefixes(tiny_llama, tmp_path):
     fresh = critical_search(tiny_llama, tasks, config, progress=False,
                             on_prefix=lambda i, t: whole.append((i, t)))
     assert set(first).isdisjoint(second) and sorted(first + second) == sorted(whole)
-    assert len(whole) == 8 + 6
+    assert len(whole) == 7 + 5  # every prefix but each whole trajectory
     for name in ("prompts", "tokens", "rollouts"):
         pd.testing.assert_frame_equal(resumed.tables[name], fresh.tables[name])
     assert summary_frame(resumed).equals(summary_frame(fresh))
@@ -167,8 +211,9 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "t1" in out and "n = 4 rollouts" in out
     run = open_run(tmp_path / "run")
-    last = run.rollouts[run.rollouts.pos == run.tokens.pos.max()]
-    assert len(last) == 4 and (last.n_tokens == 0).all() and not last.correct.any()  # complete
+    prefixes = run.rollouts[run.rollouts.kind == "prefix"]
+    assert prefixes.pos.max() == run.tokens.pos.max() - 1  # the whole trajectory is no prefix
+    assert prefixes.groupby("pos").size().eq(4).all()
     assert main(args) == 4
     with pytest.raises(SystemExit) as refused:  # argparse: --limit must be a positive integer
         main(args[:-2] + ["--out", str(tmp_path / "r2"), "--limit", "0"])

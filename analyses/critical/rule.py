@@ -4,15 +4,18 @@ Definitions (README, "Measures"; Lin et al., "Critical Tokens Matter",
 cDPO, chenzhiling9954/Critical-Tokens-Matter): for an incorrect trajectory, sample n
 continuations (temperature 0.5) of every prefix ending at token t and score them with a
 verifier. The critical token is the first t whose prefix gives 0/n correct continuations, where
-the search resets if a later prefix gets more than 3 correct. The per-prefix success rate is
+the search resets if a later prefix gets more than 3 correct; when the scan ends with no
+candidate, the one the last reset cleared is the answer (their `analyse_all_token`). The
+full trajectory is never a prefix (its continuation is empty). The per-prefix success rate is
 `critical_success` = c_t / n; pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k).
 Counterfactual check: resample the token at t from p_t with the original token's probability set
 to 0, one rollout each, and report the success rate.
 
-The rule only depends on the prefixes after the last reset, so the default schedule scans
-backwards from the end of the trajectory and stops at the first prefix (from the end) with more
-than 3 correct: the prefixes before it cannot change the answer and are never sampled
-(`scan="all"` samples every prefix, for a full success curve). The sampling itself is in
+The rule's answer is the earliest zero of the last run of prefixes holding a zero that no prefix
+with more than 3 correct interrupts, so the default schedule scans backwards from the end of
+the trajectory and stops at the first prefix with more than 3 correct once it has seen a zero:
+the prefixes before it cannot change the answer and are never sampled (`scan="all"` samples
+every prefix, for a full success curve). The sampling itself is in
 `tokenprobe.analyses.critical.sampling`; the run over a task set in
 `tokenprobe.analyses.critical.search`.
 """
@@ -78,11 +81,13 @@ class CriticalConfig:
 
 
 def find_critical(counts: Mapping[int, int], *, reset_above: int = 3) -> int | None:
-    """The critical position from per-prefix correct counts (Lin et al.'s search rule).
+    """The critical position from per-prefix correct counts (Lin et al.'s search rule, as
+    their code has it: `analyse_all_token`).
 
     Scanning positions in increasing order, the first position with 0 correct becomes the
     candidate; a later position with more than `reset_above` correct clears it, and the next
-    zero after that becomes the candidate again.
+    zero after that becomes the candidate again. When the scan ends with no candidate, the
+    last one a reset cleared is returned (counts [5, 0, 2, 4, 1, 1] give 1).
 
     Args:
         counts: position -> number of correct continuations of the prefix ending there
@@ -90,15 +95,15 @@ def find_critical(counts: Mapping[int, int], *, reset_above: int = 3) -> int | N
         reset_above: the reset threshold (paper: 3).
 
     Returns:
-        The critical position, or None when no candidate survives.
+        The critical position, or None when no prefix had 0 correct.
     """
-    candidate = None
+    candidate = cleared = None
     for pos in sorted(counts):
         if counts[pos] == 0 and candidate is None:
             candidate = pos
-        elif counts[pos] > reset_above:
-            candidate = None
-    return candidate
+        elif counts[pos] > reset_above and candidate is not None:
+            cleared, candidate = candidate, None
+    return candidate if candidate is not None else cleared
 
 
 def next_prefix(positions: list[int], counts: Mapping[int, int], *, scan: str = "backward",
@@ -106,8 +111,10 @@ def next_prefix(positions: list[int], counts: Mapping[int, int], *, scan: str = 
     """The next prefix position to sample, given the counts so far; None when done.
 
     "all" samples every position in increasing order. "backward" samples from the last
-    position down and stops after a position with more than `reset_above` correct: by
-    `find_critical`, positions before the last reset cannot change the result.
+    position down and, once it has seen a position with 0 correct, stops after a position with
+    more than `reset_above` correct: by `find_critical`, positions before it cannot change the
+    result. Before a zero is seen a reset does not stop it: the answer is then the candidate
+    that reset cleared, further back.
     """
     found = next_prefixes(positions, counts, scan=scan, reset_above=reset_above, limit=1)
     return found[0] if found else None
@@ -123,12 +130,15 @@ def next_prefixes(positions: list[int], counts: Mapping[int, int], *, scan: str 
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     found: list[int] = []
+    zero = False
     for pos in (positions if scan == "all" else reversed(positions)):
         if len(found) == limit:
             break
         if pos not in counts:
             found.append(pos)
-        elif scan == "backward" and counts[pos] > reset_above:
+        elif counts[pos] == 0:
+            zero = True
+        elif scan == "backward" and counts[pos] > reset_above and zero:
             break
     return found
 

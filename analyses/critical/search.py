@@ -174,7 +174,7 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
                 if i * STRIDE not in done:
                     parts.write(i * STRIDE, _trajectory(loaded, task, i, prompt, config, eos))
                 response = parts.read(i * STRIDE, "tokens").token_id.tolist()[len(prompt):]
-                positions = list(range(len(response)))
+                positions = list(range(len(response) - 1))  # never the whole trajectory
                 counts = {t: int(parts.read(i * STRIDE + 1 + t, "rollouts").correct.sum())
                           for t in positions if i * STRIDE + 1 + t in done}
                 pbar.set_postfix_str(task.task_id)
