@@ -38,7 +38,8 @@ from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, regi
 from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, forking_at,
                                                 run_diagnostics, run_quantiles, run_summary,
                                                 scored_sql, scored_tokens, strict_mean,
-                                                tip_quadrant, window_entropy)
+                                                tip_quadrant, tip_quadrant_at,
+                                                tip_thresholds, tip_weight, window_entropy)
 from tokenprobe.placement import input_device
 from tokenprobe.tables import Column
 from tokenprobe.unembedding import Unembedding
@@ -71,8 +72,15 @@ class EntropyConfig:
             `token_layers`); costs a second forward pass and one more unembedding pass
             per layer.
         contrast_beta: cDPO beta (1.0 in the paper); with a compare model, adds `critical_ce`.
-        tip_entropy: TIP threshold on H / ln V (0.5).
-        tip_divergence: TIP threshold on JSD / ln 2 (0.5).
+        tip_thresholds: "quantile" (default, tokenprobe's choice: TIP's code has no quadrant
+            thresholds) splits both axes at their `tip_quantile` over the run's scored tokens;
+            "fixed" at `tip_entropy` on H / ln V and `tip_divergence` on JSD / ln 2.
+        tip_quantile: the quantile of entropy and of JSD that splits the quadrants (0.5).
+        tip_entropy: fixed threshold on H / ln V (0.5; 5.4 nats for V = 49,152, which few
+            tokens reach).
+        tip_divergence: fixed threshold on JSD / ln 2 (0.5).
+        tip_alpha, tip_gamma: exponents of TIP's sampling weight (H / ln V)^alpha x
+            (JSD / ln 2)^gamma, column `tip_weight` (1.0, 1.0).
         impl: kernel implementation ("auto", "torch", "triton", "reference").
     """
 
@@ -88,8 +96,12 @@ class EntropyConfig:
     topk: int = 2
     lens: bool = field(default=False, metadata={"aliases": ("--lens",)})
     contrast_beta: float | None = field(default=None, metadata={"aliases": ("--contrast-beta",)})
+    tip_thresholds: str = field(default="quantile", metadata={"choices": ("quantile", "fixed")})
+    tip_quantile: float = 0.5
     tip_entropy: float = 0.5
     tip_divergence: float = 0.5
+    tip_alpha: float = 1.0
+    tip_gamma: float = 1.0
     impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:
@@ -104,6 +116,11 @@ class EntropyConfig:
             raise ValueError(f"rho must be in (0, 1), got {self.rho}")
         if self.quantiles_over not in ("run", "prompt"):
             raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
+        if self.tip_thresholds not in ("quantile", "fixed"):
+            raise ValueError(f'tip_thresholds must be "quantile" or "fixed", got '
+                             f"{self.tip_thresholds!r}")
+        if not 0 < self.tip_quantile < 1:
+            raise ValueError(f"tip_quantile must be in (0, 1), got {self.tip_quantile}")
         if self.score not in ("response", "all"):
             raise ValueError(f'score must be "response" or "all", got {self.score!r}')
         if self.topk < 2:
@@ -149,8 +166,12 @@ class EntropyProbe(Probe):
             "kl_student_teacher": C("float64", "KL(p || q) (nats)"),
             "kl_teacher_student": C("float64", "KL(q || p) (nats)"),
             "jsd": C("float64", "Jensen-Shannon divergence of p and q (nats, <= ln 2)"),
-            "tip_quadrant": C("string", "TIP quadrant {high,low}_H_{high,low}_D (H / ln V, "
-                                        "JSD / ln 2 against 0.5)"),
+            "tip_quadrant": C("string", "TIP quadrant {high,low}_H_{high,low}_D: entropy and "
+                                        "JSD against their run medians (tip_thresholds="
+                                        "quantile, tokenprobe's choice) or H / ln V, JSD / ln 2 "
+                                        "against 0.5 (fixed)"),
+            "tip_weight": C("float64", "TIP code's sampling weight (H / ln V)^alpha x "
+                                       "(JSD / ln 2)^gamma (1, 1)"),
             "critical_ce": C("float64", "cDPO contrastive score softmax((1+beta) z_p - beta "
                                         "z_q)[token_id]")},
         "token_layers": {
@@ -286,10 +307,12 @@ class EntropyProbe(Probe):
             window_entropy(g.entropy.to_numpy(float), cfg.window, start=cfg.window_from)
             for _, g in tokens.groupby("prompt_id", sort=False)])
         if self.compare is not None:
-            tokens["tip_quadrant"] = pd.array(tip_quadrant(
-                tokens.entropy.to_numpy(float), tokens.jsd.to_numpy(float), ue.weight.shape[0],
-                entropy_threshold=cfg.tip_entropy, divergence_threshold=cfg.tip_divergence),
-                dtype="string")
+            h, jsd, v = tokens.entropy.to_numpy(float), tokens.jsd.to_numpy(float), ue.weight.shape[0]
+            if cfg.tip_thresholds == "fixed":  # else at the run's quantiles (finalize)
+                tokens["tip_quadrant"] = pd.array(tip_quadrant(
+                    h, jsd, v, entropy_threshold=cfg.tip_entropy,
+                    divergence_threshold=cfg.tip_divergence), dtype="string")
+            tokens["tip_weight"] = tip_weight(h, jsd, v, alpha=cfg.tip_alpha, gamma=cfg.tip_gamma)
         out = {"tokens": tokens}
         bad = self._nonfinite(tokens, "logits", ue.n_layers - 1, CHECKED)
         if cfg.lens:
@@ -357,11 +380,14 @@ class EntropyProbe(Probe):
 
     def statistics(self, sql) -> dict:
         """The band and forking thresholds over the whole run's scored tokens
-        (`quantiles_over="run"`; `run_quantiles`)."""
-        if self.config.quantiles_over != "run":
-            return {}
-        return run_quantiles(sql, scored_sql(sql.columns("tokens"), self.config.score),
-                             self.config)
+        (`quantiles_over="run"`; `run_quantiles`) and, with a compare model, TIP's quadrant
+        thresholds (`tip_thresholds="quantile"`; always over the run)."""
+        cfg, columns = self.config, sql.columns("tokens")
+        where = scored_sql(columns, cfg.score)
+        stats = run_quantiles(sql, where, cfg) if cfg.quantiles_over == "run" else {}
+        if "jsd" in columns and cfg.tip_thresholds == "quantile":
+            stats.update(tip_thresholds(sql, where, cfg.tip_quantile))
+        return stats
 
     def finalize(self, tables: dict[str, pd.DataFrame], stats: dict) -> dict[str, pd.DataFrame]:
         """Bands and forking flags of the scored tokens (at the run's thresholds `stats`, or
@@ -381,6 +407,10 @@ class EntropyProbe(Probe):
                     group.entropy, scored[group.index], low_quantile=cfg.low_quantile,
                     high_quantile=cfg.high_quantile, rho=cfg.rho)
                 tokens.loc[group.index, "band"], tokens.loc[group.index, "forking"] = band, forking
+        if "tip_entropy_at" in stats:
+            tokens["tip_quadrant"] = pd.array(tip_quadrant_at(
+                tokens.entropy, tokens.jsd, stats["tip_entropy_at"], stats["tip_jsd_at"]),
+                dtype="string")
         # a NaN among these is non-finite: the prompt's means are NaN
         summed = tokens[scored_tokens(tokens, cfg.score, finite=False)]
         per_prompt = summed.groupby("prompt_id").agg(

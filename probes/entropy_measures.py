@@ -126,6 +126,15 @@ def forking_at(tokens: pd.DataFrame, scored: pd.Series, q: dict) -> pd.Series:
     return out
 
 
+def tip_thresholds(sql, where: str, q: float) -> dict[str, float]:
+    """TIP's default thresholds (tokenprobe's choice): the `q` quantiles of entropy and of JSD
+    over the rows of `tokens` where SQL `where` holds (scored tokens with a finite JSD)."""
+    row = sql.sql(f"SELECT quantile_cont(entropy, {q!r}) AS h, quantile_cont(jsd, {q!r}) AS d "
+                  f"FROM tokens WHERE {where} AND coalesce(isfinite(jsd), false)").iloc[0]
+    return {"tip_entropy_at": float(row.h) if row.h is not None else math.nan,
+            "tip_jsd_at": float(row.d) if row.d is not None else math.nan}
+
+
 def run_quantiles(sql, where: str, config) -> dict[str, float]:
     """`entropy_bands`' thresholds over the rows of table `tokens` where SQL `where` holds,
     by DuckDB over the whole run (`sql`: a `tokenprobe.store.PartsSQL`) without loading it:
@@ -152,9 +161,25 @@ def run_quantiles(sql, where: str, config) -> dict[str, float]:
 
 def tip_quadrant(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, entropy_threshold: float = 0.5,
                  divergence_threshold: float = 0.5) -> np.ndarray:
-    """TIP quadrant per token from student entropy and JSD(student || teacher), both in nats."""
-    high_h = np.asarray(entropy) / math.log(vocab) >= entropy_threshold
-    high_d = np.asarray(jsd) / math.log(2) >= divergence_threshold
+    """TIP quadrant per token from student entropy and JSD(student || teacher), both in nats,
+    at fixed thresholds on H / ln V and JSD / ln 2 (tokenprobe's option; TIP's code has none)."""
+    return tip_quadrant_at(entropy, jsd, entropy_threshold * math.log(vocab),
+                           divergence_threshold * math.log(2))
+
+
+def tip_weight(entropy: np.ndarray, jsd: np.ndarray, vocab: int, *, alpha: float = 1.0,
+               gamma: float = 1.0) -> np.ndarray:
+    """The token weight TIP's code samples distillation tokens by: (H / ln V)^alpha x
+    (JSD / ln 2)^gamma (HJSang/OPSD_OnPolicyDistillation, losses.py)."""
+    return (np.asarray(entropy) / math.log(vocab)) ** alpha * \
+        (np.asarray(jsd) / math.log(2)) ** gamma
+
+
+def tip_quadrant_at(entropy: np.ndarray, jsd: np.ndarray, h_at: float, d_at: float) -> np.ndarray:
+    """TIP quadrant per token: high H at entropy >= `h_at`, high D at jsd >= `d_at` (nats);
+    None where either is NaN."""
+    entropy, jsd = np.asarray(entropy, dtype=float), np.asarray(jsd, dtype=float)
+    high_h, high_d = entropy >= h_at, jsd >= d_at
     labels = np.where(high_h, np.where(high_d, TIP_QUADRANTS[0], TIP_QUADRANTS[1]),
                       np.where(high_d, TIP_QUADRANTS[2], TIP_QUADRANTS[3])).astype(object)
     labels[np.isnan(entropy) | np.isnan(jsd)] = None

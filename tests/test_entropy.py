@@ -240,8 +240,21 @@ def test_two_model_mode_against_explicit_softmax(tiny_llama):
         for col, want in ref.items():
             np.testing.assert_allclose(ours[col].to_numpy(float), want.numpy(), rtol=1e-4,
                                        atol=1e-5, err_msg=col)
-        want_q = tip_quadrant(ours.entropy.to_numpy(float), jsd.numpy(), v)
-        assert ours.tip_quadrant.tolist() == want_q.tolist()
+        norm_h, norm_d = ours.entropy.to_numpy(float) / math.log(v), jsd.numpy() / math.log(2)
+        np.testing.assert_allclose(ours.tip_weight, norm_h * norm_d, rtol=1e-4)
+    # TIP's quadrants at the run's medians of entropy and JSD (tokenprobe's default)
+    scored = tokens[tokens.pos > 0]
+    h_at, d_at = np.quantile(scored.entropy, 0.5), np.quantile(scored.jsd, 0.5)
+    want = np.where(scored.entropy >= h_at, np.where(scored.jsd >= d_at, "high_H_high_D",
+                                                     "high_H_low_D"),
+                    np.where(scored.jsd >= d_at, "low_H_high_D", "low_H_low_D"))
+    assert scored.tip_quadrant.tolist() == want.tolist()
+    assert scored.tip_quadrant.value_counts().min() > 0  # medians split both axes
+    fixed = tokenprobe.run(tiny_llama, PROMPTS, [EntropyProbe(EntropyConfig(
+        tip_thresholds="fixed"), compare=teacher)], progress=False).tokens
+    fixed = fixed[fixed.pos > 0]
+    assert fixed.tip_quadrant.tolist() == tip_quadrant(
+        fixed.entropy.to_numpy(float), fixed.jsd.to_numpy(float), v).tolist()
     assert run.meta["probes"][0]["compare"]["model"] == "tiny-llama-perturbed"
     assert (tokens.jsd.dropna() > 0).all() and (tokens.jsd.dropna() <= math.log(2)).all()
 
