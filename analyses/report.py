@@ -148,6 +148,11 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
              f"{html.escape(str(run.meta.get('created', '?')))}.</p>")
     for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
         sec.text(f'<p class="warning"><b>Warning:</b> {html.escape(warning)}</p>')
+    diagnostics = views.run_diagnostics(run)  # measures that mean little in this run
+    if diagnostics:
+        sec.text('<div class="diagnostics"><h3>Diagnostics</h3><ul>' + "".join(
+            f"<li><b>{html.escape(probe)}</b>: {html.escape(sentence)}</li>"
+            for probe, sentence in diagnostics) + "</ul></div>")
     sec.table(f"{p}_prompts", _prompt_table(run), f"Prompts of {label} ({model})")
     if "massive" in run.tables:
         sec.table(f"{p}_massive", massive_summary(run),
@@ -157,6 +162,8 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
     if run.meta.get("summary", {}).get("critical"):
         from tokenprobe.analyses.critical import summary_frame
         sec.table(f"{p}_critical", summary_frame(run), f"Critical tokens, {model} (Lin et al.)")
+    if "spans" in run.tables:
+        _spans_views(sec, run, p, max_prompts)
     for pid in run.prompts.prompt_id[:max_prompts]:
         _prompt_views(sec, run, int(pid), f"{p}_p{pid}", n_layers, figures)
     for card in replication_cards(run, curve=curve):
@@ -199,6 +206,28 @@ def _prompt_views(sec: Section, run: Run, pid: int, name: str, n_layers: int, fi
         prefixes = views.critical_prefixes(run, pid)
         if prefixes.critical_success.notna().any():
             sec.figure(f"{name}_critical", figures.critical_figure(prefixes))
+
+
+def _spans_views(sec: Section, run: Run, p: str, max_prompts: int) -> None:
+    """A spans run (`tokenprobe spans`): the summary, the spans where the models disagree
+    most, the surprisal scatter and the first prompts' text coloured by the difference."""
+    from tokenprobe.analyses import spans_views
+
+    a, b = names = spans_views.model_names(run)
+    sec.text(f"<h3>Span comparison: {html.escape(a)} (A) vs {html.escape(b)} (B)</h3><p>"
+             "Surprisal -log p(span | prefix) in nats per character span; a span is exact when "
+             "both tokenisations have a boundary at its edges (else a straddling token counts "
+             "where it starts).</p>")
+    sec.table(f"{p}_spans_summary", spans_views.summary_frame(run),
+              f"Span comparison, {a} vs {b}: share exact, mean |B - A| and correlation over "
+              "exact spans")
+    sec.table(f"{p}_spans_disagree", spans_views.disagreements(run.spans, 10),
+              f"Spans where {a} and {b} disagree most (exact for both; nats)")
+    sec.figure(f"{p}_spans_scatter", spans_views.surprisal_scatter(run.spans, names))
+    for pid in run.prompts.prompt_id[:max_prompts]:
+        frame = spans_views.prompt_spans(run, int(pid))
+        sec.text(f"<p>Prompt {int(pid)}:</p>"
+                 + spans_views.span_html(frame, "surprisal_diff", names=names))
 
 
 def curve_section(curve: pd.DataFrame) -> Section:
@@ -246,6 +275,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "table.tp td,table.tp th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
        ".cap{font-weight:600;margin-bottom:2px}.note{color:#8a5a00}"
        ".warning{background:#fff4e5;border-left:4px solid #e8a33d;padding:4px 8px}"
+       ".diagnostics{background:#eef4fb;border-left:4px solid #4a90d9;padding:2px 8px}"
        "figcaption{font-size:12px;color:#666}")
 
 

@@ -18,8 +18,11 @@ from tokenprobe.tokens import display_text
 CRITICAL_COMMAND = "tokenprobe critical --model {model} --task FILE --out RUN_DIR"
 ATTRIBUTION_COMMAND = ("tokenprobe attribute --model {model} --prompt TEXT --target TEXT "
                        "--out RUN_DIR")
+SPANS_COMMAND = ("tokenprobe spans --model {model} --vs OTHER_MODEL --prompt TEXT "
+                 "--out RUN_DIR")
 WRITERS = {"critical": "the critical-token search",
-           "attribution": "attribution by ablation (tokenprobe attribute)"}
+           "attribution": "attribution by ablation (tokenprobe attribute)",
+           "spans": "the two-model span comparison (tokenprobe spans)"}
 
 
 class MissingProbe(LookupError):
@@ -44,6 +47,8 @@ def probe_command(probe: str, model: str = "MODEL") -> str | None:
         return CRITICAL_COMMAND.format(model=model)
     if probe == "attribution":
         return ATTRIBUTION_COMMAND.format(model=model)
+    if probe == "spans":
+        return SPANS_COMMAND.format(model=model)
     name, *flags = probe.split()
     return " ".join(["tokenprobe run --model", model, "--probes", name, *flags,
                      "--prompts PROMPTS_FILE --out RUN_DIR"])
@@ -90,7 +95,7 @@ METRICS: dict[str, Metric] = {
 
 HEAD_COLUMNS = ["sink_mass", "attn_entropy", "value_drain_sink", "value_drain_rest"]
 LAYER_COLUMNS = {"resid_norm": "activations", "attn_received": "sinks",
-                 "lens_entropy": "entropy --lens", "max_abs": "activations",
+                 "attn_received_norm": "sinks", "lens_entropy": "entropy --lens", "max_abs": "activations",
                  "cos_to_first": "activations", "lens_kl_to_final": "entropy --lens"}
 CATEGORY_ORDER = {"band": ["low", "mid", "high"], "forking": ["forking", "not forking"]}
 
@@ -141,6 +146,17 @@ def run_warnings(run: Run) -> list[str]:
     if not isinstance(found, list):
         return []
     return [display_text(w) for w in found if isinstance(w, str)]
+
+
+def run_diagnostics(run: Run) -> list[tuple[str, str]]:
+    """(probe, sentence) for each of run.json's `diagnostics` (per probe, the sentences saying
+    where a measure means little), as readable single-line text; anything that is not a dict
+    of lists of strings is ignored."""
+    found = run.meta.get("diagnostics")
+    if not isinstance(found, dict):
+        return []
+    return [(display_text(str(probe)), display_text(s)) for probe, sentences in found.items()
+            if isinstance(sentences, list) for s in sentences if isinstance(s, str)]
 
 
 def require(run: Run, table: str, column: str | None, probe: str, what: str) -> pd.DataFrame:

@@ -85,9 +85,8 @@ def run_header(name: str, run: Run) -> None:
     st.caption("; ".join(parts))
     for warning in views.run_warnings(run):  # e.g. NaN / inf from a float16 overflow
         st.warning(plain(warning))
-    for probe, found in (meta.get("diagnostics") or {}).items():  # measures that mean less here
-        for sentence in found if isinstance(found, list) else []:
-            st.info(f"{plain(probe)}: {plain(sentence)}")
+    for probe, sentence in views.run_diagnostics(run):  # measures that mean less here
+        st.info(f"{plain(probe)}: {plain(sentence)}")
 
 
 def show_run(name: str, run: Run, key: str) -> None:
@@ -96,7 +95,11 @@ def show_run(name: str, run: Run, key: str) -> None:
     run_header(name, run)
     prompt_id = pick_prompt(run, key)
     whole, run = run, run.select([prompt_id])
-    tabs = dict(zip(TABS, st.tabs(TABS)))
+    names = (["Spans"] if "spans" in run.tables else []) + TABS  # a two-model span run
+    tabs = dict(zip(names, st.tabs(names)))
+    if "Spans" in tabs:
+        with tabs["Spans"]:
+            panels.spans_view(run, prompt_id, f"{key}-spans")
     with tabs["Tokens"]:
         metric, layer = panels.token_metric_picker(run, key)
         panels.token_view(run, prompt_id, metric, layer, f"{key}-tokens")

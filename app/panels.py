@@ -183,6 +183,28 @@ def critical_view(run: Run, prompt_id: int, key: str) -> None:
     downloads(table, f"rollouts_p{prompt_id}", f"{key}-rollouts")
 
 
+def spans_view(run: Run, prompt_id: int, key: str) -> None:
+    """A spans run (`tokenprobe spans`): the prompt's text coloured per span by each model's
+    surprisal and by their difference, inexact spans outlined, the surprisal scatter, the
+    spans where the models disagree most, and the run's summary."""
+    from tokenprobe.analyses import spans_views
+
+    try:
+        frame = spans_views.prompt_spans(run, prompt_id)
+    except MissingProbe as err:
+        return empty_state(err)
+    names = spans_views.model_names(run)
+    st.caption(f"A = {plain(names[0])}, B = {plain(names[1])}; whole run: " + plain(
+        spans_views.summary_line(spans_views.run_summary(run)).strip()))
+    for column in spans_views.colourings(frame):
+        st.html(spans_views.span_html(frame, column, names=names))
+    st.plotly_chart(spans_views.surprisal_scatter(frame, names), key=f"{key}-fig")
+    st.subheader("Most disagreement (spans exact for both)")
+    st.dataframe(spans_views.disagreements(frame, 10), hide_index=True)
+    st.dataframe(frame.drop(columns="shown"), hide_index=True)
+    downloads(frame, f"spans_p{prompt_id}", key)
+
+
 def tables_view(run: Run, key: str, whole: int = 200_000) -> None:
     """Every table of the run: its size, first rows and downloads (the whole table up to
     `whole` rows, else the rows shown), and its run.json. Reads no table whole."""

@@ -1,6 +1,7 @@
 """Reports: real tiny-llama runs and Parquet, HTML, static figures, LaTeX tables and the CLI."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from tokenprobe.analyses.sink_curve import long_prose, rotated_documents, sink_r
 from tokenprobe.analyses.sinks import sink_rate
 from tokenprobe.cli.main import main
 from tokenprobe.probes import ActivationsProbe, EntropyProbe, SinksConfig, SinksProbe
-from tokenprobe.store import RunNotFoundError
+from tokenprobe.store import Run, RunNotFoundError
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hi_there: 100% & {braces} #1\n\tok",
            "the cat sat on the mat."]
@@ -207,6 +208,29 @@ def test_report_refuses_a_run_json_naming_files_outside_the_run(run_dirs, tmp_pa
     with pytest.raises(RunNotFoundError, match="never a path"):
         write_report([run], tmp_path / "rep", static=False)
     assert not (tmp_path / "rep").exists()
+
+
+def test_diagnostics_are_shown_as_caveats(run_dirs, tmp_path):
+    """run.json's `diagnostics` (per probe, sentences saying where a measure means little) are
+    a Diagnostics block of the run's section, as text; a run without any has none."""
+    run = tokenprobe.open_run(run_dirs[1])  # sinks at T = 8 on a 3-layer model: two notes
+    said = run.meta["diagnostics"]["sinks"]
+    assert len(said) == 2
+    crafted = Run(dict(run.tables.items()), {**run.meta, "diagnostics": {
+        **run.meta["diagnostics"], "x<i>": ["<b>bold</b> & more"], "bad": "not a list"}})
+    quiet = Run(dict(run.tables.items()), {**run.meta, "diagnostics": {}})
+    out = write_report([crafted, quiet], tmp_path / "rep", static=False)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('<div class="diagnostics">') == 1  # the quiet run has no block
+    block = page[page.index('<div class="diagnostics">'):]
+    block = block[:block.index("</div>")]
+    assert "<h3>Diagnostics</h3>" in block
+    for sentence in said:
+        assert f"<li><b>sinks</b>: {html.escape(sentence)}</li>" in block
+    assert "<b>x&lt;i&gt;</b>: &lt;b&gt;bold&lt;/b&gt; &amp; more" in block
+    assert "not a list" not in page
+    assert page.index('id="run-0"') < page.index('<div class="diagnostics">') < page.index(
+        'id="run-1"')
 
 
 def test_cli_help():

@@ -31,6 +31,8 @@ LAZY = {
                   "attribution by ablation: how much each prompt token matters to a target"),
     "counterfactual": ("tokenprobe.analyses.counterfactual_cli",
                        "counterfactual generation with a Gumbel-max causal model (Chatzi et al.)"),
+    "spans": ("tokenprobe.analyses.spans_cli",
+              "compare two models with different tokenisers on character spans (surprisal)"),
     "app": ("tokenprobe.app.cli", "the Streamlit dashboard over a directory of runs"),
     "report": ("tokenprobe.analyses.report_cli", "HTML report, static figures, LaTeX tables"),
     "selftest": ("tokenprobe.cli.selftest",

@@ -47,6 +47,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
     import tokenprobe.analyses.attribution  # noqa: F401  (each study declares its tables)
     import tokenprobe.analyses.counterfactual  # noqa: F401
     import tokenprobe.analyses.critical  # noqa: F401
+    import tokenprobe.analyses.spans  # noqa: F401
     from tokenprobe.probe import registry
     from tokenprobe.tables import TABLES, describe
 

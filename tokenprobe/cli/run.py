@@ -266,8 +266,9 @@ def second_model(probed: str, load):
         if mine and theirs and mine != theirs:
             raise ValueError(f"--compare {name} has a vocabulary of {theirs} tokens and "
                              f"{probed} one of {mine}: the two-model columns compare the same "
-                             "vocabulary (checked before either model loads); models with "
-                             "different tokenisers cannot be compared yet")
+                             "vocabulary (checked before either model loads); compare models "
+                             f"with different tokenisers span by span: tokenprobe spans "
+                             f"--model {probed} --vs {name} --prompt TEXT --out DIR")
         return load(name)
 
     return load_second
