@@ -7,12 +7,13 @@ Sources (definitions and defaults: README, "Measures"):
 - Guo et al., "Active-Dormant Attention Heads" (GuoTianYu2000/Active-Dormant-Attention):
   value-state drain ||W_O^(h) v_t^(h)||.
 - Wong et al., "On the Existence and Behaviour of Secondary Attention Sinks"
-  (JeffreyWong20/Secondary-Attention-Sinks, `hidden_state_norm_detection` and
-  `sink_labeling_machine`): secondary sinks by cosine to the primary sink's residual. As in
-  their code, only layers in the primary's norm-growth range [start, end) are searched, the
-  primary's lifetime is end - start, and only tokens after the primary are candidates. Their
-  code reads HF's `hidden_states[1:]`, whose last entry is after the final norm; tokenprobe uses
-  the residual after each block throughout.
+  (JeffreyWong20/Secondary-Attention-Sinks): secondary sinks by cosine to the primary sink's
+  residual, as their code labels them (probes/sink_labels.py; table `sinks`).
+
+tokenprobe's own variants, beside the papers' measures and named as not theirs: per-token labels
+under a mean-centred cosine and a cosine without the primary's massive dims, with a `sink_like`
+kind outside the searched layers (table `sink_labels`, probes/sink_labels.py), and
+`attn_received_norm`, attention received relative to uniform causal attention.
 
 Attention statistics are computed inside the model's attention call (tokenprobe.attention), a
 block of queries at a time; residual statistics inside the block hooks.
@@ -29,6 +30,9 @@ import torch
 from tokenprobe.kernels.attention import IMPLS
 from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
                               register)
+from tokenprobe.probes.sink_labels import (  # sink_levels_of: re-exported, its old home
+    centered_cosines, label_notes, nomassive_cosines, secondary_sinks, sink_levels_of,
+    token_labels)
 from tokenprobe.tables import Column, Table
 
 
@@ -45,6 +49,12 @@ class SinksConfig:
         secondary_min: secondary sinks live more than this many layers (Wong et al.: 4).
             With the defaults, models of 20 layers or fewer have no secondary band: lower
             `primary_margin` for them (e.g. round(L / 2)).
+        massive_top_k: dims removed for tokenprobe's `nomassive` criterion (table
+            `sink_labels`): each candidate's massive_top_k largest |h_l| dims, at every layer
+            (tokenprobe's: 2).
+        sink_like_min: this many consecutive layers outside the searched ones with |cos| >
+            cos_threshold make a token `sink_like` (table `sink_labels`; tokenprobe's: 5, the
+            shortest lifetime Wong et al.'s defaults call secondary).
         block: queries per block in the attention statistics.
         impl: attention-statistics implementation ("auto", "torch", "flash", "triton",
             "reference"; see kernels/attention.py).
@@ -56,14 +66,18 @@ class SinksConfig:
     cos_threshold: float = 0.9
     primary_margin: int = 15
     secondary_min: int = 4
+    massive_top_k: int = 2
+    sink_like_min: int = 5
     block: int = 256
     impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:
-        if self.k_pos < 0 or self.block < 1 or self.primary_margin < 0 or self.secondary_min < 0:
-            raise ValueError("k_pos, primary_margin and secondary_min must be >= 0 and block "
-                             f">= 1, got {self.k_pos}, {self.primary_margin}, "
-                             f"{self.secondary_min}, {self.block}")
+        if min(self.k_pos, self.primary_margin, self.secondary_min, self.massive_top_k) < 0 \
+                or min(self.block, self.sink_like_min) < 1:
+            raise ValueError("k_pos, primary_margin, secondary_min and massive_top_k must be "
+                             ">= 0 and block and sink_like_min >= 1, got "
+                             f"{self.k_pos}, {self.primary_margin}, {self.secondary_min}, "
+                             f"{self.massive_top_k}, {self.block}, {self.sink_like_min}")
         if not (math.isfinite(self.eps) and 0 <= self.cos_threshold <= 1):
             raise ValueError(f"eps must be finite and cos_threshold in [0, 1], got {self.eps}, "
                              f"{self.cos_threshold}")
@@ -92,55 +106,29 @@ def value_norms(w_o: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Ten
     return quad.clamp_min(0).sqrt()
 
 
-def sink_levels_of(norms: np.ndarray) -> tuple[int, int]:
-    """Wong et al.'s layer range of the primary sink from its residual norm per layer.
+def received_per_key(received: torch.Tensor, heads: int) -> torch.Tensor:
+    """`attn_received` from the attention kernel's column sums.
 
     Args:
-        norms: (L,) ||h_l[primary]||.
+        received: (T,) sum over heads and real queries of A[i, k] for one prompt's T real keys.
+        heads: number of query heads H.
 
     Returns:
-        (start, end): start = argmax(d) + 1, end = start + argmin(d[start:]) + 1 with
-        d = diff(norms); end = L when nothing is left after start; (0, 1) for a single layer.
+        (T,) the mean over heads and over the queries i >= k: received / (H (T - k)).
     """
-    if len(norms) < 2:
-        return 0, len(norms)
-    d = np.diff(norms)
-    start = int(np.argmax(d)) + 1
-    rest = d[start:]
-    end = start + int(np.argmin(rest)) + 1 if len(rest) else len(norms)
-    return start, end
+    t = received.shape[0]
+    return received / (heads * (t - torch.arange(t, device=received.device)))
 
 
-def secondary_sinks(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *,
-                    cos_threshold: float = 0.9, primary_margin: int = 15,
-                    secondary_min: int = 4) -> pd.DataFrame:
-    """Primary and secondary sinks of one prompt (Wong et al.).
-
-    Args:
-        norms: (L, C) residual norm of each candidate position at each layer.
-        cos: (L, C, T) cosine of every token's residual to each candidate's, per layer.
-        candidates: the C candidate positions.
+def uniform_received(n: int) -> np.ndarray:
+    """`attn_received` under uniform causal attention, where query i gives 1 / (i + 1) to
+    each key <= i: for key k the mean over queries i >= k of 1 / (i + 1).
 
     Returns:
-        one row per flagged token: pos, kind (primary / secondary / noise), creation_layer,
-        lifetime (flagged layers), max_cos (max |cos| to the primary over the searched layers).
+        (n,) float64 (H_n - H_k) / (n - k), H the harmonic numbers; 1 / n at k = n - 1.
     """
-    n_layers = norms.shape[0]
-    c = int(np.argmax(norms.mean(axis=0)))
-    primary = candidates[c]
-    start, end = sink_levels_of(norms[:, c])
-    absolute = np.abs(cos[start:end, c, :])  # (layers searched, T)
-    flags = absolute > cos_threshold
-    rows = [(primary, start, end - start, 1.0)]
-    for pos in range(primary + 1, cos.shape[-1]):
-        layers = np.nonzero(flags[:, pos])[0]
-        if len(layers):
-            rows.append((pos, start + int(layers[0]), len(layers), float(absolute[:, pos].max())))
-    frame = pd.DataFrame(rows, columns=["pos", "creation_layer", "lifetime", "max_cos"])
-    bar = n_layers - primary_margin
-    frame.insert(1, "kind", np.where(frame.lifetime >= bar, "primary",
-                                     np.where(frame.lifetime > secondary_min, "secondary", "noise")))
-    return frame
+    tail = np.cumsum(1.0 / np.arange(n, 0, -1))[::-1]  # sum_{i >= k} 1 / (i + 1)
+    return tail / (n - np.arange(n))
 
 
 def sink_rates(heads: pd.DataFrame, eps: float) -> pd.DataFrame:
@@ -184,15 +172,19 @@ C = Column
 
 @register
 class SinksProbe(Probe):
-    """Hook adapter: attention statistics into `heads` and `token_layers.attn_received`,
-    residual cosines into `sinks`."""
+    """Hook adapter: attention statistics into `heads` and `token_layers.attn_received(_norm)`,
+    residual cosines into `sinks` (Wong et al.) and `sink_labels` (tokenprobe's variants)."""
 
     name = "sinks"
     sites = ("attention", "resid_post")
     Config = SinksConfig
     tables = {
-        "token_layers": {"attn_received": C("float64", "mean over heads and queries i >= pos "
-                                                       "of A[l, h, i, pos]")},
+        "token_layers": {
+            "attn_received": C("float64", "mean over heads and queries i >= pos of "
+                                          "A[l, h, i, pos]"),
+            "attn_received_norm": C("float64", "attn_received / its value under uniform causal "
+                                               "attention, mean_{i>=pos} 1/(i+1); 1: uniform "
+                                               "(tokenprobe's, not a paper's)")},
         "heads": Table("prompt x layer x head", ("prompt_id", "layer", "head"), {
             "prompt_id": C("int64", "key"), "layer": C("int64", "key"),
             "head": C("int64", "key: the query head"),
@@ -214,6 +206,29 @@ class SinksProbe(Probe):
             "lifetime": C("int64", "number of such layers"),
             "max_cos": C("float64", "max |cos| to the primary over the searched layers (1 for "
                                     "the primary)")}),
+        "sink_labels": Table(
+            "prompt x position x criterion, every position from the primary sink on "
+            "(tokenprobe's labels, not Wong et al.'s: theirs are table `sinks`)",
+            ("prompt_id", "pos", "criterion"), {
+                "prompt_id": C("int64", "key"), "pos": C("int64", "key"),
+                "criterion": C("string", "key: the cosine: raw (of the residuals, as Wong et "
+                                         "al.), centered (minus their mean over the positions "
+                                         "not in candidates), nomassive (without the "
+                                         "candidate's massive_top_k largest |h| dims)"),
+                "token": C("string", "the token's text"),
+                "kind": C("string", "primary / secondary by Wong et al.'s lifetime rules on "
+                                    "this cosine, else sink_like (>= sink_like_min "
+                                    "consecutive flagged layers outside the searched ones), "
+                                    "else noise (flagged in them), else none"),
+                "creation_layer": C("Int64", "first searched layer with |cos| > "
+                                             "cos_threshold (NA: none)"),
+                "lifetime": C("int64", "searched layers with |cos| > cos_threshold"),
+                "max_cos": C("float64", "max |cos| to the primary over the searched layers (1 "
+                                        "for the primary)"),
+                "sink_like_first": C("Int64", "first layer of the longest run of flagged "
+                                              "layers outside the searched ones (NA unless "
+                                              "sink_like)"),
+                "sink_like_last": C("Int64", "its last layer")}),
     }
 
     def attention_options(self) -> dict:
@@ -239,7 +254,6 @@ class SinksProbe(Probe):
             vn = norms[row, :, :n]  # (H, T)
             rest = torch.cat([vn[:, :k], vn[:, k + 1:]], dim=1)
             nan = torch.full((heads,), float("nan"))
-            denom = heads * (n - torch.arange(n, device=vn.device))
             for name, value in {
                     "sink_mass": stats["sink_mass"][row],
                     "attn_entropy": stats["attn_entropy"][row],
@@ -247,7 +261,7 @@ class SinksProbe(Probe):
                     "value_drain_rest": rest.mean(-1) if rest.shape[1] else nan}.items():
                 self._attn.put(name, layer, (row,), value, (rows, heads))
             self._attn.put("attn_received", layer, (row, slice(0, n)),
-                           stats["received"][row, :n] / denom, (rows, width))
+                           received_per_key(stats["received"][row, :n], heads), (rows, width))
 
     def _residual(self, layer: int, h: torch.Tensor) -> None:
         rows, width = len(self.batch.lengths), max(self.batch.lengths)
@@ -256,11 +270,15 @@ class SinksProbe(Probe):
             cands = [c for c in self.config.candidates if c < n]
             x = h[row, :n].float()  # (T, D)
             ref = x[cands]  # (C, D)
-            cos = torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1)  # (C, T)
             self._resid.put("norms", layer, (row, slice(0, len(cands))),
                             torch.linalg.vector_norm(ref, dim=-1), (rows, most))
-            self._resid.put("cos", layer, (row, slice(0, len(cands)), slice(0, n)), cos,
-                            (rows, most, width))
+            for name, cos in {  # (C, T) each
+                    "raw": torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1),
+                    "centered": centered_cosines(x, cands),
+                    "nomassive": nomassive_cosines(x, cands,
+                                                   top_k=self.config.massive_top_k)}.items():
+                self._resid.put(name, layer, (row, slice(0, len(cands)), slice(0, n)), cos,
+                                (rows, most, width))
 
     def collect(self) -> dict[str, pd.DataFrame]:
         sinks, heads, received, nonfinite = [], [], [], []
@@ -276,29 +294,38 @@ class SinksProbe(Probe):
                     "head": np.arange(attn["sink_mass"].shape[-1]),
                     **{name: attn[name][layer, row] for name in
                        ("sink_mass", "attn_entropy", "value_drain_sink", "value_drain_rest")}}))
+                mean = attn["attn_received"][layer, row, :n]
                 received.append(pd.DataFrame({"prompt_id": prompt_id, "layer": layer,
-                                              "pos": np.arange(n),
-                                              "attn_received": attn["attn_received"][layer, row, :n]}))
+                                              "pos": np.arange(n), "attn_received": mean,
+                                              "attn_received_norm": mean / uniform_received(n)}))
+        cfg, labels = self.config, []
+        rules = {"cos_threshold": cfg.cos_threshold, "primary_margin": cfg.primary_margin,
+                 "secondary_min": cfg.secondary_min}
         for row, prompt_id, n in self.batch.rows():
-            cands = [c for c in self.config.candidates if c < n]
-            cos = np.abs(resid["cos"][:, row, :len(cands), :n]).sum(1)  # (L, T)
+            cands = [c for c in cfg.candidates if c < n]
+            cos = np.abs(resid["raw"][:, row, :len(cands), :n]).sum(1)  # (L, T)
             bad = [nonfinite_row(self.name, "resid_post", prompt_id, layer,
                                  {"cos_to_candidates": cos[layer]}) for layer in resid.layers]
             if any(bad):  # NaN norms and cosines would label sinks at random: none found
                 nonfinite += bad
                 continue
-            found = secondary_sinks(resid["norms"][resid.layers, row, :len(cands)],
-                                    resid["cos"][resid.layers, row, :len(cands), :n], cands,
-                                    cos_threshold=self.config.cos_threshold,
-                                    primary_margin=self.config.primary_margin,
-                                    secondary_min=self.config.secondary_min)
+            norms = resid["norms"][resid.layers, row, :len(cands)]
+            texts = self.batch.token_texts[row]
+            found = secondary_sinks(norms, resid["raw"][resid.layers, row, :len(cands), :n],
+                                    cands, **rules)
             found.insert(0, "prompt_id", prompt_id)
-            found.insert(2, "token", [self.batch.token_texts[row][p] for p in found.pos])
+            found.insert(2, "token", [texts[p] for p in found.pos])
             sinks.append(found)
+            for criterion in ("raw", "centered", "nomassive"):
+                mine = token_labels(norms, resid[criterion][resid.layers, row, :len(cands), :n],
+                                    cands, **rules, sink_like_min=cfg.sink_like_min)
+                labels.append(mine.assign(prompt_id=prompt_id, criterion=criterion,
+                                          token=[texts[p] for p in mine.pos]))
         self.begin(self.batch)  # forget this batch
         return {"heads": pd.concat(heads, ignore_index=True),
                 "token_layers": pd.concat(received, ignore_index=True),
                 "sinks": pd.concat(sinks, ignore_index=True) if sinks else None,
+                "sink_labels": pd.concat(labels, ignore_index=True) if labels else None,
                 "nonfinite": nonfinite_frame(nonfinite)}
 
     def summary(self, sql, stats: dict) -> dict:
@@ -320,8 +347,10 @@ class SinksProbe(Probe):
     def diagnostics(self, sql, stats: dict, meta: dict) -> list[str]:
         """When the labels or the rate mean less than they seem: a secondary band that cannot
         exist for this number of layers, a cosine criterion that marks most tokens as sinks
-        (massive dims dominating every residual), and a sink rate measured far from Gu et
-        al.'s T = 64."""
+        (massive dims dominating every residual), what tokenprobe's variants label then, tokens
+        that behave like sinks outside the searched layers (`label_notes`), attention received
+        peaking at the last positions (`received_notes`), and a sink rate measured far from Gu
+        et al.'s T = 64."""
         cfg, n_layers, out = self.config, int(meta["n_layers"]), []
         top = n_layers - cfg.primary_margin  # secondary: secondary_min < lifetime < top
         if top <= cfg.secondary_min + 1:
@@ -342,6 +371,10 @@ class SinksProbe(Probe):
                            f"(median max |cos| {row.cos:.2f}): the cosine criterion does not "
                            "separate tokens in this model (a few massive dims dominate every "
                            "residual), so `sinks.kind` says little here")
+        if sql.columns("sink_labels"):
+            out += label_notes(sql, max(cfg.candidates))
+        if "attn_received_norm" in sql.columns("token_layers"):
+            out += received_notes(sql, max(cfg.candidates))
         lengths = sql.sql("SELECT min(n_tokens) AS lo, max(n_tokens) AS hi FROM prompts").iloc[0]
         if not (32 <= lengths.lo and lengths.hi <= 128):
             out.append(f"Gu et al. measure the sink rate at T = 64; these prompts have "
@@ -349,3 +382,37 @@ class SinksProbe(Probe):
                        "T (--max-tokens 64 on prompts at least that long gives the paper's "
                        "setting)")
         return out
+
+
+# Per (prompt, layer), the position after the candidates ($1) with the largest attn_received and
+# the one with the largest attn_received_norm, counted when in the last 10% of the prompt.
+LATE_PEAKS = """
+WITH r AS (
+    SELECT t.prompt_id, t.layer, t.pos, t.attn_received AS a, t.attn_received_norm AS b,
+           p.n_tokens AS n
+    FROM token_layers t JOIN prompts p USING (prompt_id)
+    WHERE p.n_tokens >= 10 AND t.pos > $1 AND isfinite(t.attn_received)),
+top AS (SELECT n, arg_max(pos, a) AS pa, arg_max(pos, b) AS pb FROM r
+        GROUP BY prompt_id, layer, n)
+SELECT count(*) AS pairs, count(*) FILTER (WHERE pa >= n - ceil(n / 10.0)) AS late,
+       count(*) FILTER (WHERE pb >= n - ceil(n / 10.0)) AS late_norm FROM top"""
+
+
+def received_notes(sql, after: int) -> list[str]:
+    """A note when attn_received peaks in the last 10% of positions (past position `after`)
+    in most (prompt, layer) pairs of prompts of 10 tokens or more, saying whether
+    attn_received_norm does too."""
+    row = sql.sql(LATE_PEAKS, [after]).iloc[0]
+    pairs, late, norm = int(row.pairs), int(row.late or 0), int(row.late_norm or 0)
+    if not pairs or late <= pairs / 2:
+        return []
+    said = (f"attn_received peaks in the last 10% of positions in {late} of {pairs} (prompt, "
+            "layer) pairs (positions after the candidates): a key near the end is averaged "
+            "over few queries (the last key over one: the last query's attention to itself), "
+            "so a late peak is not a sink; ")
+    return [said + (f"attn_received_norm (ratio to uniform causal attention) peaks there too "
+                    f"({norm} of {pairs}): the late peak is attention to recent tokens, which "
+                    "that ratio does not remove" if norm > pairs / 2 else
+                    f"attn_received_norm (ratio to uniform causal attention) peaks there in "
+                    f"{norm} of {pairs}: compare positions by it")]
+

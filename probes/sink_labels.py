@@ -1,0 +1,252 @@
+"""Secondary-sink labels from residual cosines: Wong et al.'s, and tokenprobe's variants.
+
+Wong et al., "On the Existence and Behaviour of Secondary Attention Sinks"
+(JeffreyWong20/Secondary-Attention-Sinks, `hidden_state_norm_detection` and
+`sink_labeling_machine`): `sink_levels_of` and `secondary_sinks` compute their labels as their
+code does (table `sinks`). As in their code, only layers in the primary's norm-growth range
+[start, end) are searched, the primary's lifetime is end - start, and only tokens after the
+primary are candidates. Their code reads HF's `hidden_states[1:]`, whose last entry is after the
+final norm; tokenprobe uses the residual after each block throughout.
+
+tokenprobe's variants (table `sink_labels`; not the paper's measures). The raw |cos| is ~1 for
+nearly every token when a few massive dims dominate every residual (Gemma 3 270M: dims 163 and
+400), so two other cosines are offered, labelled by the same lifetime rules (`token_labels`):
+- `centered_cosines`: residuals minus their mean over the prompt's non-candidate positions
+  (the candidates are left out of the mean: a primary sink with one 22,000-sized dim, as
+  SmolLM2's, would otherwise move every centred token onto minus itself);
+- `nomassive_cosines`: the candidate's `top_k` largest |h| dims removed from both residuals
+  (a rank rule: Sun et al.'s 100 and 1000 x median thresholds miss Gemma 3's dim 163 in its
+  last four blocks, where it still holds most of every token's norm).
+and a further kind, `sink_like`: a run of consecutive flagged layers outside the searched ones,
+which the window-restricted search cannot see. `label_notes` says, by SQL over a finished run,
+when a criterion does not separate tokens and which tokens are sink-like.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+EPS = 1e-30  # a zero vector's cosine is 0, not NaN
+
+
+def sink_levels_of(norms: np.ndarray) -> tuple[int, int]:
+    """Wong et al.'s layer range of the primary sink from its residual norm per layer.
+
+    Args:
+        norms: (L,) ||h_l[primary]||.
+
+    Returns:
+        (start, end): start = argmax(d) + 1, end = start + argmin(d[start:]) + 1 with
+        d = diff(norms); end = L when nothing is left after start; (0, 1) for a single layer.
+    """
+    if len(norms) < 2:
+        return 0, len(norms)
+    d = np.diff(norms)
+    start = int(np.argmax(d)) + 1
+    rest = d[start:]
+    end = start + int(np.argmin(rest)) + 1 if len(rest) else len(norms)
+    return start, end
+
+
+def secondary_sinks(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *,
+                    cos_threshold: float = 0.9, primary_margin: int = 15,
+                    secondary_min: int = 4) -> pd.DataFrame:
+    """Primary and secondary sinks of one prompt (Wong et al.).
+
+    Args:
+        norms: (L, C) residual norm of each candidate position at each layer.
+        cos: (L, C, T) cosine of every token's residual to each candidate's, per layer.
+        candidates: the C candidate positions.
+
+    Returns:
+        one row per flagged token: pos, kind (primary / secondary / noise), creation_layer,
+        lifetime (flagged layers), max_cos (max |cos| to the primary over the searched layers).
+    """
+    n_layers = norms.shape[0]
+    c = int(np.argmax(norms.mean(axis=0)))
+    primary = candidates[c]
+    start, end = sink_levels_of(norms[:, c])
+    absolute = np.abs(cos[start:end, c, :])  # (layers searched, T)
+    flags = absolute > cos_threshold
+    rows = [(primary, start, end - start, 1.0)]
+    for pos in range(primary + 1, cos.shape[-1]):
+        layers = np.nonzero(flags[:, pos])[0]
+        if len(layers):
+            rows.append((pos, start + int(layers[0]), len(layers), float(absolute[:, pos].max())))
+    frame = pd.DataFrame(rows, columns=["pos", "creation_layer", "lifetime", "max_cos"])
+    bar = n_layers - primary_margin
+    frame.insert(1, "kind", np.where(frame.lifetime >= bar, "primary",
+                                     np.where(frame.lifetime > secondary_min, "secondary", "noise")))
+    return frame
+
+
+def _cosines(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(T, D) and (C, D) -> (C, T) cosines; 0 where either vector is zero."""
+    norms = torch.linalg.vector_norm(ref, dim=-1)[:, None] * torch.linalg.vector_norm(x, dim=-1)
+    return (ref @ x.T) / norms.clamp_min(EPS)
+
+
+def centered_cosines(x: torch.Tensor, candidates: list[int]) -> torch.Tensor:
+    """Cosine of every token's centred residual to each candidate's (tokenprobe's variant).
+
+    The centre is the mean of x over the positions that are not candidates (none left: no
+    centring), so that neither a primary sink's massive values nor a direction every token
+    shares (Gemma 3's dim 163) decides the cosine.
+
+    Args:
+        x: (T, D) residuals of one prompt at one layer.
+        candidates: the C candidate positions (< T).
+
+    Returns:
+        (C, T) cos(x_t - mu, x_c - mu).
+    """
+    others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    others[candidates] = False
+    mu = x[others].mean(0) if bool(others.any()) else torch.zeros_like(x[0])  # (D,)
+    centred = x - mu  # (T, D)
+    return _cosines(centred, centred[candidates])
+
+
+def massive_dims(ref: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The `top_k` dims of largest |h| of each candidate's residual.
+
+    Args:
+        ref: (C, D) candidate residuals.
+
+    Returns:
+        (C, min(top_k, D)) int64 dim indices.
+    """
+    return ref.abs().topk(min(top_k, ref.shape[-1]), dim=-1).indices
+
+
+def nomassive_cosines(x: torch.Tensor, candidates: list[int], *, top_k: int = 2
+                      ) -> torch.Tensor:
+    """Cosine of every token's residual to each candidate's without the candidate's massive
+    dims (tokenprobe's variant): the `massive_dims(x[candidates], top_k)` of candidate c are
+    dropped from both vectors of its cosines; top_k = 0 is the raw cosine.
+
+    Args:
+        x: (T, D) residuals of one prompt at one layer.
+        candidates: the C candidate positions (< T).
+        top_k: dims removed per candidate.
+
+    Returns:
+        (C, T) cosines over the remaining dims.
+    """
+    ref = x[candidates]  # (C, D)
+    keep = torch.ones_like(ref)
+    keep.scatter_(1, massive_dims(ref, top_k), 0.0)  # (C, D): 0 at the dropped dims
+    kept = ref * keep
+    x_norms = ((x * x) @ keep.T).clamp_min(0).sqrt().T  # (C, T): ||x_t|| over c's kept dims
+    norms = torch.linalg.vector_norm(kept, dim=-1)[:, None] * x_norms
+    return (kept @ x.T) / norms.clamp_min(EPS)
+
+
+def longest_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The longest run of consecutive True layers of every token (the first of equal ones).
+
+    Args:
+        flags: (L, T) bool.
+
+    Returns:
+        first (T,) int64 layer where it starts (-1 if none) and length (T,) int64.
+    """
+    best = np.zeros(flags.shape[1], dtype=np.int64)
+    first = np.full(flags.shape[1], -1, dtype=np.int64)
+    current = np.zeros_like(best)
+    for layer, row in enumerate(flags):
+        current = np.where(row, current + 1, 0)
+        longer = current > best
+        best = np.where(longer, current, best)
+        first = np.where(longer, layer - current + 1, first)
+    return first, best
+
+
+def token_labels(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *,
+                 cos_threshold: float = 0.9, primary_margin: int = 15, secondary_min: int = 4,
+                 sink_like_min: int = 5) -> pd.DataFrame:
+    """tokenprobe's per-token labels of one prompt under one cosine criterion.
+
+    The primary, its searched layers [start, end), lifetime and creation layer are Wong et
+    al.'s (`secondary_sinks` gives the same numbers for the tokens it lists); every position
+    from the primary on gets a row. Kinds, first that applies: primary (lifetime >=
+    L - primary_margin), secondary (lifetime > secondary_min), sink_like (|cos| >
+    cos_threshold at >= sink_like_min consecutive layers outside [start, end)), noise (flagged
+    in [start, end) at all), none.
+
+    Args:
+        norms: (L, C) residual norm of each candidate at each layer.
+        cos: (L, C, T) cosine of every token's residual to each candidate's, per layer.
+        candidates: the C candidate positions.
+
+    Returns:
+        columns pos, kind, creation_layer (NA: not flagged in [start, end)), lifetime, max_cos
+        (max |cos| over [start, end); 1 for the primary), sink_like_first, sink_like_last
+        (layers of the longest run outside [start, end) when sink_like, else NA).
+    """
+    n_layers = norms.shape[0]
+    c = int(np.argmax(norms.mean(axis=0)))
+    primary = candidates[c]
+    start, end = sink_levels_of(norms[:, c])
+    absolute = np.abs(cos[:, c, :])  # (L, T)
+    flags = absolute > cos_threshold
+    searched = flags[start:end]
+    lifetime = searched.sum(0)
+    outside = flags.copy()
+    outside[start:end] = False
+    run_first, run_len = longest_runs(outside)
+    like = run_len >= sink_like_min
+    bar = n_layers - primary_margin
+    flagged = lifetime > 0
+    kind = np.select([flagged & (lifetime >= bar), flagged & (lifetime > secondary_min), like,
+                      flagged], ["primary", "secondary", "sink_like", "noise"], "none")
+    na = pd.NA
+    frame = pd.DataFrame({
+        "pos": np.arange(cos.shape[-1]), "kind": kind,
+        "creation_layer": pd.Series(start + searched.argmax(0), dtype="Int64").where(flagged, na),
+        "lifetime": lifetime, "max_cos": absolute[start:end].max(0),
+        "sink_like_first": pd.Series(run_first, dtype="Int64").where(like, na),
+        "sink_like_last": pd.Series(run_first + run_len - 1, dtype="Int64").where(like, na)})
+    frame.loc[primary, ["kind", "creation_layer", "lifetime", "max_cos"]] = \
+        ["primary", start, end - start, 1.0]
+    frame.loc[primary, ["sink_like_first", "sink_like_last"]] = na
+    return frame.iloc[primary:].reset_index(drop=True)
+
+
+VARIANTS = {"centered": "mean-centred", "nomassive": "massive-dims-removed"}  # order said
+
+
+def label_notes(sql, after: int) -> list[str]:
+    """Notes on tokenprobe's labels (table `sink_labels`) of the tokens past position `after`:
+    what its variants label when the raw cosine labels most tokens primary or secondary, a
+    variant that does so itself, and tokens `sink_like` under the centred cosine."""
+    out, shares = [], sql.sql(
+        "SELECT criterion, count(*) FILTER (WHERE kind IN ('primary', 'secondary')) AS n, "
+        "count(*) AS tokens, median(max_cos) AS cos FROM sink_labels WHERE pos > $1 "
+        "GROUP BY criterion", [after]).set_index("criterion")
+    share = {c: (int(r.n), int(r.tokens), float(r.cos)) for c, r in shares.iterrows()}
+    fails = {c: v for c, v in share.items() if v[1] >= 4 and v[0] > v[1] / 2}
+    if "raw" in fails:
+        out.append("tokens labelled primary or secondary on tokenprobe's variants (table "
+                   "`sink_labels`): " + ", ".join(
+                       f"{VARIANTS[c]} cosine {share[c][0]} of {share[c][1]} "
+                       f"({100 * share[c][0] / share[c][1]:.0f}%, median max |cos| "
+                       f"{share[c][2]:.2f})" for c in VARIANTS if c in share)
+                   + f", against {fails['raw'][0]} on the raw cosine")
+    for c, (n, t, _) in fails.items():
+        if c in VARIANTS:
+            out.append(f"the {VARIANTS[c]} cosine (sink_labels criterion {c}) labels {n} of {t} "
+                       f"tokens ({100 * n / t:.0f}%) primary or secondary: it does not "
+                       "separate tokens in this model" + " either" * ("raw" in fails))
+    like = sql.sql("WITH s AS (SELECT * FROM sink_labels WHERE criterion = 'centered' AND "
+                   "kind = 'sink_like') SELECT (SELECT count(*) FROM s) AS n, (SELECT "
+                   "count(DISTINCT prompt_id) FROM s) AS prompts, * FROM s ORDER BY "
+                   "prompt_id, pos LIMIT 1")
+    if len(like):
+        r = like.iloc[0]
+        out.append(f"{r.n} token(s) in {r.prompts} prompt(s) behave like sinks outside the "
+                   f"layers Wong et al.'s search covers (e.g. prompt {r.prompt_id} pos {r.pos} "
+                   f"'{r.token}', layers {r.sink_like_first}-{r.sink_like_last}; sink_labels "
+                   "kind sink_like, criterion centered): table `sinks` never lists them")
+    return out
