@@ -39,7 +39,8 @@ from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, forking
                                                 run_diagnostics, run_quantiles, run_summary,
                                                 scored_sql, scored_tokens, strict_mean,
                                                 tip_quadrant, tip_quadrant_at,
-                                                tip_thresholds, tip_weight, window_entropy)
+                                                tip_thresholds, tip_weight, topk_entropy,
+                                                window_entropy)
 from tokenprobe.placement import input_device
 from tokenprobe.tables import Column
 from tokenprobe.unembedding import Unembedding
@@ -55,7 +56,14 @@ class EntropyConfig:
     Attributes:
         window: ARES window w (4).
         window_from: "next" averages H over t+1..t+w (ARES code, the default), "current" over
-            t..t+w-1 (the paper). Windows cut by the end of the prompt average what is left.
+            t..t+w-1 (the paper).
+        window_partial: average what is left of a window cut by the end of the prompt (NaN by
+            default: ARES's code counts only complete windows).
+        window_topk: average the entropy of the top-k probabilities instead (ARES's code reads
+            vLLM's top-10 logprobs: 10 makes its 1.5-nat threshold mean what it did there);
+            adds column `topk_entropy`. None: the full-vocabulary entropy.
+        window_tail: with window_topk, add -r log r for the mass r outside the top k (ARES's
+            trigger function does).
         low_quantile: entropy below this quantile is band "low" (0.5).
         high_quantile: entropy at or above this quantile is band "high" (0.8).
         rho: forking tokens are the top rho by entropy (0.2, Wang et al.): exactly
@@ -86,6 +94,9 @@ class EntropyConfig:
 
     window: int = 4
     window_from: str = field(default="next", metadata={"choices": ("next", "current")})
+    window_partial: bool = False
+    window_topk: int | None = None
+    window_tail: bool = False
     low_quantile: float = 0.5
     high_quantile: float = 0.8
     rho: float = 0.2
@@ -123,6 +134,8 @@ class EntropyConfig:
             raise ValueError(f"tip_quantile must be in (0, 1), got {self.tip_quantile}")
         if self.score not in ("response", "all"):
             raise ValueError(f'score must be "response" or "all", got {self.score!r}')
+        if self.window_topk is not None and self.window_topk < 1:
+            raise ValueError(f"window_topk must be >= 1 (or None), got {self.window_topk}")
         if self.topk < 2:
             raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
 
@@ -156,7 +169,9 @@ class EntropyProbe(Probe):
             "margin": C("float64", "p(top1) - p(top2)"),
             "self_certainty": C("float64", "KL(U || p_pos) (Kang et al.)"),
             "window_entropy": C("float64", "ARES window mean of entropy (w = 4, t+1..t+w by "
-                                           "default)"),
+                                           "default; NaN where the window is cut by the end)"),
+            "topk_entropy": C("float64", "entropy of the top-k probabilities (window_topk; "
+                                         "ARES's vLLM top-10 logprobs), nats"),
             "band": C("string", "low / mid / high by entropy quantiles (0.5, 0.8; per run or "
                                 "prompt) of the scored tokens; NA elsewhere"),
             "forking": C("boolean", "among the max(1, ceil(rho N)) highest-entropy of the N "
@@ -285,7 +300,8 @@ class EntropyProbe(Probe):
         batch, ue, cfg = self.batch, self.unembed, self.config
         targets = torch.cat([batch.input_ids[b, 1:n] for b, _, n in batch.rows()])
         stats = linear_entropy(hidden, ue.weight, bias=ue.bias, softcap=ue.softcap,
-                               targets=targets, topk=cfg.topk, impl=cfg.impl)
+                               targets=targets, topk=max(cfg.topk, cfg.window_topk or 0),
+                               impl=cfg.impl)
         probs = stats["topk_probs"]
         columns = {
             "entropy": stats["entropy"], "logprob": stats["target_logprob"],
@@ -296,15 +312,21 @@ class EntropyProbe(Probe):
         if self.compare is not None:
             columns.update(self._compare(hidden, targets))
             self._compared = None
-        return {k: v.detach().cpu().numpy() for k, v in columns.items()}
+        out = {k: v.detach().cpu().numpy() for k, v in columns.items()}
+        if cfg.window_topk:
+            out["topk_entropy"] = topk_entropy(probs[:, :cfg.window_topk].cpu().numpy(),
+                                               tail=cfg.window_tail)
+        return out
 
     def collect(self) -> dict[str, pd.DataFrame]:
         cfg, ue = self.config, self.unembed
         if self._columns is None:
             raise RuntimeError("the entropy probe saw no residual of the last block")
         tokens = self._frame(self._columns)
+        source = "topk_entropy" if cfg.window_topk else "entropy"
         tokens["window_entropy"] = np.concatenate([
-            window_entropy(g.entropy.to_numpy(float), cfg.window, start=cfg.window_from)
+            window_entropy(g[source].to_numpy(float), cfg.window, start=cfg.window_from,
+                           partial=cfg.window_partial)
             for _, g in tokens.groupby("prompt_id", sort=False)])
         if self.compare is not None:
             h, jsd, v = tokens.entropy.to_numpy(float), tokens.jsd.to_numpy(float), ue.weight.shape[0]

@@ -16,19 +16,35 @@ TIP_QUADRANTS = ("high_H_high_D", "high_H_low_D", "low_H_high_D", "low_H_low_D")
 MIN_SCORED = 100  # scored tokens below which quantile bands are flagged (diagnostics)
 
 
-def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next") -> np.ndarray:
+def window_entropy(entropy: np.ndarray, w: int = 4, *, start: str = "next",
+                   partial: bool = False) -> np.ndarray:
     """ARES window entropy of one prompt: H_bar_t = mean(H_{t+1..t+w}) ("next", their code) or
-    mean(H_{t..t+w-1}) ("current", the paper). Position 0 (no prediction) is skipped, a window
-    cut by the end of the prompt averages what is left (NaN if nothing is), and a window that
-    holds a NaN or inf entropy is NaN."""
+    mean(H_{t..t+w-1}) ("current", the paper). Position 0 (no prediction) is skipped. A window
+    cut by the end of the prompt is NaN, as their code counts only complete windows
+    (`partial=True` averages what is left); a window that holds a NaN or inf entropy is NaN."""
     h = np.asarray(entropy, dtype=float)
     n = len(h)
     shift = 1 if start == "next" else 0
     out = np.full(n, np.nan)
     for t in range(n):
-        chunk = h[max(t + shift, 1):t + shift + w]
-        if len(chunk) and np.isfinite(chunk).all():
+        lo = max(t + shift, 1)
+        chunk = h[lo:t + shift + w]
+        complete = t + shift + w <= n and len(chunk) == t + shift + w - lo
+        if len(chunk) and (complete or partial) and np.isfinite(chunk).all():
             out[t] = chunk.mean()
+    return out
+
+
+def topk_entropy(probs: np.ndarray, *, tail: bool = False) -> np.ndarray:
+    """The entropy ARES's code sees: -sum p log p over the top-k probabilities (vLLM's top-10
+    logprobs), with `tail` adding -r log r for the remaining mass r (their trigger function).
+    (N, k) -> (N,), nats."""
+    p = np.asarray(probs, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+        if tail:
+            rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+            out += -np.where(rest > 0, rest * np.log(rest), 0.0)
     return out
 
 

@@ -13,7 +13,7 @@ import tokenprobe
 from tokenprobe.models import LoadedModel
 from tokenprobe.probes import EntropyConfig, EntropyProbe
 from tokenprobe.probes.entropy import entropy_bands, tip_quadrant, window_entropy
-from tokenprobe.probes.entropy_measures import top_k_forking
+from tokenprobe.probes.entropy_measures import top_k_forking, topk_entropy
 
 from conftest import PROMPTS
 
@@ -88,9 +88,28 @@ def test_gemma3_against_explicit_softmax(gemma3):
 def test_window_entropy_hand_case():
     h = np.array([np.nan, 1.0, 2.0, 3.0, 4.0, 5.0])
     nxt = window_entropy(h, 2, start="next")
-    np.testing.assert_allclose(nxt, [1.5, 2.5, 3.5, 4.5, 5.0, np.nan])
+    np.testing.assert_allclose(nxt, [1.5, 2.5, 3.5, 4.5, np.nan, np.nan])  # only whole windows
+    np.testing.assert_allclose(window_entropy(h, 2, start="next", partial=True),
+                               [1.5, 2.5, 3.5, 4.5, 5.0, np.nan])
     cur = window_entropy(h, 2, start="current")
-    np.testing.assert_allclose(cur, [1.0, 1.5, 2.5, 3.5, 4.5, 5.0])
+    np.testing.assert_allclose(cur, [1.0, 1.5, 2.5, 3.5, 4.5, np.nan])
+
+
+def test_window_entropy_is_the_ares_codes():
+    """ARES counts a window at t only when len - t - 1 >= w, as the mean of H[t+1 : t+1+w]."""
+    rng = np.random.default_rng(1)
+    for n, w in ((12, 4), (5, 4), (4, 4), (9, 1)):
+        h = rng.random(n)
+        theirs = [h[t + 1:t + 1 + w].mean() if n - t - 1 >= w else np.nan for t in range(n)]
+        np.testing.assert_allclose(window_entropy(h, w), theirs)
+
+
+def test_topk_entropy_hand_case():
+    p = np.array([[0.5, 0.25, 0.0], [0.9, 0.1, 0.0]])
+    np.testing.assert_allclose(topk_entropy(p), [0.5 * math.log(2) + 0.25 * math.log(4),
+                                                 -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))])
+    np.testing.assert_allclose(topk_entropy(p, tail=True)[0],
+                               0.5 * math.log(2) + 0.25 * math.log(4) + 0.25 * math.log(4))
 
 
 def test_bands_and_forking_hand_case():
@@ -290,3 +309,16 @@ def test_final_logit_softcapping_is_applied(tiny_gemma3):
     tokens = check_tokens(capped, PROMPTS[:1])
     plain = tokenprobe.run(tiny_gemma3, PROMPTS[:1], ["entropy"], progress=False).tokens
     assert (tokens.entropy - plain.entropy).abs().max() > 1e-3  # the cap changed something
+
+
+def test_ares_window_over_top_10_entropies(tiny_llama):
+    cfg = EntropyConfig(window_topk=10, window_tail=True)
+    tokens = tokenprobe.run(tiny_llama, PROMPTS[:1], [EntropyProbe(cfg)], progress=False).tokens
+    _, logp = full_log_probs(tiny_llama, PROMPTS[0])
+    top = logp[:-1].exp().topk(10, dim=-1).values.numpy()  # explicit softmax, its top 10
+    rest = 1 - top.sum(1)
+    want = -(top * np.log(top)).sum(1) - rest * np.log(rest)
+    np.testing.assert_allclose(tokens.topk_entropy[1:], want, rtol=1e-4)
+    np.testing.assert_allclose(tokens.window_entropy, window_entropy(want_at := np.r_[np.nan, want],
+                                                                     4), rtol=1e-4)
+    assert np.isnan(tokens.window_entropy.iloc[-4:]).all() and want_at.size == len(tokens)
