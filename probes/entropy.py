@@ -89,6 +89,9 @@ class EntropyConfig:
         tip_divergence: fixed threshold on JSD / ln 2 (0.5).
         tip_alpha, tip_gamma: exponents of TIP's sampling weight (H / ln V)^alpha x
             (JSD / ln 2)^gamma, column `tip_weight` (1.0, 1.0).
+        temperature: every next-token statistic is of softmax(logits / temperature), the
+            distribution sampled at that temperature (the 80/20 code's entropies: 1.0 in its
+            scripts); the compare model's too. Not with a soft-capped unembedding.
         impl: kernel implementation ("auto", "torch", "triton", "reference").
     """
 
@@ -113,9 +116,12 @@ class EntropyConfig:
     tip_divergence: float = 0.5
     tip_alpha: float = 1.0
     tip_gamma: float = 1.0
+    temperature: float = 1.0
     impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.window_from not in ("next", "current"):
@@ -248,6 +254,11 @@ class EntropyProbe(Probe):
 
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.unembed = Unembedding.of(model)
+        capped = self.unembed.softcap is not None or (
+            self.compare is not None and Unembedding.of(self.compare.model).softcap is not None)
+        if self.config.temperature != 1.0 and capped:
+            raise ValueError("temperature != 1 needs an unembedding without final-logit soft "
+                             "capping (logits / T is then (h / T) W^T); this model caps them")
         if self.compare is None:
             return
         self.cmp_unembed = Unembedding.of(self.compare.model)
@@ -299,7 +310,13 @@ class EntropyProbe(Probe):
         """The per-token statistics of the final distribution (and the compare model's)."""
         batch, ue, cfg = self.batch, self.unembed, self.config
         targets = torch.cat([batch.input_ids[b, 1:n] for b, _, n in batch.rows()])
-        stats = linear_entropy(hidden, ue.weight, bias=ue.bias, softcap=ue.softcap,
+        bias = ue.bias
+        if cfg.temperature != 1.0:  # logits / T = (h / T) W^T + b / T (no soft cap: `bind`)
+            hidden = hidden / cfg.temperature
+            bias = None if bias is None else bias / cfg.temperature
+            if self._compared is not None:
+                self._compared = self._compared / cfg.temperature
+        stats = linear_entropy(hidden, ue.weight, bias=bias, softcap=ue.softcap,
                                targets=targets, topk=max(cfg.topk, cfg.window_topk or 0),
                                impl=cfg.impl)
         probs = stats["topk_probs"]
@@ -373,7 +390,8 @@ class EntropyProbe(Probe):
         cfg, cue = self.config, self.cmp_unembed
         hq = self._compared.to(hidden.device)
         d = two_model_divergence(hidden, self.unembed.weight, hq, cue.weight.to(hidden.device),
-                                 bias_p=self.unembed.bias, bias_q=cue.bias,
+                                 bias_p=self._tempered(self.unembed.bias),
+                                 bias_q=self._tempered(cue.bias),
                                  softcap_p=self.unembed.softcap, softcap_q=cue.softcap,
                                  targets=targets, contrast_beta=cfg.contrast_beta, impl=cfg.impl)
         cols = {"teacher_entropy": d["entropy_q"], "teacher_logprob": d["target_logprob_q"],
@@ -382,6 +400,11 @@ class EntropyProbe(Probe):
         if cfg.contrast_beta is not None:
             cols["critical_ce"] = d["contrast_logprob"].exp()
         return cols
+
+    def _tempered(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A logit bias divided by the temperature (as the hidden rows are)."""
+        t = self.config.temperature
+        return bias if bias is None or t == 1.0 else bias / t
 
     def _frame(self, values: dict[str, np.ndarray]) -> pd.DataFrame:
         """Rows (prompt_id, pos) for every real position; pos 0 (no prediction) gets NA."""

@@ -322,3 +322,19 @@ def test_ares_window_over_top_10_entropies(tiny_llama):
     np.testing.assert_allclose(tokens.window_entropy, window_entropy(want_at := np.r_[np.nan, want],
                                                                      4), rtol=1e-4)
     assert np.isnan(tokens.window_entropy.iloc[-4:]).all() and want_at.size == len(tokens)
+
+
+def test_temperature_scales_the_logits(tiny_llama):
+    t = 0.6
+    tokens = tokenprobe.run(tiny_llama, PROMPTS[:1], [EntropyProbe(EntropyConfig(
+        temperature=t))], progress=False).tokens
+    ids = tiny_llama.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=torch.tensor([ids]), logits_to_keep=0).logits[0, :-1]
+    logp = torch.log_softmax(logits.double() / t, dim=-1)
+    want_h = -(logp.exp() * logp).sum(-1)
+    want_lp = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    np.testing.assert_allclose(tokens.entropy[1:], want_h.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tokens.logprob[1:], want_lp.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        EntropyConfig(temperature=0)
