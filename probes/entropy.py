@@ -23,8 +23,8 @@ every backend).
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,10 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenprobe.kernels.linear_entropy import IMPLS, linear_entropy
+from tokenprobe.kernels.linear_entropy import linear_entropy
 from tokenprobe.kernels.two_model import two_model_divergence
 from tokenprobe.probe import Option, Probe, nonfinite_frame, nonfinite_row, register
+from tokenprobe.probes.entropy_config import EntropyConfig
 from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, forking_at,
                                                 run_diagnostics, run_quantiles, run_summary,
                                                 scored_sql, scored_tokens, strict_mean,
@@ -43,107 +44,11 @@ from tokenprobe.probes.entropy_measures import (bands_at, entropy_bands, forking
                                                 window_entropy)
 from tokenprobe.placement import input_device
 from tokenprobe.tables import Column
+from tokenprobe.tokens import token_text
 from tokenprobe.unembedding import Unembedding
 
 CHECKED = ("entropy", "logprob", "self_certainty", "top1_prob", "teacher_entropy",
            "teacher_logprob", "kl_student_teacher", "kl_teacher_student", "jsd", "critical_ce")
-
-
-@dataclass(frozen=True)
-class EntropyConfig:
-    """Entropy probe settings (defaults: README, "Measures").
-
-    Attributes:
-        window: ARES window w (4).
-        window_from: "next" averages H over t+1..t+w (ARES code, the default), "current" over
-            t..t+w-1 (the paper).
-        window_partial: average what is left of a window cut by the end of the prompt (NaN by
-            default: ARES's code counts only complete windows).
-        window_topk: average the entropy of the top-k probabilities instead (ARES's code reads
-            vLLM's top-10 logprobs: 10 makes its 1.5-nat threshold mean what it did there);
-            adds column `topk_entropy`. None: the full-vocabulary entropy.
-        window_tail: with window_topk, add -r log r for the mass r outside the top k (ARES's
-            trigger function does).
-        low_quantile: entropy below this quantile is band "low" (0.5).
-        high_quantile: entropy at or above this quantile is band "high" (0.8).
-        rho: forking tokens are the top rho by entropy (0.2, Wang et al.): exactly
-            max(1, ceil(rho N)) of the N scored tokens, as their code takes them.
-        quantiles_over: "run" (all scored tokens of the run) or "prompt" (each prompt's own).
-            The 80/20 code pools a training micro-batch of responses: "run" over a run of
-            those responses is that pooling; "prompt" is one response at a time.
-        score: "response" scores only the response of prompts given with one (prompt /
-            response pairs, chat messages ending with the assistant's), every token of the
-            others; "all" scores every token. Scored tokens make the quantiles, bands, forking
-            flags and per-prompt summaries; the per-token statistics cover every token.
-        topk: most likely tokens kept per position (>= 2; top1_prob and margin use two).
-        lens: also compute the logit lens per layer (lens_entropy, lens_kl_to_final in
-            `token_layers`); costs a second forward pass and one more unembedding pass
-            per layer.
-        contrast_beta: cDPO beta (1.0 in the paper); with a compare model, adds `critical_ce`.
-        tip_thresholds: "quantile" (default, tokenprobe's choice: TIP's code has no quadrant
-            thresholds) splits both axes at their `tip_quantile` over the run's scored tokens;
-            "fixed" at `tip_entropy` on H / ln V and `tip_divergence` on JSD / ln 2.
-        tip_quantile: the quantile of entropy and of JSD that splits the quadrants (0.5).
-        tip_entropy: fixed threshold on H / ln V (0.5; 5.4 nats for V = 49,152, which few
-            tokens reach).
-        tip_divergence: fixed threshold on JSD / ln 2 (0.5).
-        tip_alpha, tip_gamma: exponents of TIP's sampling weight (H / ln V)^alpha x
-            (JSD / ln 2)^gamma, column `tip_weight` (1.0, 1.0).
-        temperature: every next-token statistic is of softmax(logits / temperature), the
-            distribution sampled at that temperature (the 80/20 code's entropies: 1.0 in its
-            scripts); the compare model's too. Not with a soft-capped unembedding.
-        impl: kernel implementation ("auto", "torch", "triton", "reference").
-    """
-
-    window: int = 4
-    window_from: str = field(default="next", metadata={"choices": ("next", "current")})
-    window_partial: bool = False
-    window_topk: int | None = None
-    window_tail: bool = False
-    low_quantile: float = 0.5
-    high_quantile: float = 0.8
-    rho: float = 0.2
-    quantiles_over: str = field(default="run", metadata={"choices": ("run", "prompt"),
-                                                         "aliases": ("--quantiles",)})
-    score: str = field(default="response", metadata={"choices": ("response", "all"),
-                                                     "aliases": ("--score",)})
-    topk: int = 2
-    lens: bool = field(default=False, metadata={"aliases": ("--lens",)})
-    contrast_beta: float | None = field(default=None, metadata={"aliases": ("--contrast-beta",)})
-    tip_thresholds: str = field(default="quantile", metadata={"choices": ("quantile", "fixed")})
-    tip_quantile: float = 0.5
-    tip_entropy: float = 0.5
-    tip_divergence: float = 0.5
-    tip_alpha: float = 1.0
-    tip_gamma: float = 1.0
-    temperature: float = 1.0
-    impl: str = field(default="auto", metadata={"choices": IMPLS})
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.window_from not in ("next", "current"):
-            raise ValueError(f'window_from must be "next" or "current", got {self.window_from!r}')
-        if not 0 < self.low_quantile <= self.high_quantile < 1:
-            raise ValueError("need 0 < low_quantile <= high_quantile < 1, got "
-                             f"{self.low_quantile}, {self.high_quantile}")
-        if not 0 < self.rho < 1:
-            raise ValueError(f"rho must be in (0, 1), got {self.rho}")
-        if self.quantiles_over not in ("run", "prompt"):
-            raise ValueError(f'quantiles_over must be "run" or "prompt", got {self.quantiles_over!r}')
-        if self.tip_thresholds not in ("quantile", "fixed"):
-            raise ValueError(f'tip_thresholds must be "quantile" or "fixed", got '
-                             f"{self.tip_thresholds!r}")
-        if not 0 < self.tip_quantile < 1:
-            raise ValueError(f"tip_quantile must be in (0, 1), got {self.tip_quantile}")
-        if self.score not in ("response", "all"):
-            raise ValueError(f'score must be "response" or "all", got {self.score!r}')
-        if self.window_topk is not None and self.window_topk < 1:
-            raise ValueError(f"window_topk must be >= 1 (or None), got {self.window_topk}")
-        if self.topk < 2:
-            raise ValueError(f"topk must be >= 2 (top1_prob and margin), got {self.topk}")
 
 
 C = Column
@@ -172,6 +77,8 @@ class EntropyProbe(Probe):
             "rank": C("Int64", "1 + number of vocab entries with strictly larger probability"),
             "top1_id": C("Int64", "most likely token id"),
             "top1_prob": C("float64", "p(top1)"),
+            "alternatives": C("string", "the topk (3) most likely tokens of p_pos with their "
+                                        "probabilities, e.g. 'Paris' 0.41 | 'the' 0.12"),
             "margin": C("float64", "p(top1) - p(top2)"),
             "self_certainty": C("float64", "KL(U || p_pos) (Kang et al.)"),
             "window_entropy": C("float64", "ARES window mean of entropy (w = 4, t+1..t+w by "
@@ -253,7 +160,7 @@ class EntropyProbe(Probe):
         return out
 
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.unembed = Unembedding.of(model)
+        self.unembed, self.tokenizer = Unembedding.of(model), tokenizer
         capped = self.unembed.softcap is not None or (
             self.compare is not None and Unembedding.of(self.compare.model).softcap is not None)
         if self.config.temperature != 1.0 and capped:
@@ -330,6 +237,8 @@ class EntropyProbe(Probe):
             columns.update(self._compare(hidden, targets))
             self._compared = None
         out = {k: v.detach().cpu().numpy() for k, v in columns.items()}
+        out["alternatives"] = self._alternatives(stats["topk_ids"][:, :cfg.topk].cpu().numpy(),
+                                                 probs[:, :cfg.topk].cpu().numpy())
         if cfg.window_topk:
             out["topk_entropy"] = topk_entropy(probs[:, :cfg.window_topk].cpu().numpy(),
                                                tail=cfg.window_tail)
@@ -401,6 +310,12 @@ class EntropyProbe(Probe):
             cols["critical_ce"] = d["contrast_logprob"].exp()
         return cols
 
+    def _alternatives(self, ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """One text per row: its top-k tokens (readable, quoted) and probabilities."""
+        text = functools.lru_cache(maxsize=None)(lambda i: token_text(self.tokenizer, i))
+        return np.array([" | ".join(f"'{text(int(i))}' {p:.3g}" for i, p in zip(row, prow))
+                         for row, prow in zip(ids, probs)], dtype=object)
+
     def _tempered(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """A logit bias divided by the temperature (as the hidden rows are)."""
         t = self.config.temperature
@@ -412,7 +327,8 @@ class EntropyProbe(Probe):
         for _, prompt_id, n in self.batch.rows():
             part = {"prompt_id": np.full(n, prompt_id), "pos": np.arange(n)}
             for k, v in values.items():
-                col = np.full(n, np.nan)
+                col = np.full(n, None if v.dtype == object else np.nan, dtype=v.dtype
+                              if v.dtype == object else float)
                 col[1:] = v[start:start + n - 1]
                 part[k] = col
             parts.append(pd.DataFrame(part))

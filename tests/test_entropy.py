@@ -14,6 +14,7 @@ from tokenprobe.models import LoadedModel
 from tokenprobe.probes import EntropyConfig, EntropyProbe
 from tokenprobe.probes.entropy import entropy_bands, tip_quadrant, window_entropy
 from tokenprobe.probes.entropy_measures import top_k_forking, topk_entropy
+from tokenprobe.tokens import token_text
 
 from conftest import PROMPTS
 
@@ -338,3 +339,15 @@ def test_temperature_scales_the_logits(tiny_llama):
     np.testing.assert_allclose(tokens.logprob[1:], want_lp.numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         EntropyConfig(temperature=0)
+
+
+def test_alternatives_name_the_top_3_of_the_explicit_softmax(tiny_llama):
+    tokens = tokenprobe.run(tiny_llama, PROMPTS[:1], ["entropy"], progress=False).tokens
+    _, logp = full_log_probs(tiny_llama, PROMPTS[0])
+    top = logp[:-1].exp().topk(3, dim=-1)
+    tok = tiny_llama.tokenizer
+    assert pd.isna(tokens.alternatives[0])
+    for pos in (1, 5, len(tokens) - 1):
+        ids, probs = top.indices[pos - 1].tolist(), top.values[pos - 1].tolist()
+        texts = [f"'{token_text(tok, i)}' {p:.3g}" for i, p in zip(ids, probs)]
+        assert tokens.alternatives[pos] == " | ".join(texts)
