@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 
 from tokenprobe.store import Run
@@ -160,16 +161,27 @@ def critical_card(run: Run, entry: dict) -> Card:
 
 
 def forking_card(run: Run, entry: dict) -> Card:
-    """Wang et al.'s high-entropy minority: the forking share this run flagged."""
+    """Wang et al.'s high-entropy minority: the entropy of the scored tokens (the response,
+    where one is given) against the paper's 80th percentile, and the share flagged forking."""
     model = str(run.meta.get("model"))
-    tokens = run.tokens[run.tokens.entropy.notna()]
-    share = float(tokens.forking.astype(bool).mean()) if len(tokens) else float("nan")
+    scored = run.tokens[run.tokens.forking.notna()]  # the tokens the selection ranked
+    h = scored.entropy.to_numpy(float)
     rho = _probe_config(run, "entropy").get("rho", entry["setting"]["rho"])
-    ours = [(model, f"{100 * share:.1f} %", "share of scored tokens flagged forking"),
-            (model, f"{tokens.entropy.mean():.3f} nats", "mean entropy")]
+    score = run.meta.get("summary", {}).get("entropy", {}).get("score", "all")
+    if len(h):
+        ours = [(model, f"{np.quantile(h, 0.8):.3f} nats", f"80th-percentile entropy of "
+                 f"the {len(h)} scored tokens (score = {score})"),
+                (model, f"{(h < 0.01).mean():.1%}", "share of them below 0.01 nats"),
+                (model, f"{scored.forking.astype(bool).mean():.1%}", "share flagged forking")]
+    else:
+        ours = [(model, NOT_REPORTED, "no scored tokens")]
+    paper = [(r["model"], f"{r['value']:.3f} nats" if r["value"] is not None else NOT_REPORTED,
+              entry["what"]) for r in entry["reported"]]
     return Card("forking_tokens", entry["paper"], entry["url"], _setting(entry["setting"]),
-                f"rho = {rho}", _rows([("-", NOT_REPORTED, entry["what"])]), _rows(ours),
-                "The share is rho by construction (ties aside).", entry["checked_against"])
+                f"rho = {rho}, score = {score}", _rows(paper), _rows(ours),
+                "The forking share is rho by construction (exactly ceil(rho N) tokens); the "
+                "paper's entropies are of a reasoning model's own sampled responses.",
+                entry["checked_against"])
 
 
 def replication_cards(run: Run, *, curve: pd.DataFrame | None = None) -> list[Card]:

@@ -247,9 +247,9 @@ def run_diagnostics(sql, cfg) -> list[str]:
                      f"{scored_sql(sql.columns('tokens'), cfg.score)} GROUP BY prompt_id")
     if cfg.quantiles_over == "run" and counts.n.sum() < MIN_SCORED:
         return [f"entropy bands and forking flags rest on {int(counts.n.sum())} scored "
-                f"tokens in the whole run: too few for its {cfg.low_quantile:g}, "
-                f"{cfg.high_quantile:g} and {1 - cfg.rho:g} quantiles to mean much (give "
-                f"at least {MIN_SCORED})"]
+                f"tokens in the whole run: too few for its {cfg.low_quantile:g} and "
+                f"{cfg.high_quantile:g} quantiles and its top {cfg.rho:.0%} by entropy to "
+                f"mean much (give at least {MIN_SCORED})"]
     few = int((counts.n < MIN_SCORED).sum())
     if cfg.quantiles_over == "prompt" and few:
         return [f"{few} of {len(counts)} prompts have under {MIN_SCORED} scored tokens: "

@@ -8,6 +8,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import require_tool
@@ -247,3 +248,15 @@ def test_report_of_an_embedded_run(smollm2, tmp_path):
     cards = pd.read_csv(out / "tables" / "r0_card_massive_activations.csv")
     ours = cards[cards.source == "ours"].set_index("what").figure
     assert ours["massive dims"] == "dims 507"  # SmolLM2's one massive dim (README)
+
+
+def test_forking_card_on_a_response_scored_run(tiny_llama):
+    pairs = [{"prompt": "Q: two and two?\nA:", "response": " four, because two and two make four."}]
+    run = tokenprobe.run(tiny_llama, pairs, ["entropy"], progress=False)
+    card = {c.measure: c for c in replication_cards(run)}["forking_tokens"].frame()
+    scored = run.tokens[run.tokens.in_response.fillna(False).astype(bool) & (run.tokens.pos > 0)]
+    ours = card[card.source == "ours"].set_index("what").figure
+    key = next(w for w in ours.index if w.startswith("80th-percentile"))
+    assert ours[key] == f"{np.quantile(scored.entropy, 0.8):.3f} nats"
+    assert f"the {len(scored)} scored tokens (score = response)" in key
+    assert card[card.source == "paper"].figure.iloc[0] == "0.672 nats"

@@ -1,5 +1,5 @@
 """What `tokenprobe run` prints of a finished run: per prompt (the first few), its tokens,
-massive activations, sink rate, secondary sinks and entropy; only those prompts' rows are
+massive activations, sink rate, sink tokens and entropy; only those prompts' rows are
 read."""
 from __future__ import annotations
 
@@ -47,11 +47,28 @@ def print_summary(run) -> None:
                                   secondary.lifetime)) or "none"
             print(f"        sink rate {rate.sink_rate:.1f}% (eps {rate.eps}, T={int(rate['T'])}); "
                   f"secondary sinks: {found}")
+            print_sink_tokens(result, prompt_id, sinks)
         if "entropy" in tables["tokens"]:
             print_entropy(result, prompt_id)
     if n_prompts > len(texts):
         print(f"  ... and {n_prompts - len(texts)} more: `tokenprobe query`, `tokenprobe report` "
               "and `tokenprobe app` read them all")
+
+
+def print_sink_tokens(result, prompt_id: int, sinks, top: int = 3) -> None:
+    """The prompt's primary sink token and the tokens receiving the most attention (mean of
+    `attn_received` over layers)."""
+    tokens = result.tokens[result.tokens.prompt_id == prompt_id].set_index("pos").token
+    primary = sinks[sinks.kind == "primary"]
+    named = ", ".join(f"{tokens[p]!r}@{p} (layers {c}-{c + life - 1})" for p, c, life in
+                      zip(primary.pos, primary.creation_layer, primary.lifetime)) or "none"
+    line = f"        primary sink: {named}"
+    layers = result.tables.get("token_layers")
+    if layers is not None and "attn_received" in layers:
+        mine = layers[layers.prompt_id == prompt_id].groupby("pos").attn_received.mean()
+        line += "; most attention received: " + ", ".join(
+            f"{tokens[p]!r}@{p} {v:.2f}" for p, v in mine.nlargest(top).items())
+    print(line)
 
 
 def print_entropy(result, prompt_id: int, top: int = 3) -> None:
