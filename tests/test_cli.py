@@ -77,6 +77,10 @@ def test_query_and_models(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "query", "SELECT token FROM tokens ORDER BY pos",
                            str(tmp_path / "r"), "--format", "csv")
     assert code == 0 and out.split() == ["token", "<bos>", "h", "e", "y"]
+    run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "a b", "--out",
+            str(tmp_path / "s"), "--quiet")
+    code, out, _ = run_cli(capsys, "query", "SELECT pos, token FROM tokens", str(tmp_path / "s"))
+    assert code == 0 and "'a'" in out and "' '" in out  # the space token is visible
     code, _, err = run_cli(capsys, "query", "SELECT nope FROM tokens", str(tmp_path / "r"))
     assert code == EXIT_USAGE and "SQL error" in err
     code, _, err = run_cli(capsys, "query", "SELECT 1", str(tmp_path))

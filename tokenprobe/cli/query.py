@@ -99,8 +99,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
     else:
-        print(frame.to_string(index=False, max_rows=args.max_rows))
+        print(quoted_tokens(frame).to_string(index=False, max_rows=args.max_rows))
     return EXIT_OK
+
+
+def quoted_tokens(frame):
+    """`frame` with the token text of its token columns (`token`, `*_token`, `token_raw`) in
+    quotes, so that a leading space or a whitespace token shows in a table: ' the', ' '."""
+    out = frame.copy()
+    for column in out.columns:
+        if column in ("token", "token_raw") or str(column).endswith("_token"):
+            out[column] = out[column].map(lambda v: f"'{v}'" if isinstance(v, str) else v)
+    return out
 
 
 def printable(frame):
