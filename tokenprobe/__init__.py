@@ -6,6 +6,7 @@ does not import torch and transformers.
 from __future__ import annotations
 
 import importlib
+import types
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
@@ -25,3 +26,12 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'tokenprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (loaded or not), the submodules imported so far and the module's own
+    dunders: what `dir(tokenprobe)` and tab completion list."""
+    loaded = {name for name, value in globals().items() if isinstance(value, types.ModuleType)
+              and value.__name__.startswith(__name__ + ".")}
+    dunders = {name for name in globals() if name.startswith("__")}
+    return sorted({*__all__, *loaded, *dunders})

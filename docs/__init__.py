@@ -1,0 +1,1 @@
+"""tokenprobe's shipped documentation: methods.md, every measure's definition (package data)."""
