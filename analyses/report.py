@@ -169,7 +169,8 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
     for card in replication_cards(run, curve=curve):
         sec.text(f"<h3>Replication: {html.escape(card.measure.replace('_', ' '))}</h3><p>"
                  f"{html.escape(card.paper)}. Paper setting: {html.escape(card.setting)}. "
-                 f"Ours: {html.escape(card.ours_setting)}. {html.escape(card.note)}</p>")
+                 f"Ours: {html.escape(card.ours_setting)}. {html.escape(card.note)} "
+                 f"Definition: docs/methods.md#{html.escape(card.measure)}</p>")
         sec.table(f"{p}_card_{card.measure}", card.frame(),
                   f"{card.measure.replace('_', ' ')}: paper vs ours ({model})")
     return sec

@@ -26,9 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "sink_mass and resid_norm heatmaps, token views, critical tokens, and\n"
                     "replication cards (the paper's reported figure beside ours). Across runs:\n"
                     "sink rate, first massive layer and mean entropy per run (DuckDB).\n"
-                    "--curve-models adds Gu et al.'s sink rate against T, measured now.",
+                    "--curve-models adds Gu et al.'s sink rate against T, measured now;\n"
+                    "--compare-runs adds the runs side by side (sink mass per layer, largest\n"
+                    "|h| per layer, attention received) on the texts they share.\n"
+                    "Static figures are named <run>_<model>_p<prompt>_<kind> and each has\n"
+                    "a one-sentence caption in <name>.txt (model, run, prompt, measure, units).",
         epilog="examples:\n  tokenprobe report runs/demo --out runs/demo-report\n"
                "  tokenprobe report runs/a runs/b --out paper-figs --style paper --overwrite\n"
+               "  tokenprobe report runs/smollm2 runs/gemma3 --compare-runs --style paper "
+               "--width double --out cmp\n"
                "  tokenprobe report --curve-models smollm2-135m,gemma3-270m,runs/toy/"
                "bigram-backcopy-L1 --out runs/curve\n\n" + EXIT_CODES_NO_RESUME.replace(
                    EXISTS_NOTE, "--out exists and is not empty (--overwrite replaces it)"))
@@ -37,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--style", choices=["screen", "paper"], default="screen",
                    help="screen: 900 px figures; paper: 3.3 in column width, 9 pt serif, "
                         "300 dpi PNG (default screen)")
+    p.add_argument("--width", metavar="single|double|INCHES",
+                   help="paper figure width: single (3.3 in, one column), double (7 in, both "
+                        "columns) or inches (default single; with --style paper)")
+    p.add_argument("--compare-runs", action="store_true",
+                   help="add figures of the runs side by side on the texts they share (two or "
+                        "more RUN_DIRs, e.g. two models on the same prompts)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-static", action="store_true",
                    help="skip the PNG/SVG/PDF figures (HTML and tables only)")
@@ -61,12 +73,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Handler of `tokenprobe report`; returns the exit code."""
     import pandas as pd
 
-    from tokenprobe.analyses.report import write_report
     from tokenprobe.cli.args import EXIT_OK, UsageError, read_prompts
     from tokenprobe.store import RunNotFoundError, check_writable, is_complete, table_files
 
     if not args.runs and not args.curve_models:
         raise UsageError("give at least one RUN_DIR, or --curve-models")
+    if args.compare_runs and len(args.runs) < 2:
+        raise UsageError("--compare-runs needs two or more RUN_DIRs")
+    _style(args)  # a bad --width fails before any model runs
     for run_dir in args.runs:
         if not is_complete(Path(run_dir)):
             raise RunNotFoundError(f"{run_dir} is not a complete tokenprobe run (no run.json "
@@ -84,9 +98,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         curve = pd.concat([_curve(m.strip(), Ts, texts, quiet=args.quiet)
                            for m in args.curve_models.split(",") if m.strip()],
                           ignore_index=True)
+    style = _style(args)
     _say(args, f"writing the report of {len(args.runs)} run(s) to {out} ...")
-    write_report(args.runs, out, style=args.style, overwrite=args.overwrite, curve=curve,
-                 static=False if args.no_static else None, max_prompts=args.max_prompts)
+    _write(args, out, style, curve)
     info = json.loads((out / "manifest.json").read_text())
     for note in info["notes"]:
         print(f"note: {note}", file=sys.stderr)
@@ -95,6 +109,64 @@ def cmd_report(args: argparse.Namespace) -> int:
     if curve is not None:
         print(curve.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     return EXIT_OK
+
+
+def _style(args: argparse.Namespace):
+    """The figure style of `--style` and `--width`."""
+    from tokenprobe.analyses.report_export import STYLES, paper_style
+    from tokenprobe.cli.args import UsageError
+
+    if args.width is None:
+        return STYLES[args.style]
+    if args.style != "paper":
+        raise UsageError("--width sets the width of paper figures: add --style paper")
+    try:
+        return paper_style(args.width)
+    except ValueError as err:
+        raise UsageError(f"--width: {err}") from None
+
+
+def _write(args: argparse.Namespace, out: Path, style, curve) -> None:
+    """The report staged beside `out`: HTML and tables (`write_report`), then the static
+    figures named by model and run with captions and the runs side by side
+    (`report_static.add_figures`), renamed into place when complete."""
+    import shutil
+    import tempfile
+
+    from tokenprobe.analyses.report import write_report
+    from tokenprobe.analyses.report_export import find_browser
+    from tokenprobe.analyses.report_static import add_figures
+    from tokenprobe.store import publish
+
+    static = not args.no_static and find_browser() is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stage = root / "report"
+        write_report(args.runs, stage, style=args.style, curve=curve, static=False,
+                     max_prompts=args.max_prompts)
+        if not args.no_static and not static:
+            _note(stage, "Static figures (PNG/SVG/PDF) were skipped: no Chrome or Chromium "
+                         "found (install Debian's chromium or set BROWSER_PATH).")
+        if static or args.compare_runs:
+            add_figures(stage, args.runs, style, curve=curve, max_prompts=args.max_prompts,
+                        compare=args.compare_runs, static=static)
+        publish(stage, out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _note(report_dir: Path, note: str) -> None:
+    """Add `note` to the report's manifest and page."""
+    import html
+
+    manifest = json.loads((report_dir / "manifest.json").read_text())
+    manifest["notes"].append(note)
+    (report_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    end = page.index("</h1>") + len("</h1>")
+    page = page[:end] + f'<p class="note">{html.escape(note)}</p>' + page[end:]
+    (report_dir / "report.html").write_text(page, encoding="utf-8")
 
 
 def _curve(model: str, Ts: list[int], texts, *, quiet: bool):

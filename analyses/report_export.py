@@ -13,8 +13,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+
+from tokenprobe.analyses.figure_names import FigureInfo
 
 FORMATS = ("png", "svg", "pdf")
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -27,9 +30,10 @@ class Style:
     Attributes:
         name: "screen" or "paper".
         width, height: figure size in CSS pixels (96 per inch in the PDF and SVG).
-        font_family, font_size: fonts (size in CSS px; 12 px = 9 pt).
+        font_family, font_size: fonts of titles (size in CSS px; 12 px = 9 pt).
         scale: PNG pixels per CSS pixel (3.125 gives 300 dpi).
         titles: keep figure titles (a paper puts them in the caption instead).
+        tick_size: font of tick labels, legends and colour bars (CSS px; 10 px = 7.5 pt).
     """
 
     name: str
@@ -39,13 +43,35 @@ class Style:
     font_size: int
     scale: float
     titles: bool
+    tick_size: int = 12
+
+
+PAPER_WIDTHS = {"single": 3.3, "double": 7.0}  # inches: one column, both columns
+
+
+def paper_style(width: str | float = "single") -> Style:
+    """The paper style at `width`: "single" (3.3 in), "double" (7 in) or inches (1 to 12);
+    2.5 in high or 0.45 of the width if more; 9 pt serif titles, 7.5 pt ticks, 300 dpi PNG.
+
+    Raises:
+        ValueError: an unknown name or a width outside 1 to 12 inches.
+    """
+    try:
+        inches = PAPER_WIDTHS[width] if width in PAPER_WIDTHS else float(width)
+    except (TypeError, ValueError):
+        raise ValueError(f"width must be single, double or inches, got {width!r}") from None
+    if not 1 <= inches <= 12:
+        raise ValueError(f"width must be 1 to 12 inches, got {inches}")
+    return Style("paper", round(96 * inches), round(96 * max(2.5, 0.45 * inches)),
+                 "Times New Roman, Times, serif", 12, 300 / 96, False, tick_size=10)
 
 
 STYLES = {
-    "screen": Style("screen", 900, 460, "Open Sans, verdana, arial, sans-serif", 13, 2.0, True),
+    "screen": Style("screen", 900, 460, "Open Sans, verdana, arial, sans-serif", 13, 2.0, True,
+                    tick_size=12),
     # One column of a two-column paper: 3.3 in wide (317 px at 96/in), 2.5 in high, 9 pt serif,
     # PNG at 300 dpi.
-    "paper": Style("paper", 317, 240, "Times New Roman, Times, serif", 12, 300 / 96, False),
+    "paper": paper_style("single"),
 }
 
 
@@ -58,18 +84,28 @@ def find_browser() -> str | None:
 
 
 def styled(fig: go.Figure, style: Style) -> go.Figure:
-    """A copy of `fig` laid out for `style` (size, fonts, margins; titles dropped for paper)."""
-    out = go.Figure(fig)
+    """A copy of `fig` laid out for `style`: size, fonts, titles dropped for paper, the
+    marker-size legend of a massive-activation figure (`figures.add_size_legend`), and
+    `figure_layout.fit_figure` (ticks thinned to fit, margins from the labels)."""
+    from tokenprobe.analyses.figure_layout import fit_figure
+    from tokenprobe.analyses.figures import add_size_legend
+
+    out = add_size_legend(go.Figure(fig))
     out.update_layout(width=style.width, height=style.height, template="plotly_white",
                       font={"family": style.font_family, "size": style.font_size})
     if not style.titles:
-        out.update_layout(title=None, margin={"l": 40, "r": 10, "t": 10, "b": 35},
-                          legend={"font": {"size": style.font_size - 2}})
-    return out
+        out.update_layout(title=None)
+    out.update_xaxes(tickfont={"size": style.tick_size})
+    out.update_yaxes(tickfont={"size": style.tick_size})
+    return fit_figure(out, width=style.width, height=style.height, font_px=style.tick_size,
+                      title=style.titles)
 
 
-def export_figures(figures: dict[str, go.Figure], directory: Path, style: Style) -> list[Path]:
-    """Write each figure as `<name>.png`, `.svg` and `.pdf` in `directory` with one browser.
+def export_figures(figures: dict[str, go.Figure], directory: Path, style: Style, *,
+                   info: dict[str, FigureInfo] | None = None) -> list[Path]:
+    """Write each figure as `<name>.png`, `.svg` and `.pdf` in `directory` with one browser;
+    a figure with an entry in `info` is written as `<info.stem>.*` with its caption sentence
+    in `<info.stem>.txt`.
 
     Raises:
         RuntimeError: no Chrome / Chromium was found (see `find_browser`).
@@ -84,8 +120,14 @@ def export_figures(figures: dict[str, go.Figure], directory: Path, style: Style)
     items, paths = [], []
     for name, fig in figures.items():
         fig = styled(fig, style)
+        about = (info or {}).get(name)
+        stem = about.stem if about else name
+        if about is not None:
+            caption = directory / f"{stem}.txt"
+            caption.write_text(about.caption + "\n", encoding="utf-8")
+            paths.append(caption)
         for fmt in FORMATS:
-            path = directory / f"{name}.{fmt}"
+            path = directory / f"{stem}.{fmt}"
             items.append({"fig": fig, "path": str(path),
                           "opts": {"format": fmt, "width": style.width, "height": style.height,
                                    "scale": style.scale if fmt == "png" else 1}})
@@ -126,16 +168,26 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
+MISSING = "--"  # the one marker of a missing value (None, NA, NaN, empty) in a LaTeX table
+
+
+def _missing(value: object) -> bool:
+    if value is None or value is pd.NA or (isinstance(value, str) and value.strip() in
+                                           ("", "nan", "NaN", "None", "<NA>")):
+        return True
+    return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
+
+
 def to_latex(frame: pd.DataFrame, *, caption: str, label: str) -> str:
     """A booktabs table (\\toprule, \\midrule, \\bottomrule) of `frame` via pandas' to_latex,
-    every header and text cell escaped with `latex_escape`, floats to 4 significant digits."""
+    every header and text cell escaped with `latex_escape`, floats to 4 significant digits, and
+    every missing value (None, NA, NaN, an empty or "nan" text) written as `MISSING` (--)."""
     cells = frame.copy()
     for col in cells.columns:
         if cells[col].dtype == object or pd.api.types.is_string_dtype(cells[col]):
-            cells[col] = cells[col].map(
-                lambda v: "" if v is None or v is pd.NA else latex_escape(v))
+            cells[col] = cells[col].map(lambda v: MISSING if _missing(v) else latex_escape(v))
     cells.columns = [latex_escape(c) for c in cells.columns]
-    return cells.to_latex(index=False, escape=False, na_rep="--", float_format="%.4g",
+    return cells.to_latex(index=False, escape=False, na_rep=MISSING, float_format="%.4g",
                           caption=latex_escape(caption), label=label, position="htbp")
 
 

@@ -1,20 +1,32 @@
-"""Bigram-Backcopy toy (Guo et al.): data, a small GPT-2 trained on it, its extreme-token report.
+"""Bigram-Backcopy toy (Guo et al.): small transformers trained on it, their extreme-token report.
 
-Guo et al., "Active-Dormant Attention Heads" (arXiv 2410.13835; GuoTianYu2000/Active-Dormant-
-Attention, BBM/). Sequences start with BOS; the most frequent characters of a text are triggers;
-after a trigger the next token copies the token before the trigger, otherwise it follows the
-text's bigram model. 1- to 3-layer transformers trained on it grow an attention sink on BOS, a
-small BOS value state (value-state drain) and a large BOS residual norm (residual-state peak).
+Guo et al., "Active-Dormant Attention Heads" (arXiv 2410.13835). Their code is public,
+GuoTianYu2000/Active-Dormant-Attention: BBM/data.py (the task: `MetaProcess`, `Dataset`, `bbm`),
+BBM/model.py (`Transformer`), BBM/train_main.py (optimiser and loss), BBM/data/ (statistics).
+The task and its sampler are in `toy_data`. 1- to 3-layer transformers trained on it grow an
+attention sink on BOS, a small BOS value state (value-state drain) and a large BOS residual norm
+(residual-state peak).
 
-Choices of this implementation (the paper leaves them open or its data code is not public):
-- Text: `tokenprobe/data/toy_text.txt`, original prose written for tokenprobe; its `max_chars`
-  most frequent characters are the vocabulary (it has 56, all kept), others are dropped.
-- Token ids: `<bos>` = 0, `<delim>` = 1 (never generated: the paper's default delimiter_p = 0),
-  then the characters by falling frequency, so the triggers are ids 2..k+1.
-- The first token after BOS is drawn from the unigram distribution of non-trigger characters,
-  so every trigger has a character before it and, by induction, no two triggers are adjacent.
-- Bigram counts get add-`smoothing` pseudo-counts: without them a character always followed by
-  a trigger (',' then ' ') would loop x, t, x, t, ... to the end of every sequence.
+`ToyConfig.faithful()` (`--scale guo`) is their setting: tiny-Shakespeare's statistics with
+their token ids (65 characters, BOS 65, delimiter 66), no smoothing, 257-token sequences of which
+the model reads 256 and predicts 256; a pre-LN transformer with learned positions, bias-free
+linears, a ReLU MLP of width 4d, an untied output layer and PyTorch's default initialisation
+(transformers' OPT, `enable_bias=False`); AdamW lr 3e-4, weight decay 1e-4, betas (0.9, 0.99),
+eps 1e-8, batch 512, 10,000 steps. Still different: draws come from torch generators, not numpy's
+(one per data worker), so no run repeats theirs draw for draw; OPT scales q before q.k (theirs
+divides the scores: rounding only) and keeps two unused rows atop its position table; the CPU.
+
+The default `ToyConfig()` (and `--scale small` / `paper`) differs from it to train on a CPU:
+- text: `tokenprobe/data/toy_text.txt`, original prose written for tokenprobe (56 characters,
+  all kept under `max_chars`), ids `<bos>` = 0, `<delim>` = 1, then characters by falling
+  frequency (triggers 2..k+1);
+- smoothing 0.1 on every count: without it a character always followed by a trigger (',' then
+  ' ') loops x, t, x, t, ... to the end of every sequence (tiny-Shakespeare needs none); it moves
+  some transition rows of the toy text by up to 0.83 in total variation;
+- GPT-2 blocks: biases in every linear, GELU MLP, output tied to the token embedding,
+  transformers' N(0, 0.02) initialisation;
+- `seq_len` tokens per sequence, `seq_len` - 1 predictions (theirs: seq_len + 1 and seq_len);
+- batch 16, 400 steps (`--scale small`: d 64, 64 tokens, batch 32, lr 2e-3, 1000 steps).
 """
 from __future__ import annotations
 
@@ -24,37 +36,40 @@ import json
 import shutil
 import tempfile
 import time
-from collections import Counter
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tokenizers import Tokenizer, decoders, models, processors
+from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
+                          PreTrainedModel, PreTrainedTokenizerFast)
 
 import tokenprobe
+from tokenprobe.analyses.toy_data import (BOS, DELIM, BigramTask,  # noqa: F401 (toy.BOS, ...)
+                                          char_tokenizer, default_text)
 from tokenprobe.store import publish
 
-BOS, DELIM = "<bos>", "<delim>"
 TASK = "bigram-backcopy"
 META = "toy.json"
 EVAL_SEED_OFFSET = 1_000_003  # held-out sequences: a generator seeded seed + this
+DATA = ("toy_text", "tiny_shakespeare")
+ARCHS = ("gpt2", "guo")
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
-    """Bigram-Backcopy task and training settings (Guo et al., arXiv 2410.13835, Sec. 2).
+    """Bigram-Backcopy task and training settings (Guo et al., arXiv 2410.13835, Sec. 2; their
+    code's values: BBM/scripts/dynamics.sh, BBM/train_main.py).
 
     Attributes:
         n_layer: transformer blocks (paper: 1 to 3).
         d_model: model width (paper: 256).
         n_head: attention heads per layer (paper: 1).
-        seq_len: tokens per sequence, BOS included (paper: 256).
+        seq_len: tokens the model reads, BOS included (paper: 256).
         n_triggers: most frequent characters that trigger a back-copy (paper: k = 3).
-        max_chars: cap on the character vocabulary (paper: the 65 characters of its text).
-        smoothing: add-alpha pseudo-count on each bigram (not in the paper; module docstring).
+        max_chars: cap on the character vocabulary of "toy_text" (theirs: all 65 characters).
+        smoothing: add-alpha pseudo-count on each bigram (theirs: 0; module docstring).
         lr: AdamW learning rate (paper: 3e-4).
         weight_decay: AdamW weight decay (paper's scripts: 1e-4).
         betas: AdamW betas (paper's code: (0.9, 0.99)).
@@ -62,6 +77,15 @@ class ToyConfig:
         steps: optimizer steps (paper: 10 000; here sized for minutes on a 2-core CPU).
         eval_sequences: held-out sequences for the final loss and trigger accuracy.
         seed: seeds the initialisation and the training sequences (held-out: `held_out`).
+        data: "toy_text": `BigramTask.from_text` (of `default_text()` unless a text is given);
+            "tiny_shakespeare": Guo et al.'s ids and statistics (`BigramTask.tiny_shakespeare`,
+            or `BigramTask.from_text_guo` of a given text, e.g. tiny-Shakespeare's input.txt).
+        arch: "gpt2": transformers' GPT-2 (pre-LN, learned positions, GELU, biases, tied
+            output); "guo": BBM/model.py's `Transformer` (bias-free linears, ReLU MLP of width
+            4d, untied output, PyTorch's default init) as transformers' OPT.
+        extra_token: draw seq_len + 1 tokens; the model reads the first seq_len and predicts
+            the last seq_len (theirs: `Dataset.gen_batch` draws seq_length + 1, x = seq[:-1],
+            y = seq[1:]). False: seq_len tokens, seq_len - 1 predictions.
     """
 
     n_layer: int = 1
@@ -78,124 +102,101 @@ class ToyConfig:
     steps: int = 400
     eval_sequences: int = 64
     seed: int = 0
+    data: str = "toy_text"
+    arch: str = "gpt2"
+    extra_token: bool = False
 
-
-@dataclasses.dataclass(frozen=True)
-class BigramTask:
-    """The data distribution: characters, their counts and bigram counts from one text.
-
-    Attributes:
-        chars: the character vocabulary by falling frequency (token id = index + 2).
-        char_counts: occurrences of each character in the (filtered) text.
-        bigrams: bigrams[i][j] = times chars[j] follows chars[i].
-        n_triggers: the first `n_triggers` characters are triggers.
-        smoothing: add-alpha pseudo-count on every bigram and unigram count.
-    """
-
-    chars: tuple[str, ...]
-    char_counts: tuple[int, ...]
-    bigrams: tuple[tuple[int, ...], ...]
-    n_triggers: int = 3
-    smoothing: float = 0.1
+    def __post_init__(self) -> None:
+        if self.data not in DATA:
+            raise ValueError(f"data {self.data!r}: expected one of {DATA}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch {self.arch!r}: expected one of {ARCHS}")
 
     @classmethod
-    def from_text(cls, text: str, *, max_chars: int = 65, n_triggers: int = 3,
-                  smoothing: float = 0.1) -> BigramTask:
-        """Count the `max_chars` most frequent characters of `text` (others are dropped)."""
-        ranked = sorted(Counter(text).items(), key=lambda kv: (-kv[1], kv[0]))[:max_chars]
-        if len(ranked) <= n_triggers:
-            raise ValueError(f"{len(ranked)} characters; need more than {n_triggers} triggers")
-        index = {ch: i for i, (ch, _) in enumerate(ranked)}
-        kept = [index[ch] for ch in text if ch in index]
-        pairs, n = Counter(zip(kept, kept[1:])), len(ranked)
-        bigrams = tuple(tuple(pairs.get((i, j), 0) for j in range(n)) for i in range(n))
-        return cls(tuple(ch for ch, _ in ranked), tuple(c for _, c in ranked), bigrams,
-                   n_triggers, smoothing)
+    def faithful(cls, **overrides) -> ToyConfig:
+        """Guo et al.'s setting (module docstring); `overrides` replace any field, e.g.
+        `n_layer=3` or a short `steps` for a CPU."""
+        return cls(**{**GUO, **overrides})
 
     @property
-    def vocab(self) -> list[str]:
-        """Token strings by id: BOS, the delimiter, then the characters."""
-        return [BOS, DELIM, *self.chars]
-
-    @property
-    def trigger_ids(self) -> list[int]:  # the triggers are the most frequent characters
-        return list(range(2, 2 + self.n_triggers))
-
-    def transitions(self) -> torch.Tensor:
-        """(V, V) float64 next-token probabilities used by the sampler.
-
-        Character rows are the smoothed bigram model over characters. Rows of BOS, the
-        delimiter and the triggers (never sampled from: triggers copy) are the smoothed unigram
-        of non-trigger characters, the distribution of the first token after BOS.
-        """
-        n, k = len(self.chars), self.n_triggers
-        probs = torch.zeros(n + 2, n + 2, dtype=torch.float64)
-        counts = torch.tensor(self.bigrams, dtype=torch.float64) + self.smoothing  # (n, n)
-        probs[2:, 2:] = counts / counts.sum(-1, keepdim=True)
-        start = torch.tensor(self.char_counts, dtype=torch.float64) + self.smoothing  # (n,)
-        start[:k] = 0.0  # no trigger right after BOS
-        probs[:2 + k, 2:] = start / start.sum()
-        return probs
-
-    def sample(self, n: int, *, length: int = 256, generator: torch.Generator) -> torch.Tensor:
-        """(n, length) int64 sequences, BOS first, drawn with `generator` only."""
-        probs = self.transitions()
-        is_trigger = torch.isin(torch.arange(len(probs)), torch.tensor(self.trigger_ids))
-        seqs = torch.zeros(n, length, dtype=torch.long)  # column 0 is BOS (id 0)
-        for t in range(1, length):
-            prev = seqs[:, t - 1]  # (n,)
-            drawn = torch.multinomial(probs[prev], 1, generator=generator).squeeze(1)  # (n,)
-            copied = seqs[:, t - 2] if t >= 2 else drawn
-            seqs[:, t] = torch.where(is_trigger[prev], copied, drawn)
-        return seqs
-
-    def oracle_nll(self, seqs: torch.Tensor) -> float:
-        """Mean NLL of the next token under the true distribution (0 after a trigger), the
-        floor of the training loss on `seqs` (N, T)."""
-        probs = self.transitions()
-        prev, nxt = seqs[:, :-1], seqs[:, 1:]  # (N, T-1)
-        nll = -probs[prev, nxt].log()
-        nll[torch.isin(prev, torch.tensor(self.trigger_ids))] = 0.0
-        return float(nll.mean())
+    def sample_len(self) -> int:
+        """Tokens drawn per sequence: `seq_len`, plus one with `extra_token`."""
+        return self.seq_len + self.extra_token
 
 
-def default_text() -> str:
-    """The project's toy text, `tokenprobe/data/toy_text.txt`."""
-    return resources.files("tokenprobe").joinpath("data/toy_text.txt").read_text("utf-8")
+# Guo et al.'s setting where ToyConfig's defaults are not already theirs.
+GUO = {"data": "tiny_shakespeare", "arch": "guo", "extra_token": True, "smoothing": 0.0,
+       "batch_size": 512, "steps": 10_000}
 
 
-def char_tokenizer(task: BigramTask) -> PreTrainedTokenizerFast:
-    """One token per character of `task`, `<bos>` prepended; unknown characters are dropped.
-
-    A BPE model with an empty merge list and no pre-tokenizer splits the text into single
-    characters, spaces and newlines included; the `Fuse` decoder joins them back unchanged.
-    """
-    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(task.vocab)}, merges=[]))
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS,
-                                   additional_special_tokens=[DELIM],
-                                   clean_up_tokenization_spaces=False)
+def make_task(config: ToyConfig, text: str | None = None) -> BigramTask:
+    """The task of `config`: `text` counted by `config.data`'s rule, else that data's own."""
+    if config.data == "tiny_shakespeare":
+        if text is None:
+            return BigramTask.tiny_shakespeare(n_triggers=config.n_triggers,
+                                               smoothing=config.smoothing)
+        return BigramTask.from_text_guo(text, n_triggers=config.n_triggers,
+                                        smoothing=config.smoothing)
+    return BigramTask.from_text(text if text is not None else default_text(),
+                                max_chars=config.max_chars, n_triggers=config.n_triggers,
+                                smoothing=config.smoothing)
 
 
-def make_model(config: ToyConfig, vocab_size: int) -> GPT2LMHeadModel:
-    """GPT-2 (pre-LN, learned positions, GELU MLP of width 4d), no dropout, seeded init."""
-    gpt2 = GPT2Config(vocab_size=vocab_size, n_positions=config.seq_len, n_embd=config.d_model,
-                      n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+def make_model(config: ToyConfig, vocab_size: int, *, bos_id: int = 0) -> PreTrainedModel:
+    """A seeded, dropout-free model of `config.arch` (`ToyConfig`) reading `config.seq_len`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = GPT2LMHeadModel(gpt2)
-    model.loss_type = "ForCausalLM"  # its class name maps to no loss: silences a warning
+        if config.arch == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(
+                vocab_size=vocab_size, n_positions=config.seq_len, n_embd=config.d_model,
+                n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, bos_token_id=bos_id, eos_token_id=bos_id))
+            model.loss_type = "ForCausalLM"  # its class name maps to no loss: silences a warning
+            return model
+        # BBM/model.py `Transformer`: LayerNorm before attention, before the MLP and before the
+        # output layer; q, k, v, o, w1, w2 and the output bias-free; ReLU; learned positions.
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=vocab_size, hidden_size=config.d_model, word_embed_proj_dim=config.d_model,
+            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+            ffn_dim=4 * config.d_model, max_position_embeddings=config.seq_len,
+            do_layer_norm_before=True, enable_bias=False, activation_function="relu",
+            dropout=0.0, attention_dropout=0.0, layerdrop=0.0, tie_word_embeddings=False,
+            pad_token_id=None, bos_token_id=bos_id, eos_token_id=bos_id))
+        for module in model.modules():  # their init is PyTorch's default, not OPT's N(0, 0.02)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)):
+                module.reset_parameters()
     return model
+
+
+def make_optimizer(config: ToyConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over all parameters, as BBM/train_main.py builds it (one group, eps 1e-8)."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
+                             weight_decay=config.weight_decay, eps=1e-8)
+
+
+def next_token_logits(model: PreTrainedModel, seqs: torch.Tensor, *,
+                      extra_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L-1, V) logits and (N, L-1) targets of `seqs` (N, L): the model reads all of `seqs`,
+    or with `extra_token` all but the last token (then each of its positions has a target)."""
+    logits = model(input_ids=seqs[:, :-1] if extra_token else seqs).logits
+    return logits[:, :seqs.shape[1] - 1], seqs[:, 1:]
+
+
+def next_token_loss(model: PreTrainedModel, seqs: torch.Tensor, *,
+                    extra_token: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position (theirs: `F.cross_entropy` of the
+    float logits); without `extra_token`, transformers' own shifted loss."""
+    if not extra_token:
+        return model(input_ids=seqs, labels=seqs).loss
+    logits, targets = next_token_logits(model, seqs, extra_token=True)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 @dataclasses.dataclass
 class Trained:
     """A trained toy model with its tokenizer, task and training record (`info`, saved as JSON)."""
 
-    model: GPT2LMHeadModel
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     task: BigramTask
     info: dict
@@ -208,36 +209,35 @@ def held_out(task: BigramTask, n: int, *, seed: int, length: int = 256) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: GPT2LMHeadModel, task: BigramTask, seqs: torch.Tensor) -> dict[str, float]:
+def evaluate(model: PreTrainedModel, task: BigramTask, seqs: torch.Tensor, *,
+             extra_token: bool = False) -> dict[str, float]:
     """Loss, Bayes-optimal loss and trigger accuracy (argmax after a trigger = the copied
-    token) of `model` on `seqs` (N, T)."""
-    out = model(input_ids=seqs, labels=seqs)
-    pred = out.logits[:, :-1].argmax(-1)  # (N, T-1)
+    token) of `model` on `seqs` (N, L); `extra_token` as in `ToyConfig`."""
+    logits, targets = next_token_logits(model, seqs, extra_token=extra_token)  # (N, L-1, ...)
     after = torch.isin(seqs[:, :-1], torch.tensor(task.trigger_ids))
-    correct = (pred == seqs[:, 1:])[after]
-    return {"loss": float(out.loss), "oracle_loss": task.oracle_nll(seqs),
+    correct = (logits.argmax(-1) == targets)[after]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return {"loss": float(loss), "oracle_loss": task.oracle_nll(seqs),
             "trigger_accuracy": float(correct.float().mean()),
             "n_trigger_positions": int(after.sum())}
 
 
 def train_toy(config: ToyConfig = ToyConfig(), *, text: str | None = None,
               progress: bool = True, threads: int | None = None) -> Trained:
-    """Train a GPT-2 on Bigram-Backcopy with plain next-token cross-entropy at every position.
+    """Train a toy model on Bigram-Backcopy with plain next-token cross-entropy at every position.
 
     Args:
-        config: task, model and optimiser settings.
-        text: source text of the characters and bigrams (default: `default_text()`).
+        config: task, model and optimiser settings (`ToyConfig.faithful()`: Guo et al.'s).
+        text: source text of the characters and bigrams, counted by `config.data`'s rule
+            (default: that data's own statistics, `make_task`).
         progress: show a tqdm bar over steps.
         threads: torch intra-op threads while training (None: torch's setting). On a busy
             small machine 1 is often fastest: spinning OpenMP threads wait on each other.
     """
-    task = BigramTask.from_text(text if text is not None else default_text(),
-                                max_chars=config.max_chars, n_triggers=config.n_triggers,
-                                smoothing=config.smoothing)
+    task = make_task(config, text)
     tokenizer = char_tokenizer(task)
-    model = make_model(config, len(task.vocab)).train()
-    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                              weight_decay=config.weight_decay)
+    model = make_model(config, len(task.vocab), bos_id=task.bos_id).train()
+    optim = make_optimizer(config, model)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     start, previous_threads = time.perf_counter(), torch.get_num_threads()
@@ -245,8 +245,8 @@ def train_toy(config: ToyConfig = ToyConfig(), *, text: str | None = None,
     try:
         for step in (bar := tqdm(range(config.steps), desc=f"{TASK} L{config.n_layer}",
                                  unit="step", disable=not progress)):
-            batch = task.sample(config.batch_size, length=config.seq_len, generator=generator)
-            loss = model(input_ids=batch, labels=batch).loss
+            batch = task.sample(config.batch_size, length=config.sample_len, generator=generator)
+            loss = next_token_loss(model, batch, extra_token=config.extra_token)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -254,15 +254,15 @@ def train_toy(config: ToyConfig = ToyConfig(), *, text: str | None = None,
             if step % 10 == 0 or step == config.steps - 1:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
-        scores = evaluate(model.eval(), task, held_out(task, config.eval_sequences,
-                                                       seed=config.seed, length=config.seq_len))
+        seqs = held_out(task, config.eval_sequences, seed=config.seed, length=config.sample_len)
+        scores = evaluate(model.eval(), task, seqs, extra_token=config.extra_token)
     finally:
         torch.set_num_threads(previous_threads)
     info = {"task": TASK, "paper": "Guo et al., arXiv 2410.13835",
             "config": dataclasses.asdict(config), "train_seconds": round(seconds, 1),
             "torch_threads": threads or previous_threads,
             "train_loss_last20": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-            "eval": scores, "triggers": [task.chars[i - 2] for i in task.trigger_ids],
+            "eval": scores, "triggers": [task.vocab[i] for i in task.trigger_ids],
             "bigram_task": dataclasses.asdict(task)}
     return Trained(model, tokenizer, task, info)
 
@@ -335,9 +335,10 @@ def toy_report(model_dir: str | Path, *, n_prompts: int = 16, seed: int = 0,
 # Settings of `tokenprobe toy --scale`. "small" shows the BOS sink, the value drain and the
 # residual peak in under a minute per model on this 2-core CPU (README: the toy's numbers);
 # "paper" keeps the paper's width, length and learning rate, but not its 10 000 steps of
-# batch 512, and at CPU budgets its 3-layer model has not formed a sink yet.
+# batch 512, and at CPU budgets its 3-layer model has not formed a sink yet; "guo" is
+# `ToyConfig.faithful()`, GPU-sized (train_toy trains on the CPU: shorten it with --steps).
 SCALES = {"small": {"d_model": 64, "seq_len": 64, "batch_size": 32, "lr": 2e-3, "steps": 1000},
-          "paper": {}}
+          "paper": {}, "guo": GUO}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -360,7 +361,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "the sink, the drain and the residual peak in under a minute per "
                              "model here); paper: the paper's d_model 256, 256 tokens and lr 3e-4, "
                              f"with batch {ToyConfig().batch_size} and {ToyConfig().steps} steps "
-                             "(the paper trains 10 000 steps of batch 512)")
+                             "(the paper trains 10 000 steps of batch 512); guo: Guo et al.'s code "
+                             "(tiny-Shakespeare statistics, no smoothing, bias-free ReLU "
+                             "transformer, untied output, batch 512, 10 000 steps: GPU-sized)")
     parser.add_argument("--steps", type=positive_int, metavar="N",
                         help="optimizer steps per model (default: the scale's)")
     parser.add_argument("--layers", type=positive_int, nargs="+", default=[1, 3], metavar="L",

@@ -7,6 +7,8 @@ command that adds it.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import pandas as pd
@@ -89,6 +91,14 @@ METRICS: dict[str, Metric] = {
                        "critical_success", "critical"),
     "critical_ce": Metric("cDPO contrastive score (low: critical)", "tokens", "critical_ce",
                           "entropy --compare NEGATIVE_MODEL --contrast-beta 1"),
+    "jsd": Metric("JSD of the two models' next-token distributions (nats, <= ln 2)", "tokens",
+                  "jsd", "entropy --compare MODEL"),
+    "kl_student_teacher": Metric("KL(probed || compare model) (nats)", "tokens",
+                                 "kl_student_teacher", "entropy --compare MODEL"),
+    "teacher_entropy": Metric("entropy of the compare model (nats)", "tokens",
+                              "teacher_entropy", "entropy --compare MODEL"),
+    "tip_quadrant": Metric("TIP quadrant (entropy x JSD)", "tokens", "tip_quadrant",
+                           "entropy --compare MODEL", kind="category"),
     "attribution": Metric("attribution: delta log-prob of the target when ablated (nats)",
                           "attributions", "delta_logprob", "attribution"),
 }
@@ -97,7 +107,9 @@ HEAD_COLUMNS = ["sink_mass", "attn_entropy", "value_drain_sink", "value_drain_re
 LAYER_COLUMNS = {"resid_norm": "activations", "attn_received": "sinks",
                  "attn_received_norm": "sinks", "lens_entropy": "entropy --lens", "max_abs": "activations",
                  "cos_to_first": "activations", "lens_kl_to_final": "entropy --lens"}
-CATEGORY_ORDER = {"band": ["low", "mid", "high"], "forking": ["forking", "not forking"]}
+CATEGORY_ORDER = {"band": ["low", "mid", "high"], "forking": ["forking", "not forking"],
+                  "tip_quadrant": ["high_H_high_D", "high_H_low_D", "low_H_high_D",
+                                   "low_H_low_D"]}
 
 
 KEY_LIKE = ("prompt_id", "layer", "pos", "head", "token_id", "top1_id", "max_abs_dim")
@@ -227,7 +239,30 @@ def token_metric_frame(run: Run, prompt_id: int, metric: str, *,
         values = rows.assign(v=rows.value.abs()).groupby("pos").v.max()
         values = values.reindex(out.pos).fillna(0.0)
     out["value"] = values.reindex(out.pos).to_numpy()
+    tokens = run.tables.get("tokens")
+    if tokens is not None and "alternatives" in tokens.columns:  # the model's top-k, on hover
+        mine = tokens[tokens.prompt_id == prompt_id].set_index("pos").alternatives
+        out["alternatives"] = mine.reindex(out.pos).to_numpy()
     return out
+
+
+def missing_metrics(run: Run) -> dict[str, str]:
+    """The featured metrics this run lacks, each with the command that makes a run with it."""
+    have, model = set(available_metrics(run)), str(run.meta.get("model") or "MODEL")
+    return {m: probe_command(spec.probe, model) or spec.probe
+            for m, spec in METRICS.items() if m not in have}
+
+
+def tip_points(run: Run) -> pd.DataFrame:
+    """TIP's plane for a two-model run: per scored token H / ln V against JSD / ln 2 with its
+    quadrant (columns prompt_id, pos, token, norm_entropy, norm_jsd, tip_quadrant)."""
+    tokens = require(run, "tokens", "jsd", "entropy --compare MODEL", "tokens.jsd")
+    rows = tokens[(tokens.pos > 0) & tokens.jsd.notna()]
+    vocab = int(run.meta.get("vocab_size") or 0) or int(tokens.token_id.max()) + 1
+    return pd.DataFrame({"prompt_id": rows.prompt_id, "pos": rows.pos, "token": rows.token,
+                         "norm_entropy": rows.entropy / math.log(vocab),
+                         "norm_jsd": rows.jsd / math.log(2),
+                         "tip_quadrant": rows.get("tip_quadrant")}).reset_index(drop=True)
 
 
 def available_metrics(run: Run) -> list[str]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 import tokenprobe
-from tokenprobe.analyses import figures, views
+from tokenprobe.analyses import figures, head_pattern, views
 from tokenprobe.app import panels, runs
 from tokenprobe.app.panels import plain
 from tokenprobe.probe import Probe, registry
@@ -33,6 +34,12 @@ def load_run(path: str, stamp: float) -> Run:
 @st.cache_resource(show_spinner="Loading the model...")
 def load_model(name: str) -> tokenprobe.LoadedModel:
     return tokenprobe.load(name)
+
+
+@st.cache_data(show_spinner="Computing the head's attention pattern...", max_entries=64)
+def head_pattern_of(model: str, ids: tuple[int, ...], layer: int, head: int) -> np.ndarray:
+    """One head's (T, T) attention pattern on a prompt, for display only (never stored)."""
+    return head_pattern.head_pattern(load_model(model), list(ids), layer, head)
 
 
 def open_named(root: Path, name: str) -> Run | None:
@@ -103,9 +110,12 @@ def show_run(name: str, run: Run, key: str) -> None:
     with tabs["Tokens"]:
         metric, layer = panels.token_metric_picker(run, key)
         panels.token_view(run, prompt_id, metric, layer, f"{key}-tokens")
+        panels.tip_view(run, f"{key}-tokens")
     with tabs["Heads"]:
         column = st.selectbox("Head measure", views.head_columns(run), key=f"{key}-headcol")
         panels.heads_view(run, prompt_id, column, f"{key}-heads")
+        panels.head_pattern_view(run, prompt_id, f"{key}-pattern", load=load_model,
+                                 pattern=head_pattern_of)
     with tabs["Layers"]:
         column = st.selectbox("Layer x position measure", views.layer_columns(run),
                               key=f"{key}-layercol")
@@ -252,6 +262,7 @@ def main() -> None:
     root = runs.runs_root()
     st.sidebar.title("tokenprobe")
     st.sidebar.caption(f"runs root: {root}")
+    st.sidebar.caption("What every measure means: docs/methods.md in the tokenprobe source")
     wanted = st.query_params.get("page", "Run")
     page = st.sidebar.radio("Page", PAGES, index=PAGES.index(wanted) if wanted in PAGES else 0,
                             key="page")

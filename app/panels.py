@@ -6,11 +6,13 @@ Every panel gets its frame from `tokenprobe.analyses.views` and its figure from
 from __future__ import annotations
 
 import re
+from typing import Callable
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from tokenprobe.analyses import figures, views
+from tokenprobe.analyses import figures, head_pattern, views
 from tokenprobe.analyses.views import METRICS, MissingProbe
 from tokenprobe.app import runs
 from tokenprobe.store import Run
@@ -38,7 +40,7 @@ def empty_state(err: MissingProbe) -> None:
 
 def downloads(frame: pd.DataFrame, name: str, key: str) -> None:
     """CSV and Parquet download buttons for `frame`."""
-    left, right, _ = st.columns([1, 1, 4])
+    left, right, _ = st.columns([2, 2, 3])  # wide enough for "Parquet" in half a page
     left.download_button("CSV", runs.frame_bytes(frame, "csv"), f"{name}.csv", "text/csv",
                          key=f"{key}-csv")
     right.download_button("Parquet", runs.frame_bytes(frame, "parquet"), f"{name}.parquet",
@@ -67,15 +69,20 @@ def token_view(run: Run, prompt_id: int, metric: str, layer: int | None, key: st
 
 
 def token_metric_picker(run: Run, key: str) -> tuple[str, int | None]:
-    """Metric (every featured one is listed, then any other per-token measure the run holds;
-    the first the run has is chosen; missing ones show their empty state) and, for layer
-    metrics, the layer (default: the aggregate over layers)."""
+    """Metric (the per-token measures the run holds: the featured ones first; a caption says
+    which command adds the others) and, for layer metrics, the layer (default: the aggregate
+    over layers)."""
     left, right = st.columns(2)
-    available = views.available_metrics(run)
-    offered = list(METRICS) + [m for m in available if m not in METRICS]
+    offered = views.available_metrics(run) or list(METRICS)[:1]  # none: its empty state
     metric = left.selectbox("Colour tokens by", offered, key=f"{key}-metric",
-                            index=offered.index(available[0]) if available else 0,
                             format_func=lambda m: f"{m}: {views.metric_spec(m).label}")
+    missing = views.missing_metrics(run)
+    if missing:
+        adds: dict[str, list[str]] = {}
+        for name, command in missing.items():
+            adds.setdefault(command, []).append(name)
+        left.caption("Not in this run: " + "; ".join(
+            f"{', '.join(names)} (`{command}`)" for command, names in adds.items()))
     layer = None
     if views.metric_spec(metric).table == "token_layers" and n_layers(run):
         choice = right.selectbox("Layer", ["all"] + list(range(n_layers(run))),
@@ -84,6 +91,24 @@ def token_metric_picker(run: Run, key: str) -> tuple[str, int | None]:
                                                         "over layers)") if v == "all" else str(v))
         layer = None if choice == "all" else int(choice)
     return metric, layer
+
+
+def tip_view(run: Run, key: str) -> None:
+    """TIP's plane of a two-model run: every scored token's H / ln V against JSD / ln 2,
+    coloured by quadrant; nothing for a run without a compare model."""
+    if "jsd" not in run.tables["tokens"].columns:
+        return
+    import plotly.express as px
+
+    points = views.tip_points(run)
+    st.subheader("TIP: entropy against divergence (two-model run)")
+    fig = px.scatter(points, x="norm_entropy", y="norm_jsd", color="tip_quadrant",
+                     hover_data=["prompt_id", "pos", "token"],
+                     category_orders={"tip_quadrant": views.CATEGORY_ORDER["tip_quadrant"]},
+                     labels={"norm_entropy": "student entropy H / ln V",
+                             "norm_jsd": "JSD(student, teacher) / ln 2"})
+    st.plotly_chart(fig, key=f"{key}-tip")
+    downloads(points, "tip_points", f"{key}-tip")
 
 
 def heads_view(run: Run, prompt_id: int, column: str, key: str) -> None:
@@ -95,6 +120,50 @@ def heads_view(run: Run, prompt_id: int, column: str, key: str) -> None:
     st.plotly_chart(figures.heatmap(grid, title=f"{column} per layer and head", x_title="head",
                                     value=column), key=f"{key}-fig")
     downloads(runs.grid_table(grid, column), f"heads_{column}_p{prompt_id}", key)
+
+
+def head_pattern_view(run: Run, prompt_id: int, key: str, *, load: Callable,
+                      pattern: Callable[[str, tuple[int, ...], int, int], np.ndarray]) -> None:
+    """One head's full attention pattern on the prompt, computed on demand from the run's model
+    (`load(model)`, `pattern(model, ids, layer, head)`: the dashboard's cached
+    `head_pattern.head_pattern`) for display only: the prompt's tokens coloured by the
+    attention the chosen query gives each key, and the query x key heatmap, sink column marked."""
+    st.subheader("One head's attention pattern")
+    model, ids = views.model_of(run), head_pattern.prompt_ids(run, prompt_id)
+    try:
+        head_pattern.check_length(len(ids))
+    except ValueError as err:
+        return st.info(str(err))
+    if not st.toggle(f"Compute it with {model} (for display; not stored in the run)",
+                     key=f"{key}-on"):
+        return
+    try:
+        loaded = load(model)
+    except (RuntimeError, ValueError, OSError) as err:  # ModelError is a RuntimeError
+        return st.error(f"cannot load the run's model {model!r}: {err}")
+    if run.meta.get("weights_fingerprint") not in (None, loaded.fingerprint):
+        st.warning(f"The weights of {model!r} loaded now differ from the run's "
+                   f"({plain(run.meta['weights_fingerprint'])}); the pattern is of the new ones.")
+    n_layers, n_heads = head_pattern.head_counts(loaded)
+    tokens = views.prompt_tokens(run, prompt_id)
+    left, middle, right = st.columns(3)
+    layer = left.selectbox("Layer", list(range(n_layers)), key=f"{key}-layer")
+    head = middle.selectbox("Head", list(range(n_heads)), key=f"{key}-head")
+    query = right.selectbox("Query position (what it attends to)", list(tokens.pos),
+                            index=len(tokens) - 1, key=f"{key}-query",
+                            format_func=lambda p: f"{p}: {tokens.shown[p]}")
+    weights = pattern(model, tuple(ids), layer, head)
+    sinks = head_pattern.sink_keys(run, prompt_id)
+    st.html(figures.token_html(head_pattern.query_frame(tokens, weights, query),
+                               f"attention from query {query} (outlined), layer {layer} head "
+                               f"{head}", marked=frozenset({query})))
+    st.plotly_chart(head_pattern.pattern_figure(
+        weights, list(tokens.shown), sinks=sinks,
+        title=f"Layer {layer} head {head}: attention of each query (row) to each key (column)"),
+        key=f"{key}-fig")
+    st.caption("Sink column outlined in red: " + ", ".join(
+        f"key {p} ({plain(tokens.shown[p])}, {why})" for p, why in sinks.items()
+        if p < len(tokens)))
 
 
 def layers_view(run: Run, prompt_id: int, column: str, key: str) -> None:

@@ -285,7 +285,11 @@ def test_run_page_all_views(root, monkeypatch, full):
     assert "No massive activations" in texts(at.info)
     assert "tokenprobe critical --model tiny-llama --task FILE --out RUN_DIR" in texts(at.code)
     assert len(at.download_button) >= 2 * (3 + len(full.tables))
-    for metric in views.METRICS:
+    offered = at.selectbox(key="run-metric").options
+    assert len(offered) == len(views.available_metrics(full))  # only what the run holds
+    assert not any(o.startswith(("critical:", "attribution:", "jsd:")) for o in offered)
+    assert "critical (`tokenprobe critical --model tiny-llama" in texts(at.caption)
+    for metric in views.available_metrics(full):
         at.selectbox(key="run-metric").set_value(metric).run()
         assert not at.exception, metric
     at.selectbox(key="run-metric").set_value("resid_norm").run()
@@ -307,9 +311,8 @@ def test_run_missing_probes_says_which_probe_and_command(root, monkeypatch):
     assert "written by the sinks probe" in info
     assert "tokenprobe run --model tiny-llama --probes sinks --prompts PROMPTS_FILE" in code
     assert "tokenprobe critical --model tiny-llama --task FILE --out RUN_DIR" in code
-    at.selectbox(key="run-metric").set_value("entropy").run()
-    assert "written by the entropy probe" in texts(at.info)
-    assert "--probes entropy --prompts" in texts(at.code)
+    assert "entropy, band, forking (`tokenprobe run --model tiny-llama --probes entropy " \
+        "--prompts" in texts(at.caption)  # not offered, and how to get it
     at.selectbox(key="run-layercol").set_value("lens_entropy").run()
     assert "--probes entropy --lens" in texts(at.code)
     assert charts(at) == 0
@@ -325,6 +328,57 @@ def test_critical_run(root, monkeypatch):
     assert at.html[0].value.count("2px solid #d62728") == 1  # the critical token outlined
     rollouts = [d.value for d in at.dataframe if "correct" in d.value.columns]
     assert rollouts[0].text.tolist() == ["no", "nope"]
+
+
+def shown_figure(at: AppTest, title: str):
+    """The plotly figure on the page whose title starts with `title`."""
+    import plotly.io
+
+    figs = [plotly.io.from_json(c.proto.spec) for c in at.get("plotly_chart")]
+    return next(f for f in figs if (f.layout.title.text or "").startswith(title))
+
+
+def plotly_array(value) -> np.ndarray:
+    """An array of a figure read back from JSON (plotly writes numpy arrays as base64)."""
+    import base64
+
+    if not isinstance(value, dict):
+        return np.asarray(value)
+    flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return flat.reshape([int(n) for n in value["shape"].split(",")])
+
+
+def test_head_pattern_on_demand(root, monkeypatch, full, tiny_llama):
+    from tokenprobe.analyses.head_pattern import head_pattern
+
+    at = app(root, monkeypatch, run="full")
+    assert not [c for c in at.get("plotly_chart") if "query" in c.proto.spec]  # off by default
+    at.toggle(key="run-pattern-on").set_value(True).run()
+    assert not at.exception and not at.error
+    shown = list(views.prompt_tokens(full, 0).shown)
+    ids = full.tokens[full.tokens.prompt_id == 0].sort_values("pos").token_id.tolist()
+    fig = shown_figure(at, "Layer 0 head 0")
+    heat = fig.data[0]
+    assert heat.type == "heatmap" and list(heat.x) == list(heat.y) == [
+        f"{i}:{t}" for i, t in enumerate(shown)]
+    np.testing.assert_allclose(plotly_array(heat.z), head_pattern(tiny_llama, ids, 0, 0))
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(-0.5, 0.5)]  # the sink column, key 0
+    assert "sink" in fig.layout.annotations[0].text
+    assert "Sink column outlined in red: key 0" in texts(at.caption)
+    last = len(shown) - 1
+    page = next(h.value for h in at.html if "attention from query" in h.value)
+    assert f"attention from query {last} (outlined)" in page and token_text(page) == "".join(shown)
+    at.selectbox(key="run-pattern-layer").set_value(2).run()
+    at.selectbox(key="run-pattern-head").set_value(3).run()
+    at.selectbox(key="run-pattern-query").set_value(3).run()
+    assert not at.exception and not at.error
+    weights = head_pattern(tiny_llama, ids, 2, 3)
+    np.testing.assert_allclose(plotly_array(shown_figure(at, "Layer 2 head 3").data[0].z),
+                               weights)
+    page = next(h.value for h in at.html if "attention from query" in h.value)
+    assert f"attention from query 3 (outlined), layer 2 head 3: {weights[3, 1]:.6g}" in page
+    assert page.count("2px solid #d62728") == 1  # the query outlined
+    assert sorted(full.tables) == sorted(tokenprobe.open_run(root / "full").tables)  # not stored
 
 
 @pytest.mark.parametrize("path", ["../outside", "/etc", "full/../../x"])
@@ -418,3 +472,22 @@ def test_cli_app_refuses_a_missing_root(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["app", "--help"])
     assert "--port" in capsys.readouterr().out
+
+
+def test_a_two_model_run_shows_its_measures_and_tips_plane(tmp_path, monkeypatch, tiny_llama):
+    from test_entropy import perturbed
+
+    probe = EntropyProbe(compare=perturbed(tiny_llama))
+    run = tokenprobe.run(tiny_llama, PROMPTS, [probe], out=tmp_path / "two", progress=False)
+    at = app(tmp_path, monkeypatch, run="two")
+    assert not at.exception and not at.error
+    offered = at.selectbox(key="run-metric").options
+    for name in ("jsd", "kl_student_teacher", "teacher_entropy", "tip_quadrant"):
+        assert any(o.startswith(f"{name}:") for o in offered), name
+    at.selectbox(key="run-metric").set_value("tip_quadrant").run()
+    assert "high_H_high_D" in at.html[0].value and not at.exception
+    assert "top here: &#x27;" in at.html[0].value  # the model's top-3 alternatives on hover
+    points = views.tip_points(run)
+    assert len(points) == int((run.tokens.pos > 0).sum())
+    assert points.norm_jsd.between(0, 1).all()
+    assert any("TIP" in str(h.value) for h in at.subheader)

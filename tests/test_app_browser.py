@@ -116,3 +116,48 @@ def test_dashboard_in_headless_chromium(chromium, server):
         assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
     finally:
         driver.quit()
+
+
+def test_head_pattern_in_headless_chromium(chromium, server):
+    """The Heads tab's on-demand pattern: toggled on, the query x key heatmap and the tokens
+    coloured by what the last query attends to render (screenshot dashboard_head_pattern.png)."""
+    browser, driver_path = chromium
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, run = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1500,2000"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(f"{url}/?run=demo")
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: next((t for t in d.find_elements(By.CSS_SELECTOR, "[role='tab']")
+                                   if t.text.strip() == "Heads"), False)).click()
+        wait.until(lambda d: next((e for e in d.find_elements(
+            By.CSS_SELECTOR, "[data-testid='stCheckbox'] label")
+            if e.is_displayed() and "Compute it with" in e.text), False)).click()
+        heatmap = wait.until(lambda d: next((p for p in d.find_elements(
+            By.CSS_SELECTOR, ".js-plotly-plot") if p.is_displayed()
+            and "head 0" in p.text and p.find_elements(By.CSS_SELECTOR, ".heatmaplayer image")),
+            False))
+        assert "query" in heatmap.text and "key" in heatmap.text and "sink" in heatmap.text
+        n = int(run.prompts.n_tokens[0])
+        view = wait.until(lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, ".tp-tokens")
+                                          if e.is_displayed() and e.find_elements(
+                                              By.CSS_SELECTOR, f".tp-tok[data-pos='{n - 1}']")
+                                          and "attention from query" in e.find_element(
+                                              By.XPATH, "..").text), False))
+        spans = view.find_elements(By.CSS_SELECTOR, ".tp-tok")
+        assert len(spans) == n and "attention from query" in spans[0].get_attribute("title")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", view)
+        driver.save_screenshot(str(ARTIFACTS / "dashboard_head_pattern.png"))
+        assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+    finally:
+        driver.quit()

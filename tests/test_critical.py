@@ -7,9 +7,11 @@ import random
 
 import pandas as pd
 import pytest
+import torch
 
 from tokenprobe.analyses.critical import (CriticalConfig, Task, critical_search, find_critical,
-                                          next_prefix, next_prefixes, pass_at_k, summary_frame)
+                                          next_prefix, next_prefixes, pass_at_k,
+                                          sample_continuations, summary_frame)
 from tokenprobe.cli.main import main
 from tokenprobe.store import open_run
 from tokenprobe.tables import SCHEMAS
@@ -144,12 +146,61 @@ def test_critical_token_found_by_construction(tiny_llama, scan, window):
     prefix = rollouts[rollouts.kind == "prefix"]
     assert prefix.groupby("pos").size().eq(8).all()
     cf = rollouts[rollouts.kind == "counterfactual"]
-    assert len(cf) == 8 and (cf.pos == 6).all() and cf.correct.all()
+    assert len(cf) == 64 and (cf.pos == 6).all() and cf.correct.all()  # the authors' 64 draws
     assert (cf.first_token_id != tokens.token_id[6]).all()
     item = summary_frame(run).iloc[0]
     assert item.status == "critical" and item.critical_index == 3 and item.critical_token == "d"
     assert item.success_at == 0 and item.success_before == success[5]
-    assert item.counterfactual_success == 1.0
+    assert item.counterfactual_success == 1.0 and item.pass_at_1_counterfactual == 1.0
+    assert item.counterfactual_draws == 64 and item.counterfactual_temperature == 1.0
+    assert item.rollout_temperature == 0.5 and pd.isna(item.trajectory_temperature)  # given
+
+
+def authors_replacements(logits: torch.Tensor, original: int, uniforms: list[float], *,
+                         temperature: float = 1.0) -> list[int]:
+    """Critical-Tokens-Matter's counterfactual draw (src/rollout_sampling_for_critical_tokens.py,
+    generate_with_and_without_for_sampling): probs = F.softmax(logits) (temperature 1), the
+    original token's probability set to 0, then torch.multinomial, which renormalises. Here by
+    inverse CDF at the given uniforms (tokenprobe's way of drawing), so draws compare one by
+    one; `temperature` only to show that the draws tell temperatures apart."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    probs[original] = 0
+    cdf = (probs / probs.sum()).cumsum(-1)
+    return [min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64) * cdf[-1],
+                                       right=True)), len(cdf) - 1) for u in uniforms]
+
+
+def _uniforms(seeds, steps: int) -> list[list[float]]:
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [[float(torch.rand((), generator=g, dtype=torch.float64)) for _ in range(steps)]
+            for g in gens]
+
+
+def test_counterfactual_is_the_authors_temperature_one_draw_then_one_rollout(tiny_llama):
+    config = _config(scan="all")
+    run = critical_search(tiny_llama, [_task()], config, progress=False)
+    ids = run.tokens.token_id.tolist()
+    cf = run.rollouts[run.rollouts.kind == "counterfactual"]
+    assert len(cf) == config.counterfactual_draws == 64 and (cf.pos == 6).all()
+    with torch.inference_mode():
+        logits = tiny_llama.model(input_ids=torch.tensor([ids[:6]])).logits[0, -1]
+    first = [u for u, _ in _uniforms(cf.seed, 2)]
+    want = authors_replacements(logits, ids[6], first)
+    assert cf.first_token_id.tolist() == want
+    assert want != authors_replacements(logits, ids[6], first, temperature=config.temperature)
+    # each replacement is then rolled out once at the rollout temperature (their
+    # without_sampling_n = 1 at sampling_config["temperature"]): the second token
+    conts = sample_continuations(tiny_llama.model, ids[:6], cf.seed.tolist(),
+                                 temperature=config.temperature, max_new_tokens=2,
+                                 ban_first=ids[6], first_temperature=1.0)
+    assert [c.ids[0] for c in conts] == want
+    with torch.inference_mode():
+        for cont, (_, u) in zip(conts, _uniforms(cf.seed, 2)):
+            step = tiny_llama.model(input_ids=torch.tensor([ids[:6] + cont.ids[:1]])).logits
+            probs = torch.softmax(step[0, -1].double() / config.temperature, dim=-1)
+            cdf = probs.cumsum(-1)
+            assert cont.ids[1] == int(torch.searchsorted(
+                cdf, torch.tensor([u], dtype=torch.float64) * cdf[-1], right=True))
 
 
 def test_sampled_trajectory_and_seeds(tiny_llama):
@@ -163,6 +214,7 @@ def test_sampled_trajectory_and_seeds(tiny_llama):
     assert len(traj) == 3 and traj.seed.nunique() == 3 and not traj.correct.any()
     summary = summary_frame(a)
     assert summary.critical_index.tolist() == [0, 3]
+    assert summary.trajectory_temperature[0] == 0.7 and pd.isna(summary.trajectory_temperature[1])
     assert summary.success_before[0] == 0  # the prompt alone, sampled because t = 0
     prompt_only = a.tokens[(a.tokens.prompt_id == 0) & a.tokens.critical_success.notna()]
     assert prompt_only.pos.min() == len("x") - 1 and pd.isna(prompt_only.critical.iloc[0])
@@ -206,11 +258,17 @@ def test_cli(tmp_path, capsys):
     tasks.write_text(json.dumps({"id": "t1", "question": "1 + 2 = ", "answer": "3",
                                  "trajectory": "The answer is 4. ", "raw": True}) + "\n")
     args = ["critical", "--model", "tiny-llama", "--task", str(tasks), "--rollouts", "4",
-            "--max-new-tokens", "3", "--quiet", "--out", str(tmp_path / "run")]
+            "--max-new-tokens", "3", "--counterfactual-draws", "5", "--quiet",
+            "--out", str(tmp_path / "run")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "t1" in out and "n = 4 rollouts" in out
+    assert ("temperatures: prefix rollouts 0.5; counterfactual: 5 replacements at 1.0, each "
+            "rolled out once at 0.5") in out  # the trajectory is given: no trajectory stage
     run = open_run(tmp_path / "run")
+    assert run.meta["config"]["counterfactual_draws"] == 5
+    assert run.meta["config"]["counterfactual_temperature"] == 1.0
+    assert len(run.rollouts[run.rollouts.kind == "counterfactual"]) == 5
     prefixes = run.rollouts[run.rollouts.kind == "prefix"]
     assert prefixes.pos.max() == run.tokens.pos.max() - 1  # the whole trajectory is no prefix
     assert prefixes.groupby("pos").size().eq(4).all()
@@ -221,6 +279,16 @@ def test_cli(tmp_path, capsys):
     tasks.write_text("not json\n")
     assert main(args[:-2] + ["--out", str(tmp_path / "r3")]) == 2
     assert main(["critical", "--model", "no-such-model", "--out", str(tmp_path / "r4")]) == 3
+
+
+def test_cli_help_gives_the_authors_temperatures(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["critical", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("get_model_sampling_config", "0.5 for Llama-3-8B", "0.85 for Llama-3-70B",
+                   "0.9 for Qwen2.5-7B", "--counterfactual-draws", "(default 64, the authors')"):
+        assert phrase in text, phrase
 
 
 @pytest.mark.embedded

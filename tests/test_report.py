@@ -87,6 +87,20 @@ def test_tables_as_csv_and_booktabs(report, run_dirs):
     assert rates.sink_rate.to_list() == pytest.approx(expected.sink_rate.to_list())
 
 
+def test_latex_tables_mark_missing_values_one_way(report):
+    """Every missing cell of every LaTeX table is `--` (the short run has no entropy, so the
+    summary's mean_entropy is missing): never `nan`, `None` or `<NA>`."""
+    for tex in (report / "tables").glob("*.tex"):
+        cells = [c.strip() for line in tex.read_text().splitlines() if line.endswith(r"\\")
+                 for c in line[:-2].split("&")]
+        assert not {"nan", "NaN", "None", "<NA>", r"\textless{}NA\textgreater{}"} & set(cells), \
+            tex.name
+    lines = (report / "tables" / "summary.tex").read_text().splitlines()
+    header = [c.strip() for c in lines[lines.index(r"\toprule") + 1][:-2].split("&")]
+    short = [c.strip() for c in lines[lines.index(r"\bottomrule") - 1][:-2].split("&")]
+    assert short[header.index(r"mean\_entropy")] == "--"  # the short run has no entropy
+
+
 @pytest.mark.latex
 def test_latex_tables_compile(report, tmp_path):
     require_tool("pdflatex with booktabs", shutil.which("pdflatex"), "latex")

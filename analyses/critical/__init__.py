@@ -1,7 +1,8 @@
 """The critical-token study (Lin et al., "Critical Tokens Matter", cDPO), one module per part.
 
-`rule` (the search rule, pass@k, the prefix schedule, `CriticalConfig`, rollout seeds),
-`tasks` (verifiable tasks and their verifiers), `sampling` (the KV-shared sampler), `search`
+`rule` (the search rule, pass@k, the prefix schedule, `CriticalConfig`, rollout seeds), `tasks`
+(verifiable tasks and their verifiers), `grading` (the authors' GSM8K answer extraction and
+comparison, behind the `final_number` verifier), `sampling` (the KV-shared sampler), `search`
 (the search over a task set, its tables and summary) and `cli` (`tokenprobe critical`, loaded
 only by the command line). The names below are the study's face:
 `from tokenprobe.analyses.critical import CriticalConfig, critical_search, summary_frame`.

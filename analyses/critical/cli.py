@@ -25,8 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "task, sample a trajectory the verifier rejects, sample --rollouts\n"
                     "continuations of its prefixes, and flag the first token after which none\n"
                     "is correct (a later prefix with more than 3 correct resets the search);\n"
-                    "then resample that token with its own probability set to 0. Prefixes are\n"
-                    "scanned from the end and those the rule no longer needs are skipped.\n"
+                    "then draw --counterfactual-draws replacements of that token at temperature\n"
+                    "1 with its own probability set to 0 and roll each out once (the authors'\n"
+                    "code). Answers are graded as their GSM8K code does (final_number). Prefixes\n"
+                    "are scanned from the end and those the rule no longer needs are skipped.\n"
                     f"The paper samples 64 rollouts per prefix; the default here is "
                     f"{d.n_rollouts}, for CPUs.\n"
                     "Each sampled prefix is checkpointed beside --out: run the same command\n"
@@ -43,7 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--rollouts", type=positive_int, default=d.n_rollouts, metavar="N",
                    help=f"continuations per prefix (default {d.n_rollouts}; the paper uses 64)")
     p.add_argument("--temperature", type=nonnegative_float, default=d.temperature,
-                   help=f"rollout temperature (default {d.temperature}, the paper's)")
+                   help=f"rollout temperature, of the prefix rollouts and of the rollout after "
+                        f"each counterfactual replacement (default {d.temperature}). The "
+                        "authors' code sets it per dataset and model (get_model_sampling_config "
+                        "in src/configs/data_config.py), GSM8K: 0.5 for Llama-3-8B, 0.85 for "
+                        "Llama-3-70B, 1.0 for deepseek-math-7b-base, 0.9 for Qwen2.5-7B, 1.1 "
+                        "for Qwen2.5-32B; MATH: 0.1, 0.15, 0.3, 0.5, 0.7. Choose it for your "
+                        "model; run.json and the summary record it")
     p.add_argument("--scan", choices=["backward", "all"], default=d.scan,
                    help="backward: skip prefixes the search rule no longer needs (default); "
                         "all: sample every prefix (a full success curve)")
@@ -66,6 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         f"prefix at a time)")
     p.add_argument("--no-counterfactual", action="store_true",
                    help="skip the counterfactual resampling check")
+    p.add_argument("--counterfactual-draws", type=positive_int, default=d.counterfactual_draws,
+                   metavar="N",
+                   help=f"replacement tokens drawn at the critical token, from the temperature-"
+                        f"{d.counterfactual_temperature:g} softmax without the original token, "
+                        f"each rolled out once (default {d.counterfactual_draws}, the authors')")
     p.add_argument("--seed", type=seed, default=d.seed,
                    help="base seed; each rollout's seed derives from it and is in the "
                         "rollouts table (default 0)")
@@ -87,7 +100,8 @@ def cmd_critical(args: argparse.Namespace) -> int:
                                 trajectory_attempts=args.attempts, batch_size=args.batch_size,
                                 window=args.window,
                                 max_trajectory_tokens=args.max_trajectory_tokens,
-                                counterfactual=not args.no_counterfactual, seed=args.seed)
+                                counterfactual=not args.no_counterfactual,
+                                counterfactual_draws=args.counterfactual_draws, seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from err
     check_target(Path(args.out), overwrite=args.overwrite)
@@ -100,10 +114,20 @@ def cmd_critical(args: argparse.Namespace) -> int:
 
 
 def print_summary(run: Run) -> None:
-    """One line per task: the critical token, success before / at it, the counterfactual."""
-    n = run.meta["config"]["n_rollouts"]
+    """One line per task: the critical token, success before / at it, the counterfactual;
+    first the temperature of each stage."""
+    config = run.meta["config"]
+    n = config["n_rollouts"]
     print(f"model {run.meta['model']}, {len(run.meta['tasks'])} task(s), n = {n} rollouts "
-          f"per prefix, temperature {run.meta['config']['temperature']}")
+          f"per prefix, temperature {config['temperature']}")
+    sampled = any(t.get("trajectory") is None for t in run.meta["tasks"])
+    stages = ([f"sampled trajectories {config['trajectory_temperature']}"] if sampled else []) \
+        + [f"prefix rollouts {config['temperature']}"]
+    if config["counterfactual"] and "counterfactual_draws" in config:
+        stages.append(f"counterfactual: {config['counterfactual_draws']} replacements at "
+                      f"{config['counterfactual_temperature']}, each rolled out once at "
+                      f"{config['temperature']}")
+    print(f"temperatures: {'; '.join(stages)}")
     for item in run.meta["summary"]["critical"]:
         head = f"  [{item['prompt_id']}] {display_text(str(item['task_id'])):<10}"
         if item["status"] != "critical":

@@ -1,15 +1,19 @@
 """Critical tokens by rollout search: the search rule, pass@k, seeds and the prefix schedule.
 
-Definitions (README, "Measures"; Lin et al., "Critical Tokens Matter",
-cDPO, chenzhiling9954/Critical-Tokens-Matter): for an incorrect trajectory, sample n
-continuations (temperature 0.5) of every prefix ending at token t and score them with a
-verifier. The critical token is the first t whose prefix gives 0/n correct continuations, where
-the search resets if a later prefix gets more than 3 correct; when the scan ends with no
-candidate, the one the last reset cleared is the answer (their `analyse_all_token`). The
-full trajectory is never a prefix (its continuation is empty). The per-prefix success rate is
-`critical_success` = c_t / n; pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k).
-Counterfactual check: resample the token at t from p_t with the original token's probability set
-to 0, one rollout each, and report the success rate.
+Definitions (README, "Measures"; Lin et al., "Critical Tokens Matter", cDPO,
+chenzhiling9954/Critical-Tokens-Matter): for an incorrect trajectory, sample n continuations of
+every prefix ending at token t (at the rollout temperature, which their
+`src/configs/data_config.py::get_model_sampling_config` sets per dataset and model: GSM8K 0.5
+for Llama-3-8B) and score them with a verifier. The critical token is the first t whose prefix
+gives 0/n correct continuations, where the search resets if a later prefix gets more than 3
+correct; when the scan ends with no candidate, the one the last reset cleared is the answer
+(their `analyse_all_token`). The full trajectory is never a prefix (its continuation is empty).
+The per-prefix success rate is `critical_success` = c_t / n; pass@k uses the unbiased estimator
+1 - C(n-c, k) / C(n, k). Counterfactual check (their `generate_with_and_without_for_sampling`,
+`without_sampling_n = 1`): draw 64 replacements of the token at t from the temperature-1 softmax
+with the original token's probability set to 0 (torch.multinomial with replacement, which
+renormalises), roll each out once at the rollout temperature, and report the success rate (their
+pass@k, `get_pass_at_k`, is of these rollouts).
 
 The rule's answer is the earliest zero of the last run of prefixes holding a zero that no prefix
 with more than 3 correct interrupts, so the default schedule scans backwards from the end of
@@ -35,7 +39,14 @@ class CriticalConfig:
 
     Attributes:
         n_rollouts: continuations per prefix. The paper uses 64; 16 here is a CPU default.
-        temperature: rollout sampling temperature (paper 0.5).
+        temperature: rollout sampling temperature. The authors' code (`src/configs/data_config.py`,
+            `TEMPERATURE_BY_DATASET_AND_MODEL` through `get_model_sampling_config`) picks it per
+            dataset and model (to get about 10 wrong answers per question among their 64
+            samples) and uses it for their trajectories, the prefix rollouts and the
+            counterfactual rollouts alike: GSM8K 0.5 (Llama-3-8B, the default here), 0.85
+            (Llama-3-70B), 1.0 (deepseek-math-7b-base), 0.9 (Qwen2.5-7B), 1.1 (Qwen2.5-32B);
+            MATH 0.1, 0.15, 0.3, 0.5, 0.7. Their vLLM sampling also has top_p = 0.95, which
+            tokenprobe does not apply.
         reset_above: a prefix with more than this many correct continuations resets the
             search (paper 3).
         max_new_tokens: length limit of each continuation (ours).
@@ -47,7 +58,12 @@ class CriticalConfig:
             not change the critical token (see `next_prefixes`).
         scan: "backward" (skip prefixes the rule no longer needs) or "all".
         counterfactual: run the counterfactual resampling check at the critical token.
-        trajectory_temperature: temperature of the sampled trajectories searched (ours: 0.7).
+        counterfactual_draws: replacement tokens drawn there, each rolled out once (the
+            code: 64, `num_samples=64`).
+        counterfactual_temperature: temperature of the replacement draw (the code: 1, a plain
+            softmax); its rollout continues at `temperature`.
+        trajectory_temperature: temperature of the sampled trajectories searched (ours: 0.7;
+            the authors sample theirs at the rollout temperature).
         trajectory_attempts: trajectories sampled per task until one is incorrect.
         max_trajectory_tokens: length limit of a sampled trajectory.
         pass_k: the k of the pass@k figures in the summary.
@@ -62,6 +78,8 @@ class CriticalConfig:
     window: int = 4
     scan: str = "backward"
     counterfactual: bool = True
+    counterfactual_draws: int = 64
+    counterfactual_temperature: float = 1.0
     trajectory_temperature: float = 0.7
     trajectory_attempts: int = 8
     max_trajectory_tokens: int = 160
@@ -71,11 +89,13 @@ class CriticalConfig:
     def __post_init__(self) -> None:
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
-        if min(self.n_rollouts, self.batch_size, self.window, self.trajectory_attempts) < 1:
-            raise ValueError("n_rollouts, batch_size, window and trajectory_attempts must be >= 1")
-        if not (0 <= self.temperature < math.inf and 0 <= self.trajectory_temperature < math.inf):
-            raise ValueError(f"temperatures must be finite and >= 0, got {self.temperature} and "
-                             f"{self.trajectory_temperature}")
+        if min(self.n_rollouts, self.batch_size, self.window, self.trajectory_attempts,
+               self.counterfactual_draws) < 1:
+            raise ValueError("n_rollouts, batch_size, window, trajectory_attempts and "
+                             "counterfactual_draws must be >= 1")
+        temps = (self.temperature, self.trajectory_temperature, self.counterfactual_temperature)
+        if not all(0 <= t < math.inf for t in temps):
+            raise ValueError(f"temperatures must be finite and >= 0, got {temps}")
         if self.max_new_tokens < 1 or self.max_trajectory_tokens < 1:
             raise ValueError("token limits must be >= 1")
 

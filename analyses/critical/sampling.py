@@ -11,8 +11,13 @@ the length limit).
 Every continuation has its own seed: step s of row r draws u ~ U[0, 1) from
 `torch.Generator().manual_seed(seed_r)` and takes the inverse-CDF sample of
 softmax(logits / temperature), so a continuation depends on its prefix and seed only, not on the
-batch it ran in. `sample_reference` does the same with a full forward per step (no cache), the
-oracle of the tests.
+batch it ran in. A job may draw its first token at another temperature and without one token
+(`Job.first_temperature`, `Job.ban_first`): cDPO's counterfactual check draws the replacement of
+a critical token from the temperature-1 softmax with the original token's probability set to 0
+and renormalised (`generate_with_and_without_for_sampling` in the authors'
+`src/rollout_sampling_for_critical_tokens.py`), then rolls it out at the rollout temperature.
+`sample_reference` does the same with a full forward per step (no cache), the oracle of the
+tests.
 """
 from __future__ import annotations
 
@@ -74,6 +79,25 @@ def _uniforms(generators: list[torch.Generator], rows: list[int]) -> torch.Tenso
                         for r in rows])
 
 
+def _draw_first(logits: torch.Tensor, uniforms: torch.Tensor, jobs: list[Job], *,
+                temperature: float) -> torch.Tensor:
+    """The first tokens of a batch (row r of job `jobs[r]`): each row's ban and temperature."""
+    bans = [(r, job.ban_first) for r, job in enumerate(jobs) if job.ban_first is not None]
+    if bans:
+        logits = logits.double().clone()
+        logits[[r for r, _ in bans], [b for _, b in bans]] = float("-inf")
+    temps = [temperature if job.first_temperature is None else job.first_temperature
+             for job in jobs]
+    if len(set(temps)) == 1:
+        return draw(logits, uniforms, temperature=temps[0])
+    tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
+    for value in sorted(set(temps)):  # draw is row-wise: one call per temperature
+        rows = [r for r, t in enumerate(temps) if t == value]
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = draw(logits[index], uniforms[rows], temperature=value)
+    return tokens
+
+
 def _finished(ids: list[int], eos: frozenset[int], stop: StopFn | None) -> str | None:
     if ids[-1] in eos:
         return "eos"
@@ -91,25 +115,30 @@ class Job:
         seeds: one seed per continuation.
         stop: called with a row's continuation ids after each step; True ends it.
         ban_first: a token id the first sampled token may not be.
+        first_temperature: the temperature of the first sampled token; None: the sampling
+            temperature (cDPO's counterfactual replacement: 1).
     """
 
     prefix: Sequence[int]
     seeds: Sequence[int]
     stop: StopFn | None = None
     ban_first: int | None = None
+    first_temperature: float | None = None
 
 
 @torch.inference_mode()
 def sample_continuations(model: PreTrainedModel, prefix: Sequence[int], seeds: Sequence[int], *,
                          temperature: float, max_new_tokens: int,
                          eos_ids: Sequence[int] = (), stop: StopFn | None = None,
-                         ban_first: int | None = None, batch_size: int = 16,
+                         ban_first: int | None = None, first_temperature: float | None = None,
+                         batch_size: int = 16,
                          on_batch: Callable[[int], None] | None = None) -> list[Continuation]:
     """Sample one continuation of `prefix` per seed, sharing the prefix's KV cache.
 
     `sample_jobs` with one job; see there. Returns a `Continuation` per seed, in seed order.
     """
-    return sample_jobs(model, [Job(prefix, seeds, stop, ban_first)], temperature=temperature,
+    return sample_jobs(model, [Job(prefix, seeds, stop, ban_first, first_temperature)],
+                       temperature=temperature,
                        max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
                        on_batch=on_batch)[0]
 
@@ -136,7 +165,7 @@ def sample_jobs(model: PreTrainedModel, jobs: Sequence[Job], *, temperature: flo
     Args:
         model: a causal LM whose forward accepts `past_key_values` (a `DynamicCache`),
             `attention_mask` and `position_ids`.
-        jobs: the prefixes with their seeds, stop tests and first-token bans.
+        jobs: the prefixes with their seeds, stop tests, first-token bans and temperatures.
         temperature: sampling temperature (0: greedy).
         max_new_tokens: the length limit of each continuation.
         eos_ids: ids that end a continuation (kept as its last token).
@@ -272,15 +301,13 @@ def _decode(model: PreTrainedModel, jobs: list[Job], roots: list[tuple[DynamicCa
     slots = torch.arange(width + max_new_tokens, device=device)
     mask = ((slots < lengths[:, None]) | (slots >= width)).long()  # (B, width + new)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    bans = [(r, job.ban_first) for r, job in enumerate(jobs) if job.ban_first is not None]
     ids: list[list[int]] = [[] for _ in seeds]
     finish = ["length"] * len(seeds)
     active = list(range(len(seeds)))  # batch row j of the cache is sequence active[j]
     for step in range(max_new_tokens):
-        if step == 0 and bans:
-            logits = logits.double().clone()
-            logits[[r for r, _ in bans], [b for _, b in bans]] = float("-inf")
-        tokens = draw(logits, _uniforms(generators, active), temperature=temperature)  # (B,)
+        uniforms = _uniforms(generators, active)
+        tokens = (_draw_first(logits, uniforms, jobs, temperature=temperature) if step == 0
+                  else draw(logits, uniforms, temperature=temperature))  # (B,)
         keep = []
         for j, row in enumerate(active):
             ids[row].append(int(tokens[j]))
@@ -305,7 +332,8 @@ def _decode(model: PreTrainedModel, jobs: list[Job], roots: list[tuple[DynamicCa
 @torch.inference_mode()
 def sample_reference(model: PreTrainedModel, prefix: Sequence[int], seed: int, *,
                      temperature: float, max_new_tokens: int, eos_ids: Sequence[int] = (),
-                     stop: StopFn | None = None, ban_first: int | None = None) -> Continuation:
+                     stop: StopFn | None = None, ban_first: int | None = None,
+                     first_temperature: float | None = None) -> Continuation:
     """One continuation with a full forward of prefix + continuation per step (no cache).
 
     The same draws as `sample_continuations` for the same seed; the test oracle, and slow.
@@ -317,7 +345,9 @@ def sample_reference(model: PreTrainedModel, prefix: Sequence[int], seed: int, *
     for step in range(max_new_tokens):
         logits = model(input_ids=torch.tensor([list(prefix) + ids], device=device),
                        use_cache=False).logits[:, -1]
-        token = draw(logits, _uniforms([generator], [0]), temperature=temperature,
+        first = step == 0 and first_temperature is not None
+        token = draw(logits, _uniforms([generator], [0]),
+                     temperature=first_temperature if first else temperature,
                      ban=ban_first if step == 0 else None)
         ids.append(int(token[0]))
         ended = _finished(ids, eos, stop)

@@ -6,8 +6,12 @@ as fixed in README, "Measures"; the rule, pass@k and the prefix schedule are in
 `tokenprobe.analyses.critical.sampling`, the tasks in `tokenprobe.analyses.critical.tasks`.
 Per task: take the given trajectory, or sample up to `trajectory_attempts` at
 `trajectory_temperature` and keep the first incorrect one (tasks with none are reported and
-skipped); sample `n_rollouts` continuations of the prefixes the schedule asks for; at the
-critical token run the counterfactual check. Every sampled prefix is a part of the run
+skipped); sample `n_rollouts` continuations at `temperature` of the prefixes the schedule asks
+for; at the critical token run the counterfactual check as the authors' code does
+(`src/rollout_sampling_for_critical_tokens.py::generate_with_and_without_for_sampling`):
+`counterfactual_draws` replacement tokens (64) from the softmax at `counterfactual_temperature`
+(1) with the original token's probability set to 0, each rolled out once at `temperature`. Each
+summary item says which temperature each stage used. Every sampled prefix is a part of the run
 (`tokenprobe.store.RunWriter`), so an interrupted search resumes without sampling completed
 prefixes again, and every rollout's seed is derived from the base seed, so the same seed gives
 the same tables.
@@ -87,20 +91,22 @@ class _Scorer:
             "correct": [bool(self.verifier(self.text(c.ids))) for c in conts]}))
 
 
-def _sample(loaded: LoadedModel, requests: list[tuple[_Scorer, list[int], list[int], int | None]],
-            *, temperature: float, max_new_tokens: int, batch_size: int, eos: list[int],
+def _sample(loaded: LoadedModel, requests: list[tuple[_Scorer, Job]], *, temperature: float,
+            max_new_tokens: int, batch_size: int, eos: list[int],
             bar=None) -> list[list[Continuation]]:
-    """Continuations per (scorer, prefix, seeds, ban_first), decoded together (`sample_jobs`).
+    """Continuations per (scorer, job), decoded together (`sample_jobs`).
 
-    Nothing is sampled for a prefix whose answer is already complete.
+    Nothing is sampled for a prefix whose answer is already complete (unless its first token is
+    to be replaced).
     """
     results: list[list[Continuation]] = [[] for _ in requests]
     jobs, where = [], []
-    for k, (scorer, prefix, seeds, ban) in enumerate(requests):
-        if ban is None and scorer.stop is not None and scorer.response and scorer.stop([]):
-            results[k] = [Continuation([], "stop", s) for s in seeds]
+    for k, (scorer, job) in enumerate(requests):
+        if (job.ban_first is None and scorer.stop is not None and scorer.response
+                and scorer.stop([])):
+            results[k] = [Continuation([], "stop", s) for s in job.seeds]
         else:
-            jobs.append(Job(prefix, seeds, scorer.stop, ban))
+            jobs.append(job)
             where.append(k)
     conts = sample_jobs(loaded.model, jobs, temperature=temperature,
                         max_new_tokens=max_new_tokens, eos_ids=eos, batch_size=batch_size,
@@ -123,7 +129,7 @@ def _trajectory(loaded: LoadedModel, task: Task, prompt_id: int, prompt: list[in
         scorer = _Scorer(tok, task, [])
         seeds = [rollout_seed(config.seed, task.task_id, "trajectory", -1, a)
                  for a in range(config.trajectory_attempts)]
-        conts = _sample(loaded, [(scorer, prompt, seeds, None)],
+        conts = _sample(loaded, [(scorer, Job(prompt, seeds, scorer.stop))],
                         temperature=config.trajectory_temperature,
                         max_new_tokens=config.max_trajectory_tokens,
                         batch_size=config.batch_size, eos=eos)[0]
@@ -181,9 +187,10 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
                 while window := next_prefixes(positions, counts, scan=config.scan,
                                               reset_above=config.reset_above, limit=config.window):
                     scorers = [_Scorer(tok, task, response[:t + 1]) for t in window]
-                    requests = [(scorer, prompt + response[:t + 1],
-                                 [rollout_seed(config.seed, task.task_id, "prefix", t, j)
-                                  for j in range(config.n_rollouts)], None)
+                    requests = [(scorer, Job(prompt + response[:t + 1],
+                                             [rollout_seed(config.seed, task.task_id, "prefix",
+                                                           t, j)
+                                              for j in range(config.n_rollouts)], scorer.stop))
                                 for t, scorer in zip(window, scorers)]
                     for t, scorer, conts in zip(window, scorers,
                                                 _sample(loaded, requests, bar=rbar, **sample)):
@@ -198,16 +205,19 @@ def critical_search(loaded: LoadedModel, tasks: list[Task], config: CriticalConf
                     scorer = _Scorer(tok, task, [])
                     seeds = [rollout_seed(config.seed, task.task_id, "prefix", -1, j)
                              for j in range(config.n_rollouts)]
-                    conts = _sample(loaded, [(scorer, prompt, seeds, None)], bar=rbar, **sample)[0]
+                    conts = _sample(loaded, [(scorer, Job(prompt, seeds, scorer.stop))],
+                                    bar=rbar, **sample)[0]
                     parts.write(i * STRIDE + PROMPT_ONLY,
                                 {"rollouts": scorer.rows(conts, i, len(prompt) - 1, "prefix")})
                 if (config.counterfactual and t is not None
                         and i * STRIDE + COUNTERFACTUAL not in done):
+                    # each draw: a replacement at counterfactual_temperature, then one rollout
                     scorer = _Scorer(tok, task, response[:t])
                     seeds = [rollout_seed(config.seed, task.task_id, "counterfactual", t, j)
-                             for j in range(config.n_rollouts)]
-                    conts = _sample(loaded, [(scorer, prompt + response[:t], seeds, response[t])],
-                                    bar=rbar, **sample)[0]
+                             for j in range(config.counterfactual_draws)]
+                    job = Job(prompt + response[:t], seeds, scorer.stop, response[t],
+                              config.counterfactual_temperature)
+                    conts = _sample(loaded, [(scorer, job)], bar=rbar, **sample)[0]
                     rows = scorer.rows(conts, i, len(prompt) + t, "counterfactual")
                     parts.write(i * STRIDE + COUNTERFACTUAL, {"rollouts": rows})
     except BaseException:
@@ -266,7 +276,9 @@ def add_critical_columns(tokens: pd.DataFrame, rollouts: pd.DataFrame | None,
 
 def summarise(tables: dict[str, pd.DataFrame], tasks: list[Task], prompt_lens: dict[int, int],
               config: CriticalConfig) -> list[dict]:
-    """Per task: the critical token, success before / at it, pass@k, the counterfactual rate."""
+    """Per task: the critical token, success before / at it, pass@k, the counterfactual rate
+    and pass@k (`get_pass_at_k` in the authors' code is of the counterfactual rollouts), and the
+    temperature of each stage (trajectory: None when given)."""
     tokens, rollouts = tables["tokens"], tables.get("rollouts")
     out = []
     for i, task in enumerate(tasks):
@@ -274,7 +286,10 @@ def summarise(tables: dict[str, pd.DataFrame], tasks: list[Task], prompt_lens: d
         n_resp = len(rows) - prompt_lens[i]
         item: dict = {"prompt_id": i, "task_id": task.task_id, "answer": task.answer,
                       "trajectory_tokens": n_resp,
-                      "prefixes_sampled": int(rows.critical_success.notna().sum())}
+                      "prefixes_sampled": int(rows.critical_success.notna().sum()),
+                      "trajectory_temperature": (None if task.trajectory is not None
+                                                 else config.trajectory_temperature),
+                      "rollout_temperature": config.temperature}
         if n_resp == 0:
             out.append({**item, "status": "no incorrect trajectory"})
             continue
@@ -293,9 +308,14 @@ def summarise(tables: dict[str, pd.DataFrame], tasks: list[Task], prompt_lens: d
             if item["success_before"] is not None:
                 item[f"pass_at_{k}_before"] = pass_at_k(n, round(item["success_before"] * n), k)
             item[f"pass_at_{k}_at"] = pass_at_k(n, round(item["success_at"] * n), k)
-        if rollouts is not None:
-            cf = rollouts[(rollouts.prompt_id == i) & (rollouts.kind == "counterfactual")]
-            item["counterfactual_success"] = float(cf.correct.mean()) if len(cf) else None
+        cf = (rollouts[(rollouts.prompt_id == i) & (rollouts.kind == "counterfactual")].correct
+              if rollouts is not None else pd.Series(dtype=bool))
+        item["counterfactual_success"] = float(cf.mean()) if len(cf) else None
+        if len(cf):  # the authors' pass@k (get_pass_at_k) is of these rollouts
+            item.update(counterfactual_draws=len(cf),
+                        counterfactual_temperature=config.counterfactual_temperature)
+            for k in (k for k in config.pass_k if k <= len(cf)):
+                item[f"pass_at_{k}_counterfactual"] = pass_at_k(len(cf), int(cf.sum()), k)
         out.append(item)
     return out
 

@@ -1,13 +1,15 @@
 """Verifiable tasks for rollout search: a prompt, an optional given trajectory, and a verifier.
 
 A verifier is any Python callable `verifier(completion: str) -> bool`. It may also have a
-`done(completion: str) -> bool` method saying that the answer is complete, so a sampler can stop
-a continuation there instead of at EOS (cDPO's rollouts, Lin et al., "Critical Tokens Matter",
-chenzhiling9954/Critical-Tokens-Matter, score each continuation by its final answer only).
+`done(completion: str) -> bool` method saying that the verdict can no longer change, so a sampler
+can stop a continuation there instead of at EOS (cDPO's rollouts, Lin et al., "Critical Tokens
+Matter", chenzhiling9954/Critical-Tokens-Matter, score each continuation by its final answer
+only).
 
-Built-in verifiers: `FinalNumber` (the number after "The answer is", else the last number),
-`ExactString` (whitespace-normalised equality) and `Regex` (a pattern search). Task files are
-JSONL, one object per line::
+Built-in verifiers: `FinalNumber` (the authors' GSM8K grading: the first number after the first
+"he answer is ", else the last number, compared as math values), `FinalNumberLast` (the number
+after the last "answer is"), `ExactString` (whitespace-normalised equality) and `Regex` (a
+pattern search). Task files are JSONL, one object per line::
 
     {"id": "add-01", "question": "...", "answer": "42", "verifier": "final_number"}
 
@@ -25,13 +27,15 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
+from tokenprobe.analyses.critical.grading import answer_done, extract_answer, math_equal
 from tokenprobe.jsonl import iter_jsonl
 
 # A short answer keeps trajectories short (the search samples every needed prefix); an
 # instruction mentioning a placeholder ("The answer is N.") made SmolLM2-135M talk about N.
 INSTRUCTION = 'Answer briefly and end with "The answer is" followed by the number.'
-ANSWER = re.compile(r"answer is\s*[:=]?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # "1,234", "-3", "2.5", ".5"
+ANSWER = re.compile(r"answer is\s*[:=]?\s*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
+NUMBER = re.compile(_NUMBER)
 BUILTIN = "arithmetic"
 
 
@@ -50,11 +54,36 @@ def _as_float(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class FinalNumber:
-    """Correct when the final answer equals `expected` as a number.
+    """Correct when the stated answer equals `expected` as a math value: cDPO's GSM8K grading.
 
-    The final answer is the number after the last "answer is" (the format the prompt asks
-    for); without one, the last number in the completion. The answer is complete (`done`)
-    once "answer is N" is followed by a character that cannot continue the number.
+    As the authors' code has it (`tokenprobe.analyses.critical.grading`: Critical-Tokens-Matter
+    `src/utils/utils.py::multi_result_check`, `src/utils/parser.py::
+    extract_answer_by_question_source`, `src/utils/grader.py::math_equal`): cut at
+    "\\n\\nQuestion:", take the first number after the first "he answer is ", else the last
+    number, and compare within a relative 1e-4, also against `expected` / 100 and * 100
+    (`percentage`). `done` once that answer can no longer change.
+    """
+
+    expected: str
+    percentage: bool = True
+    rel_tol: float = 1e-4
+
+    def __call__(self, completion: str) -> bool:
+        return math_equal(extract_answer(completion), self.expected,
+                          percentage=self.percentage, rel_tol=self.rel_tol)
+
+    def done(self, completion: str) -> bool:
+        return answer_done(completion)
+
+
+@dataclass(frozen=True)
+class FinalNumberLast:
+    """Correct when the last stated answer equals `expected` as a number (ours, not cDPO's).
+
+    The final answer is the number after the last "answer is" (so a restated answer counts);
+    without one, the last number in the completion; no cut, no percentage match. The answer is
+    complete (`done`) once "answer is N" is followed by a character that cannot continue the
+    number.
     """
 
     expected: str
@@ -99,6 +128,7 @@ class Regex:
 
 VERIFIERS: dict[str, Callable[[dict], Verifier]] = {
     "final_number": lambda item: FinalNumber(str(item["answer"])),
+    "final_number_last": lambda item: FinalNumberLast(str(item["answer"])),
     "exact_string": lambda item: ExactString(str(item["answer"])),
     "regex": lambda item: Regex(item["pattern"]),
 }
