@@ -191,31 +191,32 @@ def _lay_out(fig: go.Figure, original: dict, title_lines: int, width: int, heigh
            + (line * 1.3 if fig.layout.annotations else 0))  # subplot titles
     plot_w = width - left - right
     tallest = line
-    for name in _axes(fig, "x"):
-        axis, found = fig.layout[name], original.get(name)
-        if found is None:
-            continue
-        vals, text = found
-        dom = axis.domain or (0, 1)
-        ticks = thin_ticks(text, plot_w * (dom[1] - dom[0]) * PT_PER_PX, font_pt,
-                           horizontal=True)
-        axis.update(tickvals=[vals[i] for i in ticks.keep], ticktext=ticks.text,
-                    tickangle=ticks.angle, automargin=False)
+    for ticks in _thin_axes(fig, original, "x", plot_w, font_pt):
         if ticks.angle:
             tallest = max(tallest, _label_px(ticks.text, font_px))
     bottom = line * 1.3 + 6 + tallest + 4  # x title, tick labels
     plot_h = height - top - bottom
-    for name in _axes(fig, "y"):
+    _thin_axes(fig, original, "y", plot_h, font_pt)
+    return plot_w, plot_h, {"l": left, "r": right, "t": top, "b": bottom}
+
+
+def _thin_axes(fig: go.Figure, original: dict, letter: str, length_px: float,
+               font_pt: float) -> list:
+    """Thin the tick labels of every `letter` ("x" or "y") axis of `fig` to fit its share of
+    `length_px` (`thin_ticks`; x labels may stand upright); the ticks kept, per axis."""
+    kept = []
+    for name in _axes(fig, letter):
         axis, found = fig.layout[name], original.get(name)
         if found is None:
             continue
         vals, text = found
         dom = axis.domain or (0, 1)
-        ticks = thin_ticks(text, plot_h * (dom[1] - dom[0]) * PT_PER_PX, font_pt,
-                           horizontal=False)
+        ticks = thin_ticks(text, length_px * (dom[1] - dom[0]) * PT_PER_PX, font_pt,
+                           horizontal=letter == "x")
         axis.update(tickvals=[vals[i] for i in ticks.keep], ticktext=ticks.text,
-                    automargin=False)
-    return plot_w, plot_h, {"l": left, "r": right, "t": top, "b": bottom}
+                    automargin=False, **({"tickangle": ticks.angle} if letter == "x" else {}))
+        kept.append(ticks)
+    return kept
 
 
 def _fit_colorbar(trace, plot_h: float, font_px: float) -> None:

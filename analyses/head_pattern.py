@@ -71,8 +71,7 @@ def head_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, *, s
     t, s = q.shape[0], k.shape[0]
     scores = tanh_cap(q.to(work) @ k.to(work).T * scaling, softcap)  # (T, S)
     if mask is None:
-        rows = torch.arange(s - t, s, device=q.device)
-        mask = torch.arange(s, device=q.device)[None, :] <= rows[:, None]
+        mask = attention.causal_mask(t, s, q.device)
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
 
 
@@ -98,11 +97,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         return ALL_ATTENTION_FUNCTIONS[attention.NAME](
             module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
     groups = query.shape[1] // key.shape[1]  # GQA: query heads per key-value head
-    mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool:  # additive float mask: 0 where allowed
-        mask = mask == 0
-    if mask is not None:
-        mask = mask[0, 0, :, : key.shape[-2]]  # (T, S)
+    mask = attention.bool_mask(attention_mask, key.shape[-2])
+    mask = None if mask is None else mask[0, 0]  # (T, S)
     target.pattern = head_probs(query[0, target.head], key[0, target.head // groups], mask,
                                 scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
                                 softcap=softcap)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tokenprobe.probes.sinks import run_sink_rate, sink_rates
+from tokenprobe.probes.sink_measures import run_sink_rate, sink_rates
 from tokenprobe.store import Run
 
 

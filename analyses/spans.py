@@ -156,25 +156,32 @@ def span_measures(starts: np.ndarray, ends: np.ndarray, logprob: np.ndarray,
 def score(model, rows: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 8
           ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sequence: (logprob, entropy), each (T,): log p(token t | tokens < t) and the
-    entropy (nats) of that distribution, both NaN at t = 0; log_softmax in float32."""
+    entropy (nats) of that distribution, both NaN at t = 0. The final-normed residuals go
+    through the streaming unembedding kernel (`kernels.linear_entropy`), as the entropy probe's
+    do: no (T, V) logits are held."""
+    from tokenprobe.kernels.linear_entropy import linear_entropy
     from tokenprobe.placement import input_device
+    from tokenprobe.unembedding import Unembedding
 
-    device, out = input_device(model), [None] * len(rows)
+    device, out, unembed = input_device(model), [None] * len(rows), Unembedding.of(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
         ids, mask = pad_batch([list(rows[i]) for i in chunk], pad_id, device)  # (B, T)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        for row, i in enumerate(chunk):
-            n = len(rows[i])
-            logp = torch.log_softmax(logits[row, :n - 1].float(), dim=-1)  # (n - 1, V)
-            target = ids[row, 1:n, None]
-            lp = logp.gather(-1, target)[:, 0]
-            h = -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
-            nan = torch.full((1,), math.nan)
-            out[i] = (torch.cat([nan, lp.cpu()]).double().numpy(),
-                      torch.cat([nan, h.cpu()]).double().numpy())
-        del logits
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                                     use_cache=False).last_hidden_state  # (B, T, D), normed
+        lengths = [len(rows[i]) for i in chunk]
+        stats = linear_entropy(
+            torch.cat([hidden[row, :n - 1] for row, n in enumerate(lengths)]).float(),
+            unembed.weight, bias=unembed.bias, softcap=unembed.softcap,
+            targets=torch.cat([ids[row, 1:n] for row, n in enumerate(lengths)]))
+        start = 0
+        for i, n in zip(chunk, lengths):
+            nan = np.full(1, math.nan)
+            lp = stats["target_logprob"][start:start + n - 1].double().cpu().numpy()
+            h = stats["entropy"][start:start + n - 1].double().cpu().numpy()
+            out[i] = (np.concatenate([nan, lp]), np.concatenate([nan, h]))
+            start += n - 1
     return out
 
 

@@ -80,21 +80,27 @@ def server(chromium, tmp_path, tiny_llama):
             proc.wait()
 
 
-def test_dashboard_in_headless_chromium(chromium, server):
-    browser, driver_path = chromium
+def headless_driver(chromium, size: str):
+    """A headless Chromium WebDriver of window `size` ("W,H"); the artifacts folder made."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = chromium
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--window-size={size}"]:
+        options.add_argument(flag)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_dashboard_in_headless_chromium(chromium, server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, run = server
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1500,1300"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver = headless_driver(chromium, "1500,1300")
     try:
         driver.get(f"{url}/?run=demo")
         wait = WebDriverWait(driver, 60)
@@ -121,20 +127,11 @@ def test_dashboard_in_headless_chromium(chromium, server):
 def test_head_pattern_in_headless_chromium(chromium, server):
     """The Heads tab's on-demand pattern: toggled on, the query x key heatmap and the tokens
     coloured by what the last query attends to render (screenshot dashboard_head_pattern.png)."""
-    browser, driver_path = chromium
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, run = server
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1500,2000"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver = headless_driver(chromium, "1500,2000")
     try:
         driver.get(f"{url}/?run=demo")
         wait = WebDriverWait(driver, 90)

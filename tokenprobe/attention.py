@@ -65,11 +65,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     state = _STATE.get(None) or _State()
     bsz, heads, t, dh = query.shape
     layer = module.layer_idx
-    mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool:  # additive float mask: 0 where allowed
-        mask = mask == 0
-    if mask is not None and mask.shape[-1] != key.shape[-2]:
-        mask = mask[..., : key.shape[-2]]
+    mask = bool_mask(attention_mask, key.shape[-2])
     gamma = None
     if layer in state.gamma:
         gamma = torch.ones(heads, dtype=torch.float32, device=query.device)
@@ -96,6 +92,23 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out, None
 
 
+def bool_mask(attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+    """The model's attention mask as booleans (True where a query may attend to a key; an
+    additive float mask is 0 there), cut to the `n_keys` keys; None stays None (causal)."""
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask == 0
+    if mask is not None and mask.shape[-1] != n_keys:
+        mask = mask[..., :n_keys]
+    return mask
+
+
+def causal_mask(t: int, s: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(t, s) bool: the last t of s positions as queries, each seeing the keys up to itself."""
+    rows = torch.arange(s - t, s, device=device)
+    return torch.arange(s, device=device)[None, :] <= rows[:, None]
+
+
 def _explicit(query, key, value, mask, scaling, softcap, gamma) -> torch.Tensor:
     """Plain softmax attention of queries at the last t of s positions, with ZeroTuning if
     asked: generation steps (a KV cache) and forwards whose output needs autograd's graph."""
@@ -107,8 +120,7 @@ def _explicit(query, key, value, mask, scaling, softcap, gamma) -> torch.Tensor:
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
-        rows = torch.arange(s - t, s, device=query.device)
-        mask = (torch.arange(s, device=query.device)[None, :] <= rows[:, None])[None, None]
+        mask = causal_mask(t, s, query.device)[None, None]
     scores = scores.masked_fill(~mask, float("-inf"))
     if gamma is not None:  # finite clamp: gamma = inf puts all mass on key 0, 0 removes it
         scores[..., 0] = scores[..., 0] + torch.log(gamma).view(1, -1, 1).clamp(-1e30, 1e30)

@@ -19,18 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenprobe.runner import (WINDOW, attention_request, bound_probes, check_no_extra_parts,
-                               check_options, check_resumed, finish, prompt_stream,
-                               prompts_digest, run_settings, window_options, windows,
-                               writer_model)
-from tokenprobe.rundir import write_json
-from tokenprobe.store import (MARKERS, Run, RunWriter, check_target, model_meta,
-                              write_part)
+from tokenprobe.engine_ray_worker import WindowWorker, raise_failure
+from tokenprobe.runner import (WINDOW, attention_request, check_no_extra_parts, check_options,
+                               check_resumed, finish, prompt_stream, prompts_digest,
+                               run_settings, window_options, windows)
+from tokenprobe.store import MARKERS, Run, RunWriter, check_target
 
 RAY_MISSING = "the ray engine needs Ray Data: pip install 'tokenprobe[ray]'"
-TRIES = 4  # of one window in one run: its actor died the other times (an error is not retried)
-TRY_FILE = "{index:06d}.tries"  # in the staging dir's _parts/: a window's tries in this run, the
-#                                 last one's pid (removed with _parts when the run is published)
 
 
 class RayMissingError(ImportError):
@@ -62,7 +57,7 @@ def run_ray(model: str, prompts: Any, probes: dict[str, dict] | None = None, *,
     beside `out`; the driver never loads the model (a short-lived actor reports its metadata
     first: one extra load, on a worker). A worker that dies (killed, preempted, out of memory)
     is restarted by Ray and its window run again (Ray Data's actor fault tolerance, on by
-    default), at most `TRIES` times in all; the window's files are replaced, never duplicated.
+    default), at most `engine_ray_worker.TRIES` times in all; the window's files are replaced, never duplicated.
     An interrupted run resumes from its finished parts when run again with the same arguments
     (by either engine).
 
@@ -101,7 +96,7 @@ def run_ray(model: str, prompts: Any, probes: dict[str, dict] | None = None, *,
         ValueError: no prompts, `batch_size`, `window` or `max_tokens` < 1, `workers` < 1,
             `gpus_per_worker` < 0, an unknown backend or probe, or a bad probe option.
         tokenprobe.backends.UnsupportedSite: a probe the backend cannot run.
-        RuntimeError: a window lost its worker `TRIES` times (the parts written are kept).
+        RuntimeError: a window lost its worker `engine_ray_worker.TRIES` times (the parts written are kept).
         tokenprobe.tokens.PromptError, tokenprobe.models.ModelError, and the run directory's
             errors (`tokenprobe.run`'s), raised as the worker raised them.
     """
@@ -279,28 +274,6 @@ def run_pool(ray: Any, pending: list[dict], spec: dict, staging: Path, *, worker
             setattr(context, key, value)
 
 
-def failure(err: Exception) -> bytes:
-    """`err` pickled for the driver to raise as itself (PromptError, ModelError, ...): Ray
-    would hand it over as its own wrapper, with only the text of the original."""
-    import pickle
-
-    try:
-        blob = pickle.dumps(err)
-        pickle.loads(blob)
-    except Exception:  # an exception that does not survive pickling: its type and text
-        blob = pickle.dumps(RuntimeError(f"{type(err).__module__}.{type(err).__qualname__}: "
-                                         f"{err}"))
-    return blob
-
-
-def raise_failure(blob: bytes | None) -> None:
-    """Raise the exception a worker returned (`failure`), if any."""
-    if blob:
-        import pickle
-
-        raise pickle.loads(blob)
-
-
 def merge_kernels(into: dict[str, dict], ran: dict[str, dict]) -> None:
     """Add one window's `selfcheck.ran()` to `into`, as that process would have recorded both:
     the implementations joined with "+", checked if any was, passed unless one failed."""
@@ -315,105 +288,3 @@ def merge_kernels(into: dict[str, dict], ran: dict[str, dict]) -> None:
         if entry["passed"] is not None:
             known["passed"] = entry["passed"] and known["passed"] is not False
         known["error"] = known["error"] or entry["error"]
-
-
-class WindowWorker:
-    """One actor of the pool: the model and probes, loaded once; each call runs one window and
-    writes it as its part of the run staged at `staging` (None: the metadata actor). An error
-    (loading, a prompt too long, ...) is returned to the driver, which raises it; Ray retries
-    a window only when its actor dies."""
-
-    def __init__(self, spec: dict, staging: str | None, cpus: int) -> None:
-        self.spec, self.staging = spec, Path(staging) if staging is not None else None
-        self.error: bytes | None = None
-        try:
-            self._load(int(cpus))
-        except Exception as err:
-            self.error = failure(err)
-
-    def _load(self, cpus: int) -> None:
-        import torch
-
-        import tokenprobe
-        from tokenprobe.backends import BACKENDS, resolve
-        from tokenprobe.kernels import selfcheck
-        from tokenprobe.probe import registry
-
-        torch.set_num_threads(max(1, cpus))
-        selfcheck.set_enabled(self.spec["selfcheck"])
-        options = self.spec["load_options"]
-
-        def load(name: str):
-            return tokenprobe.load(name, **options)
-
-        loaded = load(self.spec["model"])
-        self.backend = resolve(BACKENDS[self.spec["backend"]].over(loaded), loaded.tokenizer)
-        known, values = registry(), self.spec["probes"]
-        self.probes = bound_probes(self.backend, None if values is None else [
-            known[n].from_options(v, load) for n, v in values.items()])
-
-    def describe(self) -> dict:
-        """`RunWriter`'s model keywords (the model as `model_meta` describes it), the probes'
-        descriptions, and the error that kept the model from loading (or None)."""
-        if self.error:
-            return {"error": self.error}
-        writer = writer_model(self.backend)
-        writer["model"] = model_meta(writer["model"], writer["name"], writer["fingerprint"])
-        return {"writer": writer, "probes": [p.describe() for p in self.probes], "error": None}
-
-    def count_try(self, index: int) -> None:
-        """Record one more try of window `index` (and the process trying it) in the staging
-        dir; RuntimeError (not retried) past `TRIES`."""
-        file = self.staging / MARKERS / TRY_FILE.format(index=index)
-        tries = json.loads(file.read_text())["tries"] + 1 if file.exists() else 1
-        if tries > TRIES:
-            raise RuntimeError(
-                f"window {index} (part {index}) lost its worker {TRIES} times (killed for "
-                "memory, or its node lost?): give the workers more memory, or run smaller "
-                "windows (--window) or batches (--batch-size); the parts written are kept, run "
-                "the same command again to resume")
-        write_json({"tries": tries, "pid": os.getpid()}, file)
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        out: dict[str, list] = {"part": [], "n_prompts": [], "tables": [], "kernels": [],
-                                "error": []}
-        for index, digest, ref in zip(batch["part"], batch["digest"], batch["window"]):
-            try:
-                tables, kernels, n = self._window(int(index), str(digest), ref)
-                row = [json.dumps({t: len(f) for t, f in tables.items()}), kernels, n, None]
-            except Exception as err:
-                row = ["{}", "{}", 0, failure(err)]
-            for key, value in zip(("tables", "kernels", "n_prompts", "error"), row):
-                out[key].append(value)
-            out["part"].append(int(index))
-        return {k: np.array(v, dtype=object if k == "error" else None) for k, v in out.items()}
-
-    def _window(self, index: int, digest: str, ref: Any) -> tuple[dict, str, int]:
-        """Run window `index` and write it: (its tables, `selfcheck.ran()` as JSON, prompts)."""
-        import ray
-        import torch
-
-        from tokenprobe.corpus import Prompt
-        from tokenprobe.kernels import selfcheck
-        from tokenprobe.runner import run_window
-
-        if self.error:
-            raise_failure(self.error)
-        self.count_try(index)
-        part = [Prompt(int(i), *rest) for i, *rest in ray.get(ref)]
-        got = prompts_digest(part)
-        if got != digest:  # the transfer, or another tokenprobe in the worker than the driver
-            ids = [p.prompt_id for p in part]
-            raise RuntimeError(
-                f"window {index} (prompts {ids[0] if ids else '-'}..{ids[-1] if ids else '-'}) "
-                f"reached its worker with texts of sha256 {got[:12]}, not {digest[:12]} as "
-                "the driver read them: are the driver and the workers running the same "
-                "tokenprobe?")
-        selfcheck.reset_ran()
-        torch.manual_seed(self.spec["seed"] + index)
-        tables = run_window(self.backend, self.probes, part, **self.spec["options"])
-        write_part(self.staging, index, tables,
-                   {"prompts_sha256": digest, "n_prompts": len(part)})
-        return tables, json.dumps(selfcheck.ran(), default=str), len(part)

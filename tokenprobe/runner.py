@@ -241,22 +241,19 @@ def run_window(backend: Backend, probes: list[Probe], part: list, *, batch_size:
     """The tables of one window of prompts (`tokenprobe.corpus.Prompt`s): tokenised, sorted by
     length into batches of `batch_size`, run, and each table sorted by its keys; `doc_ids`
     adds column `prompts.doc_id` (a corpus read from files)."""
+    rendered = [render(backend.tokenizer, p) for p in part]  # chat templates applied once
     encoded = encode_scored(backend.tokenizer, part, context_length=backend.context_length,
-                            truncate=truncate, max_tokens=max_tokens)
+                            truncate=truncate, max_tokens=max_tokens, rendered=rendered)
+    texts = [text + (response or "") for text, response, _ in rendered]  # prompts.text
     order = sorted(range(len(part)), key=lambda i: len(encoded[i][0]))  # less padding
     batches = []
     for start in range(0, len(order), batch_size):
         members = order[start:start + batch_size]
         batches.append(_run_batch(backend, probes, [part[i] for i in members],
-                                  [encoded[i] for i in members], doc_ids))
+                                  [texts[i] for i in members], [encoded[i] for i in members],
+                                  doc_ids))
     names = list(dict.fromkeys(n for tables in batches for n in tables))
     return {n: merge_parts(n, [tables.get(n) for tables in batches]) for n in names}
-
-
-def full_text(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
-    """The text `prompts.text` holds: the prompt's (chat messages rendered), then its response."""
-    text, response, _ = render(tokenizer, prompt)
-    return text + (response or "")
 
 
 def _dispatch(probes: list[Probe]) -> Callable[[str, int, Any], None]:
@@ -270,7 +267,7 @@ def _dispatch(probes: list[Probe]) -> Callable[[str, int, Any], None]:
 
 
 @torch.inference_mode()  # the forward and every probe's collect (kernels on the model's weights)
-def _run_batch(backend: Backend, probes: list[Probe], members: list,
+def _run_batch(backend: Backend, probes: list[Probe], members: list, texts: list[str],
                encoded: list[tuple[list[int], bool, int | None]], with_ids: bool
                ) -> dict[str, pd.DataFrame]:
     rows = [ids for ids, *_ in encoded]
@@ -278,8 +275,7 @@ def _run_batch(backend: Backend, probes: list[Probe], members: list,
     pad_id = pad_id if pad_id is not None else (backend.tokenizer.eos_token_id or 0)
     input_ids, mask = pad_batch(rows, pad_id, backend.device)
     tables = prompt_tables(backend.tokenizer,
-                           [(p.prompt_id, full_text(backend.tokenizer, p), *e)
-                            for p, e in zip(members, encoded)],
+                           [(p.prompt_id, text, *e) for p, text, e in zip(members, texts, encoded)],
                            [p.doc_id for p in members] if with_ids else None)
     tokens = tables["tokens"]
     token_texts = [tokens.token[tokens.prompt_id == p.prompt_id].tolist() for p in members]

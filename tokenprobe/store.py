@@ -22,11 +22,13 @@ from typing import Callable
 
 import pandas as pd
 
-from tokenprobe.rundir import (FORMAT, RUN_JSON, TABLE_NAME, InvalidRunError,  # noqa: F401
-                               OutputNotWritableError, Run, RunExistsError, RunLockedError,
-                               RunNotFoundError, Tables, check_target, check_writable,
-                               is_complete, open_run, part_index, part_name, publish, read_files,
-                               recover, remove, staging_dir, table_files, write_json, write_table)
+from tokenprobe.rundir import (FORMAT, TABLE_NAME, InvalidRunError, Run, Tables,  # noqa: F401
+                               open_run, part_index, part_name, read_files, table_files,
+                               write_json, write_table)
+from tokenprobe.run_target import (RUN_JSON, OutputNotWritableError, RunExistsError,  # noqa: F401
+                                   RunLockedError, RunNotFoundError, check_target,
+                                   check_writable, is_complete, publish, recover, remove,
+                                   staging_dir)
 from tokenprobe.tables import conform, merge_parts
 
 __all__ = ["FORMAT", "RUN_JSON", "TABLE_NAME", "InvalidRunError", "OutputNotWritableError",

@@ -13,7 +13,7 @@ class PromptError(ValueError):
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-unicode map used by byte-level BPE vocabularies."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
@@ -56,7 +56,7 @@ def raw_token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     if "\ufffd" not in text:
         return text
     piece = tokenizer.convert_ids_to_tokens(token_id)
-    table = _byte_decoder()
+    table = byte_decoder()
     if all(ch in table for ch in piece):  # byte-level BPE piece
         return bytes(table[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
     if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
@@ -97,7 +97,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
 
 
 def encode_scored(tokenizer: PreTrainedTokenizerBase, prompts: list, *,
-                  context_length: int | None, truncate: bool, max_tokens: int | None = None
+                  context_length: int | None, truncate: bool, max_tokens: int | None = None,
+                  rendered: list[tuple[str, str | None, bool]] | None = None
                   ) -> list[tuple[list[int], bool, int | None]]:
     """`encode_prompts` for `tokenprobe.corpus.Prompt`s, with where each response starts.
 
@@ -105,10 +106,11 @@ def encode_scored(tokenizer: PreTrainedTokenizerBase, prompts: list, *,
     response's tokens (none added), as a model's sampled answer follows its prompt; chat
     messages are first rendered by the tokenizer's chat template (`render`). Returns (token
     ids, truncated, response_start): the position of the response's first token (at most the
-    kept length), None without a response."""
+    kept length), None without a response. `rendered`: the prompts' `render` results, when
+    the caller has them already."""
     out = []
-    for prompt in prompts:
-        text, response, templated = render(tokenizer, prompt)
+    rendered = rendered or [render(tokenizer, prompt) for prompt in prompts]
+    for prompt, (text, response, templated) in zip(prompts, rendered):
         head = tokenizer(text, add_special_tokens=not templated)["input_ids"]
         tail = [] if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
         ids, cut = _fit(head + tail, prompt.prompt_id, context_length=context_length,
