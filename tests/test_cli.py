@@ -110,7 +110,7 @@ def test_max_tokens_and_sinks_only(capsys, tmp_path):
     assert code == 0 and "T=6)" in out and "massive" not in out
     run = tokenprobe.open_run(tmp_path / "r")
     assert run.prompts.n_tokens.tolist() == [6] and sorted(run.tables) == [
-        "heads", "nonfinite", "prompts", "sinks", "token_layers", "tokens"]
+        "heads", "nonfinite", "prompts", "sink_labels", "sinks", "token_layers", "tokens"]
     code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--probes", "sinks",
                            "--backend", "nnsight", "--prompt", "x", "--out", str(tmp_path / "n"))
     assert code == EXIT_USAGE and "probe sinks needs attention statistics" in err
