@@ -158,7 +158,9 @@ def zero_tuning(model: PreTrainedModel, gamma: float,
     Args:
         model: a transformers causal LM (e.g. `tokenprobe.load(...).model`).
         gamma: factor on a_{i0} (> 1 strengthens the first-token sink, < 1 weakens it;
-            `math.inf` moves all of the head's attention to the first token).
+            `math.inf` moves all of the head's attention to the first token). At gamma = 0 a
+            row whose only key is the first token (the first query's) is left unchanged;
+            the authors' code gives NaN there.
         heads: (layer, head) pairs; None means every head of every layer.
 
     Usable around `tokenprobe.run` (the probes then see the tuned model) and `model.generate`.
