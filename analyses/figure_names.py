@@ -22,6 +22,8 @@ MEASURES = {
     "sinks": ("Sink-token lifetimes (bar: creation layer, length: lifetime)", "layers"),
     "critical": ("Rollout success rate per prefix, critical tokens starred",
                  "the fraction of rollouts that succeed"),
+    "tip": ("TIP plane: student entropy against the two models' JSD, by quadrant",
+            "H / ln V and JSD / ln 2, fractions of 1"),
     "spans_scatter": ("Surprisal per character span of the two models", "nats"),
     "sink_rate_curve": ("Sink rate against context length T (Gu et al.)",
                         "% of layer x head pairs with sink mass above eps"),

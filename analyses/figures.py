@@ -293,3 +293,31 @@ def sink_rate_curve_figure(curve: pd.DataFrame) -> go.Figure:
                       yaxis_title=human_title("sink_rate"), yaxis_range=[0, 100], height=400)
     fig.update_xaxes(type="log", tickvals=sorted(curve["T"].unique()))
     return fig
+
+
+QUADRANT_COLOURS = {"high_H_high_D": "#d62728", "high_H_low_D": "#ff7f0e",
+                    "low_H_high_D": "#1f77b4", "low_H_low_D": "#bdbdbd"}
+
+
+def tip_figure(points: pd.DataFrame) -> go.Figure:
+    """TIP's plane: each scored token's student entropy H / ln V against the two models' JSD
+    / ln 2, one colour per quadrant (a `views.tip_points` frame)."""
+    fig = go.Figure()
+    quadrants = points.tip_quadrant if "tip_quadrant" in points else pd.Series(
+        "tokens", index=points.index)
+    for quadrant in dict.fromkeys([*QUADRANT_COLOURS, *quadrants.dropna().unique()]):
+        rows = points[quadrants == quadrant]
+        if not len(rows):
+            continue
+        fig.add_trace(go.Scatter(
+            x=rows.norm_entropy, y=rows.norm_jsd, mode="markers", name=str(quadrant),
+            marker={"size": 5, "color": QUADRANT_COLOURS.get(quadrant, "#636efa"),
+                    "opacity": 0.75},
+            customdata=np.stack([rows.prompt_id, rows.pos, rows.token.astype(str)], 1),
+            hovertemplate=("prompt %{customdata[0]}, pos %{customdata[1]}: %{customdata[2]}"
+                           "<br>H / ln V %{x:.3f}<br>JSD / ln 2 %{y:.3f}<extra></extra>")))
+    fig.update_layout(title="TIP: entropy against divergence", height=420,
+                      xaxis_title="student entropy H / ln V",
+                      yaxis_title="JSD(student, teacher) / ln 2", legend_title="quadrant")
+    return fig
+

@@ -2,7 +2,8 @@
 
 `shared_prompts` finds the prompts every run has (same text), `compare_frames` reads one run's
 per-layer and per-position series of a prompt, and `compare_figure` puts one measure of the
-runs in panels that share the value axis, so the models read on one scale.
+runs in panels that share the value axis, so the models read on one scale;
+`comparison_figures` makes every such figure a set of runs shares, with what each shows.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from tokenprobe.analyses import views
 from tokenprobe.analyses.figure_layout import human_title
+from tokenprobe.analyses.figure_names import FigureInfo, run_name
 from tokenprobe.store import Run
 
 # measure -> (what the panels show, the value column, x axis, log value axis)
@@ -90,3 +92,22 @@ def compare_figure(panels: list[tuple[str, pd.DataFrame]], measure: str) -> go.F
         fig.update_yaxes(range=[0, 1])
     fig.update_layout(title=what.capitalize(), height=360, showlegend=measure == "sink_mass")
     return fig
+
+
+def comparison_figures(labelled: list[tuple[str, Run, object]], *, max_prompts: int
+                       ) -> tuple[dict[str, go.Figure], dict[str, FigureInfo]]:
+    """Every measure of `figures_compare.MEASURES` the runs all have, side by side, for the
+    first `max_prompts` texts they share."""
+    runs = [run for _, run, _ in labelled]
+    who = tuple((run_name(lab), str(run.meta.get("model", "MODEL"))) for lab, run, _ in labelled)
+    figures, info = {}, {}
+    for ids in shared_prompts(runs)[:max_prompts]:
+        frames = [compare_frames(run, pid) for run, pid in zip(runs, ids)]
+        for measure in MEASURES:
+            if all(measure in f for f in frames):
+                name = f"compare_p{ids[0]}_{measure}"
+                panels = [(m.split("/")[-1], f[measure]) for (_, m), f in zip(who, frames)]
+                figures[name] = compare_figure(panels, measure)
+                text = runs[0].prompts.set_index("prompt_id").text.get(ids[0])
+                info[name] = FigureInfo(who, f"compare_{measure}", ids[0], text)
+    return figures, info

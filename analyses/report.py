@@ -22,8 +22,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from tokenprobe.analyses import views
+from tokenprobe.analyses.figure_names import FigureInfo, describe_figures, unique
+from tokenprobe.analyses.figures_compare import comparison_figures
 from tokenprobe.analyses.replication import replication_cards
-from tokenprobe.analyses.report_export import STYLES, export_figures, find_browser, write_table
+from tokenprobe.analyses.report_export import (STYLES, Style, export_figures, find_browser,
+                                               write_table)
 from tokenprobe.store import Run, open_run, publish
 
 TOKEN_METRICS = ("entropy", "sink_received", "resid_norm")  # token view: first the run has
@@ -164,6 +167,8 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
         sec.table(f"{p}_critical", summary_frame(run), f"Critical tokens, {model} (Lin et al.)")
     if "spans" in run.tables:
         _spans_views(sec, run, p, max_prompts)
+    if "jsd" in run.tables.get("tokens", pd.DataFrame()).columns:
+        _two_model_views(sec, run, p, max_prompts)
     for pid in run.prompts.prompt_id[:max_prompts]:
         _prompt_views(sec, run, int(pid), f"{p}_p{pid}", n_layers, figures)
     for card in replication_cards(run, curve=curve):
@@ -231,6 +236,27 @@ def _spans_views(sec: Section, run: Run, p: str, max_prompts: int) -> None:
                  + spans_views.span_html(frame, "surprisal_diff", names=names))
 
 
+def _two_model_views(sec: Section, run: Run, p: str, max_prompts: int) -> None:
+    """A two-model run (`--probe entropy --compare MODEL`): per-prompt means of the two-model
+    columns and TIP quadrant shares, the TIP plane, and the first prompts coloured by JSD."""
+    from tokenprobe.analyses import figures
+
+    a, b = views.model_of(run), views.compare_model(run) or "the compare model"
+    sec.text(f"<h3>Two models: {html.escape(a)} (student) and {html.escape(b)} (teacher)</h3>"
+             "<p>Per token: the JSD and both KL divergences of the two next-token "
+             "distributions and the teacher's entropy (nats); TIP's quadrants split H / ln V "
+             "and JSD / ln 2 at the thresholds recorded in run.json (docs/methods.md#tip).</p>")
+    sec.table(f"{p}_two_models", views.two_model_summary(run),
+              f"Two-model measures per prompt, {a} against {b} (means in nats, quadrant "
+              "shares in %)")
+    sec.figure(f"{p}_tip", figures.tip_figure(views.tip_points(run)))
+    spec = views.METRICS["jsd"]
+    for pid in run.prompts.prompt_id[:max_prompts]:
+        frame = views.token_metric_frame(run, int(pid), "jsd")
+        sec.text(f"<p>Prompt {int(pid)}, coloured by JSD:</p>"
+                 + figures.token_html(frame, spec.label, kind=spec.kind, log=spec.log))
+
+
 def curve_section(curve: pd.DataFrame) -> Section:
     """The sink rate against T: the table and its figure."""
     from tokenprobe.analyses import figures
@@ -243,8 +269,10 @@ def curve_section(curve: pd.DataFrame) -> Section:
     return sec
 
 
-def render_html(sections: list[Section], *, title: str, notes: list[str]) -> str:
-    """The report page: contents, then each section; plotly.js inlined in the first figure."""
+def render_html(sections: list[Section], *, title: str, notes: list[str],
+                info: dict[str, FigureInfo] | None = None) -> str:
+    """The report page: contents, then each section; plotly.js inlined in the first figure.
+    A figure in `info` is captioned with its file stem and caption sentence."""
     parts, first = [], True
     for sec in sections:
         parts.append(f'<section id="{sec.anchor}"><h2>{html.escape(sec.title)}</h2>')
@@ -256,8 +284,10 @@ def render_html(sections: list[Section], *, title: str, notes: list[str]) -> str
                     full_html=False, include_plotlyjs=first, div_id=f"fig-{value}",
                     config={"displaylogo": False})
                 first = False
-                parts.append(f'<figure>{fig_html}<figcaption>figures/{value}.png|svg|pdf'
-                             "</figcaption></figure>")
+                about = (info or {}).get(value)
+                caption = (f"figures/{about.stem}.png|svg|pdf|txt: {html.escape(about.caption)}"
+                           if about else f"figures/{value}.png|svg|pdf")
+                parts.append(f"<figure>{fig_html}<figcaption>{caption}</figcaption></figure>")
             else:
                 frame, caption = sec.tables[value]
                 parts.append(f"<p class=\"cap\">{html.escape(caption)} (tables/{value}.csv|tex)"
@@ -285,20 +315,26 @@ def _fmt(x: float) -> str:
 
 
 def write_report(runs: Sequence[Run | str | os.PathLike], out: str | os.PathLike, *,
-                 style: str = "screen", overwrite: bool = False,
+                 style: str | Style = "screen", overwrite: bool = False,
                  curve: pd.DataFrame | None = None, static: bool | None = None,
-                 max_prompts: int = 2) -> Path:
+                 max_prompts: int = 2, compare: bool = False) -> Path:
     """Write the report of `runs` (run directories or Run objects) into `out`.
 
     Args:
         runs: the runs (at least one, unless `curve` is given).
         out: the report directory; staged beside it and renamed into place when complete.
-        style: "screen" (900 x 460 px figures) or "paper" (3.3 in wide, 9 pt serif, 300 dpi PNG).
+        style: "screen" (900 x 460 px figures), "paper" (3.3 in wide, 9 pt serif, 300 dpi PNG)
+            or a `report_export.Style` (e.g. `paper_style("double")`, 7 in wide).
         overwrite: replace an existing non-empty `out`.
         curve: a `sink_curve.sink_rate_curve` frame to include (table, figure, T = 64 cards).
         static: write PNG / SVG / PDF figures: True requires a browser, False skips them, None
             writes them if `find_browser()` finds one and says in the report if not.
         max_prompts: prompts per run with figures and token views.
+        compare: add the runs side by side (sink mass per layer, largest |h| per layer,
+            attention received per position) on the first `max_prompts` texts they share.
+
+    Static figures are `figures/<run>_<model>_p<prompt>_<kind>.{png,svg,pdf}`, each with a
+    caption sentence in `.txt`; manifest.json maps report names to files and captions.
 
     Returns:
         `out` as a Path.
@@ -308,8 +344,10 @@ def write_report(runs: Sequence[Run | str | os.PathLike], out: str | os.PathLike
         RunNotFoundError: a directory is not a complete run.
         ValueError: an unknown style, or nothing to report.
     """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+    if isinstance(style, str):
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+        style = STYLES[style]
     if not runs and curve is None:
         raise ValueError("nothing to report: give at least one run (or a sink-rate curve)")
     target = Path(out)
@@ -319,15 +357,16 @@ def write_report(runs: Sequence[Run | str | os.PathLike], out: str | os.PathLike
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write(runs, staging, style=style, curve=curve, static=static, max_prompts=max_prompts)
+        _write(runs, staging, style=style, curve=curve, static=static, max_prompts=max_prompts,
+               compare=compare)
         publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _write(runs, staging: Path, *, style: str, curve, static: bool | None,
-           max_prompts: int) -> None:
+def _write(runs, staging: Path, *, style: Style, curve, static: bool | None,
+           max_prompts: int, compare: bool) -> None:
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         labelled = load_runs(runs, Path(scratch))
@@ -341,21 +380,39 @@ def _write(runs, staging: Path, *, style: str, curve, static: bool | None,
             sections.append(curve_section(curve))
         sections += [run_section(i, lab, run, curve=curve, max_prompts=max_prompts)
                      for i, (lab, run, _) in enumerate(labelled)]
+        side, side_info = (comparison_figures(labelled, max_prompts=max_prompts)
+                           if compare and len(labelled) > 1 else ({}, {}))
+    if side:
+        sec = Section("Runs side by side", "compare")
+        sec.text("<p>The same measure of each run on the text they share, one panel per model, "
+                 "on one value axis.</p>")
+        for name, fig in side.items():
+            sec.figure(name, fig)
+        sections.append(sec)
     figures = {k: v for s in sections for k, v in s.figures.items()}
+    described = [(lab, views.model_of(run), dict(zip(run.prompts.prompt_id.astype(int),
+                                                     run.prompts.text)))
+                 for lab, run, _ in labelled]
+    info = unique({**describe_figures(list(figures), described), **side_info})
     browser = find_browser()
     if static or (static is None and browser is not None):
-        export_figures(figures, staging / "figures", STYLES[style])
-    elif static is None:
-        notes.append("Static figures (PNG/SVG/PDF) were skipped: no Chrome or Chromium found "
-                     "(install Debian's chromium or set BROWSER_PATH).")
+        export_figures(figures, staging / "figures", style, info=info)
+    else:
+        info = {}  # no files to name
+        if static is None:
+            notes.append("Static figures (PNG/SVG/PDF) were skipped: no Chrome or Chromium "
+                         "found (install Debian's chromium or set BROWSER_PATH).")
     for sec in sections:
         for name, (frame, caption) in sec.tables.items():
             write_table(frame, staging / "tables", name, caption)
     title = "tokenprobe report: " + ", ".join(dict.fromkeys(
         views.model_of(r) for _, r, _ in labelled)) if labelled else "tokenprobe report"
-    (staging / "report.html").write_text(render_html(sections, title=title, notes=notes),
-                                         encoding="utf-8")
-    manifest = {"style": style, "runs": [lab for lab, _, _ in labelled], "notes": notes,
-                "figures": sorted(figures), "tables": sorted(t for s in sections for t in s.tables)}
+    (staging / "report.html").write_text(render_html(sections, title=title, notes=notes,
+                                                     info=info), encoding="utf-8")
+    manifest = {"style": style.name, "runs": [lab for lab, _, _ in labelled], "notes": notes,
+                "figures": sorted(i.stem for i in info.values()) if info else sorted(figures),
+                "figure_files": {n: i.stem for n, i in info.items()},
+                "captions": {i.stem: i.caption for i in info.values()},
+                "size_in": [round(style.width / 96, 2), round(style.height / 96, 2)],
+                "tables": sorted(t for s in sections for t in s.tables)}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-

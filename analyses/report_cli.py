@@ -127,46 +127,13 @@ def _style(args: argparse.Namespace):
 
 
 def _write(args: argparse.Namespace, out: Path, style, curve) -> None:
-    """The report staged beside `out`: HTML and tables (`write_report`), then the static
-    figures named by model and run with captions and the runs side by side
-    (`report_static.add_figures`), renamed into place when complete."""
-    import shutil
-    import tempfile
-
+    """The report (`report.write_report`): HTML, tables, static figures unless --no-static
+    or no browser is found, and with --compare-runs the runs side by side."""
     from tokenprobe.analyses.report import write_report
-    from tokenprobe.analyses.report_export import find_browser
-    from tokenprobe.analyses.report_static import add_figures
-    from tokenprobe.store import publish
 
-    static = not args.no_static and find_browser() is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        stage = root / "report"
-        write_report(args.runs, stage, style=args.style, curve=curve, static=False,
-                     max_prompts=args.max_prompts)
-        if not args.no_static and not static:
-            _note(stage, "Static figures (PNG/SVG/PDF) were skipped: no Chrome or Chromium "
-                         "found (install Debian's chromium or set BROWSER_PATH).")
-        if static or args.compare_runs:
-            add_figures(stage, args.runs, style, curve=curve, max_prompts=args.max_prompts,
-                        compare=args.compare_runs, static=static)
-        publish(stage, out)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _note(report_dir: Path, note: str) -> None:
-    """Add `note` to the report's manifest and page."""
-    import html
-
-    manifest = json.loads((report_dir / "manifest.json").read_text())
-    manifest["notes"].append(note)
-    (report_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    page = (report_dir / "report.html").read_text(encoding="utf-8")
-    end = page.index("</h1>") + len("</h1>")
-    page = page[:end] + f'<p class="note">{html.escape(note)}</p>' + page[end:]
-    (report_dir / "report.html").write_text(page, encoding="utf-8")
+    write_report(args.runs, out, style=style, curve=curve, overwrite=args.overwrite,
+                 static=False if args.no_static else None, max_prompts=args.max_prompts,
+                 compare=args.compare_runs)
 
 
 def _curve(model: str, Ts: list[int], texts, *, quiet: bool):

@@ -265,6 +265,36 @@ def tip_points(run: Run) -> pd.DataFrame:
                          "tip_quadrant": rows.get("tip_quadrant")}).reset_index(drop=True)
 
 
+def compare_model(run: Run) -> str | None:
+    """The second model of a two-model run (`entropy --compare MODEL`), else None."""
+    for probe in run.meta.get("probes", []):
+        found = probe.get("compare") if isinstance(probe, dict) else None
+        if isinstance(found, dict) and found.get("model"):
+            return str(found["model"])
+    return None
+
+
+TWO_MODEL_COLUMNS = ("jsd", "kl_student_teacher", "kl_teacher_student", "teacher_entropy",
+                     "critical_ce")
+
+
+def two_model_summary(run: Run) -> pd.DataFrame:
+    """Per prompt of a two-model run: its tokens with a JSD (pos > 0), the mean of each two-model column it has
+    (nats) and the share of tokens in each TIP quadrant (%)."""
+    tokens = require(run, "tokens", "jsd", "entropy --compare MODEL", "tokens.jsd")
+    rows = tokens[(tokens.pos > 0) & tokens.jsd.notna()]  # the tokens of `tip_points`
+    groups = rows.groupby("prompt_id")
+    out = pd.DataFrame({"tokens": groups.size()})
+    for column in TWO_MODEL_COLUMNS:
+        if column in rows:
+            out[f"mean_{column}"] = groups[column].mean()
+    if "tip_quadrant" in rows:
+        shares = pd.crosstab(rows.prompt_id, rows.tip_quadrant, normalize="index") * 100
+        for quadrant in CATEGORY_ORDER["tip_quadrant"]:
+            out[f"{quadrant}_pct"] = shares.get(quadrant, 0.0)
+    return out.reset_index()
+
+
 def available_metrics(run: Run) -> list[str]:
     """The metrics this run can colour by: those of `METRICS` it has, in that order, then
     every other numeric column of its `tokens` table."""

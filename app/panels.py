@@ -98,15 +98,12 @@ def tip_view(run: Run, key: str) -> None:
     coloured by quadrant; nothing for a run without a compare model."""
     if "jsd" not in run.tables["tokens"].columns:
         return
-    import plotly.express as px
+    from tokenprobe.analyses.figures import tip_figure
 
     points = views.tip_points(run)
     st.subheader("TIP: entropy against divergence (two-model run)")
-    fig = px.scatter(points, x="norm_entropy", y="norm_jsd", color="tip_quadrant",
-                     hover_data=["prompt_id", "pos", "token"],
-                     category_orders={"tip_quadrant": views.CATEGORY_ORDER["tip_quadrant"]},
-                     labels={"norm_entropy": "student entropy H / ln V",
-                             "norm_jsd": "JSD(student, teacher) / ln 2"})
+    st.dataframe(views.two_model_summary(run), hide_index=True)
+    fig = tip_figure(points)
     st.plotly_chart(fig, key=f"{key}-tip")
     downloads(points, "tip_points", f"{key}-tip")
 

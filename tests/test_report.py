@@ -123,10 +123,19 @@ def test_latex_escape_handles_specials_and_unicode():
 @pytest.mark.browser
 def test_static_figures(run_dirs, tmp_path):
     require_tool("Chrome or Chromium for kaleido", report_export.find_browser(), "browser")
-    out = write_report(run_dirs[:1], tmp_path / "rep", style="paper", static=True, max_prompts=1)
-    names = json.loads((out / "manifest.json").read_text())["figures"]
-    assert {"r0_p0_sink_mass", "r0_p0_resid_norm"} <= set(names)
+    out = write_report(run_dirs, tmp_path / "rep", style="paper", static=True, max_prompts=1,
+                       compare=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names, files = manifest["figures"], manifest["figure_files"]
+    assert {"r0_p0_sink_mass", "r0_p0_resid_norm"} <= set(files)
+    assert files["r0_p0_sink_mass"] == "full_tiny-llama_p0_sink_mass"  # named by run and model
+    assert any(n.startswith("compare_full_tiny-llama_vs_short_tiny-llama_p0_") for n in names)
+    assert sorted(files.values()) == names and not list((out / "figures").glob("r0_*"))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="compare"' in page
     for name in names:
+        assert html.escape(manifest["captions"][name]) in page
+        assert (out / "figures" / f"{name}.txt").read_text().strip() == manifest["captions"][name]
         png = (out / "figures" / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         width = int.from_bytes(png[16:20], "big")
@@ -274,3 +283,25 @@ def test_forking_card_on_a_response_scored_run(tiny_llama):
     assert ours[key] == f"{np.quantile(scored.entropy, 0.8):.3f} nats"
     assert f"the {len(scored)} scored tokens (score = response)" in key
     assert card[card.source == "paper"].figure.iloc[0] == "0.672 nats"
+
+
+def test_a_two_model_run_has_its_section(tiny_llama, tmp_path):
+    from test_entropy import perturbed
+
+    teacher = perturbed(tiny_llama)
+    run = tokenprobe.run(tiny_llama, PROMPTS, [EntropyProbe(compare=teacher)], progress=False)
+    out = write_report([run.save(tmp_path / "two")], tmp_path / "rep", static=False)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Two models: tiny-llama (student) and tiny-llama-perturbed (teacher)" in page
+    assert "fig-r0_tip" in page and "coloured by JSD" in page
+    table = pd.read_csv(out / "tables" / "r0_two_models.csv").set_index("prompt_id")
+    tokens = run.tokens[(run.tokens.pos > 0) & run.tokens.jsd.notna()]
+    for pid, rows in tokens.groupby("prompt_id"):  # means and shares, computed here by hand
+        assert table.loc[pid, "tokens"] == len(rows)
+        assert table.loc[pid, "mean_jsd"] == pytest.approx(rows.jsd.mean())
+        assert table.loc[pid, "mean_teacher_entropy"] == pytest.approx(rows.teacher_entropy.mean())
+        share = 100 * (rows.tip_quadrant == "low_H_low_D").mean()
+        assert table.loc[pid, "low_H_low_D_pct"] == pytest.approx(share)
+    quadrant_columns = [c for c in table if c.endswith("_pct")]
+    assert np.allclose(table[quadrant_columns].sum(axis=1), 100)
+
