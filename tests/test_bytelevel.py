@@ -341,7 +341,7 @@ def test_embedded_word_logprob_agrees_with_the_token_logprob(fixture, request):
         positions = len(start) - 1 + torch.arange(k)
         token_lp = float(logp[positions, torch.tensor(ids[:k], dtype=torch.long)].sum())
         ext = extension_mass(logp[len(start) + k - 2], vocab.pieces, ids[k - 1])
-        assert byte_lp >= token_lp + ext - 1e-6, n
+        assert byte_lp >= token_lp + ext - 1e-5, n  # float32 logits: sums of ~30 nats agree to ~4e-6
         covers = bl.cover_encodings(data[skip:n], tok, prune="canonical", vocab=vocab)
         ref = canonical_reference(lm, start, covers)
         canonical = bl.prefix_logprob(lm.model, tok, data[skip:n], prune="canonical",
