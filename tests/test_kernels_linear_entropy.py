@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,6 +260,23 @@ def test_no_tokens_gives_empty_outputs():
     assert got["target_rank"].shape == (0,)
 
 
+def _skip_unless_numpy_ties(hidden, weight, rows_cols, twins) -> None:
+    """Triton's interpreter computes tl.dot blocks with numpy. The test's premise, that an
+    identical weight row gives an identical logit, fails where that BLAS rounds columns of
+    different vocab blocks differently (seen with numpy 2.4's OpenBLAS on an AMD EPYC: 2e-7
+    apart), and then no exact tie exists for the kernel to see; skip there, saying so."""
+    h, w = hidden.numpy(), weight.numpy()
+    for bk, bv in [(32, 64), (32, 128), (64, 64), (64, 128)]:
+        acc = np.zeros((h.shape[0], w.shape[0]), np.float32)
+        for k in range(0, h.shape[1], bk):
+            for v in range(0, w.shape[0], bv):
+                acc[:, v:v + bv] += h[:, k:k + bk] @ w[v:v + bv, k:k + bk].T
+        rows = np.arange(0, h.shape[0], 4)
+        if not np.array_equal(acc[rows, rows_cols.numpy()], acc[rows, twins.numpy()]):
+            pytest.skip("numpy's blocked matmul rounds identical columns differently on this "
+                        "CPU, so the interpreter cannot hold an exact tie")
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     # Every 4th row's target has a twin column (an identical weight row), so the two logits are
@@ -268,6 +287,8 @@ def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     hidden, weight = torch.randn(64, 256, generator=g), torch.randn(300, 256, generator=g) / 16
     targets = torch.randint(0, 300, (64,), generator=g)
     weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
+    if impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        _skip_unless_numpy_ties(hidden, weight, targets[::4], (targets[::4] + 150) % 300)
     z = logits64(hidden, weight, None, None)
     want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
     # Where a BLAS rounds the separate dot product exactly like the matmul, no recount is
