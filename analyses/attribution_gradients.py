@@ -46,8 +46,9 @@ def input_x_gradient(loaded: LoadedModel, prompt_ids: Sequence[int], target: Tar
     """Input x gradient (Shrikumar et al. 2016, "Not Just a Black Box"): per token,
     sum_k e_tk * d f / d e_tk, (T,) float64 (signed; Captum's `InputXGradient` on the input
     embeddings summed over the embedding dimension, as inseq's "input_x_gradient" does)."""
-    e = embed(loaded, list(prompt_ids)).detach().double().cpu().numpy()
-    return (e * gradients(loaded, prompt_ids, target)).sum(-1)
+    e = embed(loaded, list(prompt_ids)).detach()
+    g = _grad(loaded, e[None], target)[1][0]
+    return (e.double() * g.double()).sum(-1).cpu().numpy()
 
 
 def ig_parameters(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from tokenprobe.analyses.attribution import target_logprob
 from tokenprobe.models import LoadedModel
 from tokenprobe.placement import input_device
 
@@ -143,9 +144,9 @@ def score_ids(loaded: LoadedModel, sequences: Sequence[Sequence[int]], target: T
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            use_cache=False).logits  # (b, T, V)
             for r, (i, s, opt, sign) in enumerate(chunk):
-                pred = logits[r, len(s) - 1:len(s) - 1 + len(opt)].double()  # (m, V)
-                logp = torch.log_softmax(pred, -1)
-                out[i] += sign * float(logp[torch.arange(len(opt)), torch.tensor(opt)].sum())
+                pred = logits[r, len(s) - 1:len(s) - 1 + len(opt)]  # (m, V)
+                want = torch.tensor(opt, device=pred.device)
+                out[i] += sign * float(target_logprob(pred[None], want)[0])
             if update is not None:
                 update(len(chunk))
     return out
@@ -180,7 +181,5 @@ def score_embeds(loaded: LoadedModel, embeds: torch.Tensor, attention_mask: torc
         pos = (full_mask.cumsum(1) - 1).clamp(min=0)
         logits = model(inputs_embeds=full, attention_mask=full_mask, position_ids=pos,
                        use_cache=False, logits_to_keep=m + 1).logits[:, :-1]  # (B, m, V)
-        logp = torch.log_softmax(logits.double(), -1)
-        idx = torch.tensor(opt, device=logp.device).view(1, m, 1).expand(bsz, m, 1)
-        total = total + sign * logp.gather(-1, idx).sum((1, 2))
+        total = total + sign * target_logprob(logits, torch.tensor(opt, device=logits.device))
     return total

@@ -301,7 +301,7 @@ QUADRANT_COLOURS = {"high_H_high_D": "#d62728", "high_H_low_D": "#ff7f0e",
 
 def tip_figure(points: pd.DataFrame) -> go.Figure:
     """TIP's plane: each scored token's student entropy H / ln V against the two models' JSD
-    / ln 2, one colour per quadrant (a `views.tip_points` frame)."""
+    / ln 2, one colour per quadrant (a `two_model_views.tip_points` frame)."""
     fig = go.Figure()
     quadrants = points.tip_quadrant if "tip_quadrant" in points else pd.Series(
         "tokens", index=points.index)

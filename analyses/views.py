@@ -7,7 +7,6 @@ command that adds it.
 """
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 
@@ -251,48 +250,6 @@ def missing_metrics(run: Run) -> dict[str, str]:
     have, model = set(available_metrics(run)), str(run.meta.get("model") or "MODEL")
     return {m: probe_command(spec.probe, model) or spec.probe
             for m, spec in METRICS.items() if m not in have}
-
-
-def tip_points(run: Run) -> pd.DataFrame:
-    """TIP's plane for a two-model run: per scored token H / ln V against JSD / ln 2 with its
-    quadrant (columns prompt_id, pos, token, norm_entropy, norm_jsd, tip_quadrant)."""
-    tokens = require(run, "tokens", "jsd", "entropy --compare MODEL", "tokens.jsd")
-    rows = tokens[(tokens.pos > 0) & tokens.jsd.notna()]
-    vocab = int(run.meta.get("vocab_size") or 0) or int(tokens.token_id.max()) + 1
-    return pd.DataFrame({"prompt_id": rows.prompt_id, "pos": rows.pos, "token": rows.token,
-                         "norm_entropy": rows.entropy / math.log(vocab),
-                         "norm_jsd": rows.jsd / math.log(2),
-                         "tip_quadrant": rows.get("tip_quadrant")}).reset_index(drop=True)
-
-
-def compare_model(run: Run) -> str | None:
-    """The second model of a two-model run (`entropy --compare MODEL`), else None."""
-    for probe in run.meta.get("probes", []):
-        found = probe.get("compare") if isinstance(probe, dict) else None
-        if isinstance(found, dict) and found.get("model"):
-            return str(found["model"])
-    return None
-
-
-TWO_MODEL_COLUMNS = ("jsd", "kl_student_teacher", "kl_teacher_student", "teacher_entropy",
-                     "critical_ce")
-
-
-def two_model_summary(run: Run) -> pd.DataFrame:
-    """Per prompt of a two-model run: its tokens with a JSD (pos > 0), the mean of each two-model column it has
-    (nats) and the share of tokens in each TIP quadrant (%)."""
-    tokens = require(run, "tokens", "jsd", "entropy --compare MODEL", "tokens.jsd")
-    rows = tokens[(tokens.pos > 0) & tokens.jsd.notna()]  # the tokens of `tip_points`
-    groups = rows.groupby("prompt_id")
-    out = pd.DataFrame({"tokens": groups.size()})
-    for column in TWO_MODEL_COLUMNS:
-        if column in rows:
-            out[f"mean_{column}"] = groups[column].mean()
-    if "tip_quadrant" in rows:
-        shares = pd.crosstab(rows.prompt_id, rows.tip_quadrant, normalize="index") * 100
-        for quadrant in CATEGORY_ORDER["tip_quadrant"]:
-            out[f"{quadrant}_pct"] = shares.get(quadrant, 0.0)
-    return out.reset_index()
 
 
 def available_metrics(run: Run) -> list[str]:

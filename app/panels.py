@@ -98,11 +98,12 @@ def tip_view(run: Run, key: str) -> None:
     coloured by quadrant; nothing for a run without a compare model."""
     if "jsd" not in run.tables["tokens"].columns:
         return
+    from tokenprobe.analyses import two_model_views
     from tokenprobe.analyses.figures import tip_figure
 
-    points = views.tip_points(run)
+    points = two_model_views.tip_points(run)
     st.subheader("TIP: entropy against divergence (two-model run)")
-    st.dataframe(views.two_model_summary(run), hide_index=True)
+    st.dataframe(two_model_views.two_model_summary(run), hide_index=True)
     fig = tip_figure(points)
     st.plotly_chart(fig, key=f"{key}-tip")
     downloads(points, "tip_points", f"{key}-tip")

@@ -487,7 +487,9 @@ def test_a_two_model_run_shows_its_measures_and_tips_plane(tmp_path, monkeypatch
     at.selectbox(key="run-metric").set_value("tip_quadrant").run()
     assert "high_H_high_D" in at.html[0].value and not at.exception
     assert "top here: &#x27;" in at.html[0].value  # the model's top-3 alternatives on hover
-    points = views.tip_points(run)
+    from tokenprobe.analyses.two_model_views import tip_points
+
+    points = tip_points(run)
     assert len(points) == int((run.tokens.pos > 0).sum())
     assert points.norm_jsd.between(0, 1).all()
     assert any("TIP" in str(h.value) for h in at.subheader)

@@ -72,7 +72,7 @@ def test_every_replication_card_points_at_its_definition():
     methods = (ROOT / "docs" / "methods.md").read_text()
     measures = [m for m in paper_figures() if not m.startswith("_")]
     assert measures and not [m for m in measures if f'<a id="{m}"></a>' not in methods]
-    assert "docs/methods.md#{" in (ROOT / "analyses" / "report.py").read_text()
+    assert "docs/methods.md#{" in (ROOT / "analyses" / "report_sections.py").read_text()
 
 
 def test_dir_lists_the_lazy_public_api():
