@@ -99,7 +99,7 @@ def comparison_figures(labelled: list[tuple[str, Run, object]], *, max_prompts: 
     """Every measure of `figures_compare.MEASURES` the runs all have, side by side, for the
     first `max_prompts` texts they share."""
     runs = [run for _, run, _ in labelled]
-    who = tuple((run_name(lab), str(run.meta.get("model", "MODEL"))) for lab, run, _ in labelled)
+    who = tuple((run_name(lab), views.model_of(run)) for lab, run, _ in labelled)
     figures, info = {}, {}
     for ids in shared_prompts(runs)[:max_prompts]:
         frames = [compare_frames(run, pid) for run, pid in zip(runs, ids)]
