@@ -77,7 +77,7 @@ def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: b
     `frame` is a `views.token_metric_frame` (pos, token_id, token, is_special, shown, value).
     Whitespace is visible (· ↵ ⇥), a newline token also breaks the line, special tokens are
     boxed, tokens at `marked` positions (e.g. the critical token) outlined in red, and each
-    token's tooltip gives its position, exact text, id and value.
+    token's tooltip gives its position, exact text, id and value (or a `tip` column's text).
     """
     colours, scale = token_colours(frame.value, kind=kind, log=log, diverging=diverging)
     spans = []
@@ -85,7 +85,8 @@ def token_html(frame: pd.DataFrame, label: str, *, kind: str = "numeric", log: b
         rgb = colour if colour.startswith("rgb") else _hex_to_rgb(colour)
         border = ("2px solid #d62728" if row.pos in marked else
                   "1px dashed #888" if row.is_special else "1px solid transparent")
-        tip = (f"pos {row.pos} | token '{row.token}' (id {row.token_id})"
+        tip = row.tip if isinstance(getattr(row, "tip", None), str) else (
+               f"pos {row.pos} | token '{row.token}' (id {row.token_id})"
                f"{' special' if row.is_special else ''}{' MARKED' if row.pos in marked else ''}"
                f" | {label}: {_format(row.value)}"
                + (f" | top here: {row.alternatives}" if isinstance(

@@ -335,11 +335,17 @@ def grid_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return b - a
 
 
+def same_tokens(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Two `token_metric_frame`s hold the same token ids in the same order."""
+    return a.token_id.reset_index(drop=True).equals(b.token_id.reset_index(drop=True))
+
+
 def token_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Per-token b - a of two numeric `token_metric_frame`s over the same tokens."""
-    if not a.token_id.reset_index(drop=True).equals(b.token_id.reset_index(drop=True)):
+    if not same_tokens(a, b):
         raise ValueError("the two runs tokenise this prompt differently: a per-token "
-                         "difference needs the same tokenizer")
+                         "difference needs the same tokenizer (analyses.span_compare "
+                         "compares them per word)")
     return a.assign(value=b.value.to_numpy() - a.value.to_numpy())
 
 

@@ -170,10 +170,13 @@ def page_compare(root: Path) -> None:
             spec = views.metric_spec(metric)
             if spec.kind != "numeric":
                 raise ValueError(f"{metric} is a category; pick a numeric metric for a difference")
-            diff = views.token_difference(
-                views.token_metric_frame(run_a, prompt_id, metric, layer=layer),
-                views.token_metric_frame(run_b, prompt_id, metric, layer=layer))
-            st.html(figures.token_html(diff, f"{metric}: B - A", diverging=True))
+            fa, fb = (views.token_metric_frame(r, prompt_id, metric, layer=layer)
+                      for r in (run_a, run_b))
+            if views.same_tokens(fa, fb):
+                st.html(figures.token_html(views.token_difference(fa, fb), f"{metric}: B - A",
+                                           diverging=True))
+            else:
+                panels.span_difference_view(run_a, run_b, prompt_id, metric, layer, "cmp-span")
         else:
             grid = views.head_grid if kind == "Heads" else views.layer_grid
             diff_grid = views.grid_difference(grid(run_a, prompt_id, column),

@@ -272,6 +272,31 @@ def spans_view(run: Run, prompt_id: int, key: str) -> None:
     downloads(frame, f"spans_p{prompt_id}", key)
 
 
+def span_difference_view(run_a: Run, run_b: Run, prompt_id: int, metric: str,
+                         layer: int | None, key: str) -> None:
+    """B - A per word (or sentence) of a prompt the two runs tokenise differently: each
+    run's tokens placed in the text, their values reduced per span; inexact spans outlined."""
+    from tokenprobe.analyses import span_compare
+
+    left, right = st.columns(2)
+    unit = left.selectbox("Span", ["word", "sentence"], key=f"{key}-unit")
+    default = span_compare.default_aggregation(metric)
+    agg = right.selectbox("Over a span's tokens", span_compare.AGGREGATIONS,
+                          index=span_compare.AGGREGATIONS.index(default), key=f"{key}-agg")
+    frame = span_compare.span_difference(run_a, run_b, prompt_id, metric, layer=layer,
+                                         unit=unit, agg=agg)
+    st.caption(f"The two runs tokenise this prompt differently, so the difference is per "
+               f"{unit}: each run's tokens count for the {unit} where they start, reduced by "
+               f"{agg}. {int(frame.exact.sum())} of {len(frame)} spans are exact (no token of "
+               "either run straddles their edges); the others are outlined in red.")
+    st.html(figures.token_html(frame, f"{metric} per {unit} ({agg}): B - A", diverging=True,
+                               marked=frozenset(frame.span_id[~frame.exact])))
+    table = frame.drop(columns=["shown", "pos", "token_id", "is_special", "token", "raw",
+                                "tip"])
+    st.dataframe(table, hide_index=True)
+    downloads(table, f"span_difference_p{prompt_id}", key)
+
+
 def tables_view(run: Run, key: str, whole: int = 200_000) -> None:
     """Every table of the run: its size, first rows and downloads (the whole table up to
     `whole` rows, else the rows shown), and its run.json. Reads no table whole."""

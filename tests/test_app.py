@@ -493,3 +493,24 @@ def test_a_two_model_run_shows_its_measures_and_tips_plane(tmp_path, monkeypatch
     assert len(points) == int((run.tokens.pos > 0).sum())
     assert points.norm_jsd.between(0, 1).all()
     assert any("TIP" in str(h.value) for h in at.subheader)
+
+
+def test_compare_page_across_tokenisers_goes_per_word(tmp_path, monkeypatch, tiny_llama,
+                                                      tiny_gemma3):
+    from tokenprobe.analyses.span_compare import span_difference
+
+    a = tokenprobe.run(tiny_llama, PROMPTS, ["entropy"], out=tmp_path / "llama", progress=False)
+    b = tokenprobe.run(tiny_gemma3, PROMPTS, ["entropy"], out=tmp_path / "gemma", progress=False)
+    at = app(tmp_path, monkeypatch, page="Compare", a="llama", b="gemma")
+    assert not at.exception and not at.error and not at.warning
+    assert "tokenise this prompt differently" in texts(at.caption)
+    diff = at.html[2].value
+    words = span_difference(a, b, 0, "entropy")
+    shown = html.unescape("".join(re.findall(r'class="tp-tok"[^>]*>([^<]*)</span>', diff)))
+    assert shown == "".join(words.shown)  # one coloured box per word of the text
+    table = next(d.value for d in at.dataframe if "value_a" in d.value.columns)
+    np.testing.assert_allclose(table.value, table.value_b - table.value_a)
+    at.selectbox(key="cmp-span-agg").set_value("max").run()
+    table = next(d.value for d in at.dataframe if "value_a" in d.value.columns)
+    np.testing.assert_allclose(table.value_a, span_difference(a, b, 0, "entropy", agg="max")
+                               .value_a)
