@@ -288,7 +288,8 @@ def span_difference_view(run_a: Run, run_b: Run, prompt_id: int, metric: str,
     st.caption(f"The two runs tokenise this prompt differently, so the difference is per "
                f"{unit}: each run's tokens count for the {unit} where they start, reduced by "
                f"{agg}. {int(frame.exact.sum())} of {len(frame)} spans are exact (no token of "
-               "either run straddles their edges); the others are outlined in red.")
+               "either run straddles their edges)" + ("; the others are outlined in red."
+                                                      if not frame.exact.all() else "."))
     st.html(figures.token_html(frame, f"{metric} per {unit} ({agg}): B - A", diverging=True,
                                marked=frozenset(frame.span_id[~frame.exact])))
     table = frame.drop(columns=["shown", "pos", "token_id", "is_special", "token", "raw",

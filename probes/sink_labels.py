@@ -23,6 +23,8 @@ when a criterion does not separate tokens and which tokens are sink-like.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import torch
@@ -63,22 +65,102 @@ def secondary_sinks(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *
         one row per flagged token: pos, kind (primary / secondary / noise), creation_layer,
         lifetime (flagged layers), max_cos (max |cos| to the primary over the searched layers).
     """
-    n_layers = norms.shape[0]
+    c, primary, start, end = primary_of(norms, candidates)
+    one = lambda value: np.array([value])  # noqa: E731  a batch of one prompt
+    stats = lifetimes(np.abs(cos[None, :, c, :]), one(start), one(end),
+                      cos_threshold=cos_threshold)  # (1, L, T) in
+    keep = np.arange(cos.shape[-1])[None] >= primary  # (1, T)
+    rows = sink_rows(stats, one(primary), keep)
+    return pd.DataFrame(sink_columns(stats, one(primary), one(start), one(end), rows,
+                                     norms.shape[0], primary_margin=primary_margin,
+                                     secondary_min=secondary_min))
+
+
+def primary_of(norms: np.ndarray, candidates: list[int]) -> tuple[int, int, int, int]:
+    """Wong et al.'s primary sink of one prompt: the candidate of largest mean norm.
+
+    Args:
+        norms: (L, C) residual norm of each candidate position at each layer.
+        candidates: the C candidate positions.
+
+    Returns:
+        (its index among the candidates, its position, start, end): [start, end) are the
+        layers searched for secondary sinks (`sink_levels_of` on its norms).
+    """
     c = int(np.argmax(norms.mean(axis=0)))
-    primary = candidates[c]
     start, end = sink_levels_of(norms[:, c])
-    absolute = np.abs(cos[start:end, c, :])  # (layers searched, T)
-    flags = absolute > cos_threshold
-    rows = [(primary, start, end - start, 1.0)]
-    for pos in range(primary + 1, cos.shape[-1]):
-        layers = np.nonzero(flags[:, pos])[0]
-        if len(layers):
-            rows.append((pos, start + int(layers[0]), len(layers), float(absolute[:, pos].max())))
-    frame = pd.DataFrame(rows, columns=["pos", "creation_layer", "lifetime", "max_cos"])
+    return c, candidates[c], start, end
+
+
+def lifetimes(absolute: np.ndarray, start: np.ndarray, end: np.ndarray, *,
+              cos_threshold: float) -> dict[str, np.ndarray]:
+    """Per-token flag statistics of S sequences at once (prompts, or prompts x criteria).
+
+    A token is flagged at a layer when |cos| to its sequence's primary > cos_threshold.
+
+    Args:
+        absolute: (S, L, T) |cos| of every token's residual to the primary's, per layer.
+        start, end: (S,) int64, each sequence's searched layers [start, end) (`primary_of`).
+
+    Returns:
+        dict of (S, T) arrays: lifetime (int64, flagged searched layers), first (int64, the
+        first flagged searched layer; meaningless where lifetime is 0), max_cos (absolute's
+        dtype, max over the searched layers), run_first and run_len (`longest_runs` of the
+        flagged layers outside [start, end)).
+    """
+    layers = np.arange(absolute.shape[1])
+    searched = ((layers >= start[:, None]) & (layers < end[:, None]))[:, :, None]  # (S, L, 1)
+    flags = absolute > cos_threshold  # (S, L, T)
+    inside = flags & searched
+    run_first, run_len = longest_runs((flags & ~searched).swapaxes(0, 1))  # (L, S, T) in
+    return {"lifetime": inside.sum(1), "first": inside.argmax(1),
+            "max_cos": np.max(absolute, axis=1, where=searched, initial=-np.inf),
+            "run_first": run_first, "run_len": run_len}
+
+
+def sink_rows(stats: dict[str, np.ndarray], primary: np.ndarray, keep: np.ndarray
+              ) -> np.ndarray:
+    """Which positions of S sequences are rows of Wong et al.'s table `sinks`: the primary and
+    every flagged token after it, among `keep`.
+
+    Args:
+        stats: `lifetimes` of the S sequences (the raw cosine).
+        primary: (S,) int64, each sequence's primary position.
+        keep: (S, T) bool, the positions that may give rows (real tokens, from the primary on).
+
+    Returns:
+        (S, T) bool.
+    """
+    is_primary = np.arange(keep.shape[1]) == primary[:, None]
+    return keep & (is_primary | (stats["lifetime"] > 0))
+
+
+def sink_columns(stats: dict[str, np.ndarray], primary: np.ndarray, start: np.ndarray,
+                 end: np.ndarray, rows: np.ndarray, n_layers: int, *, primary_margin: int,
+                 secondary_min: int) -> dict[str, np.ndarray]:
+    """Columns of Wong et al.'s table `sinks` for S sequences, a row for each position `rows`
+    holds (`sink_rows`), sequence by sequence.
+
+    Args:
+        stats: `lifetimes` of the S sequences (the raw cosine).
+        primary, start, end: (S,) int64, each sequence's primary position and searched layers.
+        rows: (S, T) bool, `sink_rows`.
+        n_layers: L, the layers searched over (the lifetime rules count from it).
+
+    Returns:
+        pos, kind (primary / secondary / noise by lifetime), creation_layer, lifetime (the
+        primary's: end - start) and max_cos (float64; 1 for the primary), each (N,).
+    """
+    pos = np.broadcast_to(np.arange(rows.shape[1]), rows.shape)  # (S, T)
+    is_primary = pos == primary[:, None]
+    lifetime = np.where(is_primary, (end - start)[:, None], stats["lifetime"])[rows]
     bar = n_layers - primary_margin
-    frame.insert(1, "kind", np.where(frame.lifetime >= bar, "primary",
-                                     np.where(frame.lifetime > secondary_min, "secondary", "noise")))
-    return frame
+    return {"pos": pos[rows],
+            "kind": np.where(lifetime >= bar, "primary",
+                             np.where(lifetime > secondary_min, "secondary", "noise")),
+            "creation_layer": np.where(is_primary, start[:, None], stats["first"])[rows],
+            "lifetime": lifetime,
+            "max_cos": np.where(is_primary, 1.0, stats["max_cos"].astype(np.float64))[rows]}
 
 
 def _cosines(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -147,13 +229,14 @@ def longest_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The longest run of consecutive True layers of every token (the first of equal ones).
 
     Args:
-        flags: (L, T) bool.
+        flags: (L, T) bool, or (L, *batch, T): every trailing index on its own.
 
     Returns:
-        first (T,) int64 layer where it starts (-1 if none) and length (T,) int64.
+        first (T,) int64 layer where it starts (-1 if none) and length (T,) int64 (shape
+        flags.shape[1:]).
     """
-    best = np.zeros(flags.shape[1], dtype=np.int64)
-    first = np.full(flags.shape[1], -1, dtype=np.int64)
+    best = np.zeros(flags.shape[1:], dtype=np.int64)
+    first = np.full(flags.shape[1:], -1, dtype=np.int64)
     current = np.zeros_like(best)
     for layer, row in enumerate(flags):
         current = np.where(row, current + 1, 0)
@@ -185,33 +268,56 @@ def token_labels(norms: np.ndarray, cos: np.ndarray, candidates: list[int], *,
         (max |cos| over [start, end); 1 for the primary), sink_like_first, sink_like_last
         (layers of the longest run outside [start, end) when sink_like, else NA).
     """
-    n_layers = norms.shape[0]
-    c = int(np.argmax(norms.mean(axis=0)))
-    primary = candidates[c]
-    start, end = sink_levels_of(norms[:, c])
-    absolute = np.abs(cos[:, c, :])  # (L, T)
-    flags = absolute > cos_threshold
-    searched = flags[start:end]
-    lifetime = searched.sum(0)
-    outside = flags.copy()
-    outside[start:end] = False
-    run_first, run_len = longest_runs(outside)
-    like = run_len >= sink_like_min
+    c, primary, start, end = primary_of(norms, candidates)
+    one = lambda value: np.array([value])  # noqa: E731  a batch of one prompt
+    stats = lifetimes(np.abs(cos[None, :, c, :]), one(start), one(end),
+                      cos_threshold=cos_threshold)  # (1, L, T) in
+    keep = np.arange(cos.shape[-1])[None] >= primary  # (1, T)
+    return pd.DataFrame(label_columns(stats, one(primary), one(start), one(end), keep,
+                                      norms.shape[0], primary_margin=primary_margin,
+                                      secondary_min=secondary_min, sink_like_min=sink_like_min))
+
+
+def label_columns(stats: dict[str, np.ndarray], primary: np.ndarray, start: np.ndarray,
+                  end: np.ndarray, keep: np.ndarray, n_layers: int, *, primary_margin: int,
+                  secondary_min: int, sink_like_min: int) -> dict[str, Any]:
+    """Columns of tokenprobe's table `sink_labels` for S sequences (`token_labels`' rules), a
+    row for each position `keep` holds, sequence by sequence.
+
+    Args:
+        stats: `lifetimes` of the S sequences under one cosine each.
+        primary, start, end: (S,) int64, each sequence's primary position and searched layers.
+        keep: (S, T) bool, the positions that give rows (real tokens, from the primary on).
+        n_layers: L, the layers searched over (the lifetime rules count from it).
+
+    Returns:
+        pos, kind, creation_layer (Int64), lifetime, max_cos (stats' dtype), sink_like_first
+        and sink_like_last (Int64), each (N,).
+    """
+    pos = np.broadcast_to(np.arange(keep.shape[1]), keep.shape)  # (S, T)
+    is_primary = pos == primary[:, None]
+    lifetime = stats["lifetime"]
+    flagged, like = lifetime > 0, stats["run_len"] >= sink_like_min
     bar = n_layers - primary_margin
-    flagged = lifetime > 0
     kind = np.select([flagged & (lifetime >= bar), flagged & (lifetime > secondary_min), like,
                       flagged], ["primary", "secondary", "sink_like", "noise"], "none")
-    na = pd.NA
-    frame = pd.DataFrame({
-        "pos": np.arange(cos.shape[-1]), "kind": kind,
-        "creation_layer": pd.Series(start + searched.argmax(0), dtype="Int64").where(flagged, na),
-        "lifetime": lifetime, "max_cos": absolute[start:end].max(0),
-        "sink_like_first": pd.Series(run_first, dtype="Int64").where(like, na),
-        "sink_like_last": pd.Series(run_first + run_len - 1, dtype="Int64").where(like, na)})
-    frame.loc[primary, ["kind", "creation_layer", "lifetime", "max_cos"]] = \
-        ["primary", start, end - start, 1.0]
-    frame.loc[primary, ["sink_like_first", "sink_like_last"]] = na
-    return frame.iloc[primary:].reset_index(drop=True)
+    kind[is_primary] = "primary"
+    max_cos = stats["max_cos"]
+    like_here = (like & ~is_primary)[keep]
+    run_first = stats["run_first"][keep]
+    return {
+        "pos": pos[keep], "kind": kind[keep],
+        "creation_layer": _nullable(np.where(is_primary, start[:, None], stats["first"])[keep],
+                                    ~(flagged | is_primary)[keep]),
+        "lifetime": np.where(is_primary, (end - start)[:, None], lifetime)[keep],
+        "max_cos": np.where(is_primary, max_cos.dtype.type(1.0), max_cos)[keep],
+        "sink_like_first": _nullable(run_first, ~like_here),
+        "sink_like_last": _nullable(run_first + stats["run_len"][keep] - 1, ~like_here)}
+
+
+def _nullable(values: np.ndarray, missing: np.ndarray) -> pd.arrays.IntegerArray:
+    """An Int64 array of `values`, NA where `missing`."""
+    return pd.arrays.IntegerArray(values.astype(np.int64), missing)
 
 
 VARIANTS = {"centered": "mean-centred", "nomassive": "massive-dims-removed"}  # order said

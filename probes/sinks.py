@@ -20,6 +20,7 @@ block of queries at a time; residual statistics inside the block hooks.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -31,8 +32,8 @@ from tokenprobe.kernels.attention import IMPLS
 from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
                               register)
 from tokenprobe.probes.sink_labels import (  # sink_levels_of: re-exported, its old home
-    centered_cosines, label_notes, nomassive_cosines, secondary_sinks, sink_levels_of,
-    token_labels)
+    centered_cosines, label_columns, label_notes, lifetimes, nomassive_cosines, primary_of,
+    secondary_sinks, sink_columns, sink_levels_of, sink_rows, token_labels)
 from tokenprobe.probes.sink_measures import (  # re-exported: received_per_key, uniform_received
     RUN_SINK_RATE, received_notes, received_per_key, uniform_received, value_norms)
 from tokenprobe.tables import Column, Table
@@ -86,6 +87,7 @@ class SinksConfig:
 
 
 C = Column
+CRITERIA = ("raw", "centered", "nomassive")  # the cosines of table `sink_labels`, in row order
 
 
 @register
@@ -190,61 +192,110 @@ class SinksProbe(Probe):
             ref = x[cands]  # (C, D)
             self._resid.put("norms", layer, (row, slice(0, len(cands))),
                             torch.linalg.vector_norm(ref, dim=-1), (rows, most))
-            for name, cos in {  # (C, T) each
-                    "raw": torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1),
-                    "centered": centered_cosines(x, cands),
-                    "nomassive": nomassive_cosines(x, cands,
-                                                   top_k=self.config.massive_top_k)}.items():
+            for name, cos in zip(CRITERIA, (  # (C, T) each
+                    torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1),
+                    centered_cosines(x, cands),
+                    nomassive_cosines(x, cands, top_k=self.config.massive_top_k))):
                 self._resid.put(name, layer, (row, slice(0, len(cands)), slice(0, n)), cos,
                                 (rows, most, width))
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        sinks, heads, received, nonfinite = [], [], [], []
-        attn, resid, k = self._attn, self._resid, self.config.k_pos
-        for layer in attn.layers:
-            for row, prompt_id, n in self.batch.rows():
-                checked = ["sink_mass", "attn_entropy"] + ["value_drain_sink"] * (k < n) \
-                    + ["value_drain_rest"] * (n > 1)  # the drains are NaN by definition else
-                nonfinite.append(nonfinite_row(self.name, "attention", prompt_id, layer,
-                                               {c: attn[c][layer, row] for c in checked}))
-                heads.append(pd.DataFrame({
-                    "prompt_id": prompt_id, "layer": layer,
-                    "head": np.arange(attn["sink_mass"].shape[-1]),
-                    **{name: attn[name][layer, row] for name in
-                       ("sink_mass", "attn_entropy", "value_drain_sink", "value_drain_rest")}}))
-                mean = attn["attn_received"][layer, row, :n]
-                received.append(pd.DataFrame({"prompt_id": prompt_id, "layer": layer,
-                                              "pos": np.arange(n), "attn_received": mean,
-                                              "attn_received_norm": mean / uniform_received(n)}))
-        cfg, labels = self.config, []
-        rules = {"cos_threshold": cfg.cos_threshold, "primary_margin": cfg.primary_margin,
-                 "secondary_min": cfg.secondary_min}
-        for row, prompt_id, n in self.batch.rows():
-            cands = [c for c in cfg.candidates if c < n]
-            cos = np.abs(resid["raw"][:, row, :len(cands), :n]).sum(1)  # (L, T)
-            bad = [nonfinite_row(self.name, "resid_post", prompt_id, layer,
-                                 {"cos_to_candidates": cos[layer]}) for layer in resid.layers]
-            if any(bad):  # NaN norms and cosines would label sinks at random: none found
-                nonfinite += bad
-                continue
-            norms = resid["norms"][resid.layers, row, :len(cands)]
-            texts = self.batch.token_texts[row]
-            found = secondary_sinks(norms, resid["raw"][resid.layers, row, :len(cands), :n],
-                                    cands, **rules)
-            found.insert(0, "prompt_id", prompt_id)
-            found.insert(2, "token", [texts[p] for p in found.pos])
-            sinks.append(found)
-            for criterion in ("raw", "centered", "nomassive"):
-                mine = token_labels(norms, resid[criterion][resid.layers, row, :len(cands), :n],
-                                    cands, **rules, sink_like_min=cfg.sink_like_min)
-                labels.append(mine.assign(prompt_id=prompt_id, criterion=criterion,
-                                          token=[texts[p] for p in mine.pos]))
+        """The batch's tables, each built once from the layer buffers (rows: layer, prompt,
+        then head or position; `sinks` and `sink_labels` prompt by prompt)."""
+        heads, received, nonfinite = self._attention_tables()
+        sinks, labels, bad = self._residual_tables()
         self.begin(self.batch)  # forget this batch
-        return {"heads": pd.concat(heads, ignore_index=True),
-                "token_layers": pd.concat(received, ignore_index=True),
-                "sinks": pd.concat(sinks, ignore_index=True) if sinks else None,
-                "sink_labels": pd.concat(labels, ignore_index=True) if labels else None,
-                "nonfinite": nonfinite_frame(nonfinite)}
+        return {"heads": heads, "token_layers": received, "sinks": sinks,
+                "sink_labels": labels, "nonfinite": nonfinite_frame(nonfinite + bad)}
+
+    def _attention_tables(self) -> tuple[pd.DataFrame, pd.DataFrame, list[dict | None]]:
+        """`heads` and `token_layers.attn_received(_norm)` of the batch, and the `nonfinite`
+        rows of its attention statistics."""
+        attn, k, batch = self._attn, self.config.k_pos, self.batch
+        layers = np.array(attn.layers, dtype=np.int64)
+        ids = np.array(batch.prompt_ids, dtype=np.int64)
+        lengths = np.array(batch.lengths, dtype=np.int64)
+        n_layers, (rows, n_heads) = len(layers), attn["sink_mass"].shape[1:]
+        names = ("sink_mass", "attn_entropy", "value_drain_sink", "value_drain_rest")
+        stats = {name: attn[name][layers] for name in names}  # (L, B, H) each
+        heads = pd.DataFrame({
+            "prompt_id": np.tile(np.repeat(ids, n_heads), n_layers),
+            "layer": np.repeat(layers, rows * n_heads),
+            "head": np.tile(np.arange(n_heads), n_layers * rows),
+            **{name: value.reshape(-1) for name, value in stats.items()}})
+        real = np.arange(attn["attn_received"].shape[-1]) < lengths[:, None]  # (B, W)
+        mean = attn["attn_received"][layers][:, real]  # (L, N): layer, prompt, position
+        uniform = np.concatenate([uniform_received(n) for n in batch.lengths])  # (N,)
+        received = pd.DataFrame({
+            "prompt_id": np.tile(np.repeat(ids, lengths), n_layers),
+            "layer": np.repeat(layers, mean.shape[1]),
+            "pos": np.tile(np.nonzero(real)[1], n_layers),
+            "attn_received": mean.reshape(-1), "attn_received_norm": (mean / uniform).reshape(-1)})
+        applies = {"sink_mass": True, "attn_entropy": True, "value_drain_sink": k < lengths,
+                   "value_drain_rest": lengths > 1}  # the drains are NaN by definition else
+        bad = np.zeros((n_layers, rows), dtype=bool)  # (L, B)
+        for name, where in applies.items():
+            bad |= ~np.isfinite(stats[name]).all(-1) & where
+        nonfinite = [nonfinite_row(self.name, "attention", batch.prompt_ids[row], layers[i],
+                                   {c: stats[c][i, row] for c, w in applies.items()
+                                    if np.all(w) or w[row]})
+                     for i, row in zip(*np.nonzero(bad))]  # rare: only where a value is bad
+        return heads, received, nonfinite
+
+    def _residual_tables(self) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
+                                        list[dict | None]]:
+        """`sinks` and `sink_labels` of the batch from the candidates' residual norms and
+        cosines, and the `nonfinite` rows of prompts whose cosines are not finite (no sinks
+        are labelled from those)."""
+        cfg, resid, batch = self.config, self._resid, self.batch
+        layers, nonfinite = resid.layers, []
+        kept, chosen, primary, start, end = [], [], [], [], []
+        for row, prompt_id, n in batch.rows():  # a few numbers per prompt, no table
+            count = sum(c < n for c in cfg.candidates)
+            if not np.isfinite(resid["raw"][layers, row, :count, :n]).all():
+                cos = np.abs(resid["raw"][:, row, :count, :n]).sum(1)  # (L, T)
+                bad = [nonfinite_row(self.name, "resid_post", prompt_id, layer,
+                                     {"cos_to_candidates": cos[layer]}) for layer in layers]
+                if any(bad):  # NaN norms and cosines would label sinks at random: none found
+                    nonfinite += bad
+                    continue
+            found = primary_of(resid["norms"][layers, row, :count],
+                               [c for c in cfg.candidates if c < n])
+            for value, into in zip((row, *found), (kept, chosen, primary, start, end)):
+                into.append(value)
+        if not kept:
+            return None, None, nonfinite
+        kept = np.array(kept, dtype=np.int64)
+        crit = len(CRITERIA)
+        absolute = np.abs(np.stack([  # (P, K, L, T): prompt, criterion, layer, position
+            resid[c][np.array(layers)[:, None], kept[None], np.array(chosen)[None]]
+            for c in CRITERIA]).transpose(2, 0, 1, 3))
+        width = absolute.shape[-1]
+        primary, start, end = (np.array(v, dtype=np.int64) for v in (primary, start, end))
+        lengths = np.array(batch.lengths, dtype=np.int64)[kept]
+        pos = np.arange(width)
+        keep = (pos >= primary[:, None]) & (pos < lengths[:, None])  # (P, T)
+        stats = lifetimes(absolute.reshape(-1, len(layers), width), np.repeat(start, crit),
+                          np.repeat(end, crit), cos_threshold=cfg.cos_threshold)
+        texts = np.array(list(itertools.chain.from_iterable(batch.token_texts)), dtype=object)
+        at = (np.cumsum(batch.lengths) - batch.lengths)[kept][:, None] + pos  # (P, T) in texts
+        ids = np.array(batch.prompt_ids, dtype=np.int64)[kept][:, None]  # (P, 1)
+        rules = {"primary_margin": cfg.primary_margin, "secondary_min": cfg.secondary_min}
+        raw = {name: value[::crit] for name, value in stats.items()}  # criterion "raw"
+        rows = sink_rows(raw, primary, keep)  # (P, T)
+        sinks = pd.DataFrame({"prompt_id": np.broadcast_to(ids, rows.shape)[rows],
+                              **sink_columns(raw, primary, start, end, rows, len(layers),
+                                             **rules)})
+        sinks.insert(2, "token", texts[at[rows]])
+        rows = np.repeat(keep, crit, axis=0)  # (P K, T): every position from the primary on
+        labels = pd.DataFrame(label_columns(
+            stats, np.repeat(primary, crit), np.repeat(start, crit), np.repeat(end, crit), rows,
+            len(layers), **rules, sink_like_min=cfg.sink_like_min))
+        labels["prompt_id"] = np.broadcast_to(np.repeat(ids, crit, axis=0), rows.shape)[rows]
+        criteria = np.tile(np.array(CRITERIA, dtype=object), len(kept))[:, None]  # (P K, 1)
+        labels["criterion"] = np.broadcast_to(criteria, rows.shape)[rows]
+        labels["token"] = texts[np.repeat(at, crit, axis=0)[rows]]
+        return sinks, labels, nonfinite
 
     def summary(self, sql, stats: dict) -> dict:
         """Gu et al.'s sink rate over the run, with the prompt lengths it depends on (SQL over
