@@ -109,11 +109,12 @@ def layer_range(layers: Iterable[int]) -> str:
 
 def knockout_mask(base: torch.Tensor, knocked: torch.Tensor, queries: torch.Tensor | None = None
                   ) -> torch.Tensor:
-    """A boolean attention mask with one key per batch row cut from the later queries.
+    """A boolean attention mask with keys of each batch row cut from the later queries.
 
     Args:
         base: (B or 1, 1, T, S) boolean mask, True where attention is allowed.
-        knocked: (B,) long key position per row, or -1 for no knockout in that row.
+        knocked: (B,) long key position per row, or -1 for no knockout in that row; or
+            (B, S) bool, True at every key cut in that row (a unit of several tokens).
         queries: (T,) boolean, the queries whose edges are cut (None: all of them); a query
             never loses its own key.
 
@@ -123,7 +124,8 @@ def knockout_mask(base: torch.Tensor, knocked: torch.Tensor, queries: torch.Tens
     bsz, (t, s) = knocked.shape[0], base.shape[-2:]
     keys = torch.arange(s, device=base.device)
     rows = torch.arange(s - t, s, device=base.device)  # absolute query positions
-    cut = (keys == knocked[:, None, None]) & (rows[:, None] != keys)  # (B, T, S)
+    hit = knocked[:, None, :] if knocked.dtype == torch.bool else keys == knocked[:, None, None]
+    cut = hit & (rows[:, None] != keys)  # (B, T, S)
     if queries is not None:
         cut &= queries.to(base.device)[None, :, None]
     return base.expand(bsz, 1, t, s) & ~cut[:, None]
@@ -132,7 +134,8 @@ def knockout_mask(base: torch.Tensor, knocked: torch.Tensor, queries: torch.Tens
 @contextlib.contextmanager
 def attention_knockout(model: torch.nn.Module, layers: Iterable[int], knocked: torch.Tensor,
                        queries: torch.Tensor | None = None) -> Iterator[None]:
-    """Knock out key `knocked[b]` of batch row b in `layers` (all heads) during the body.
+    """Knock out key `knocked[b]` (or the keys True in a (B, S) bool `knocked[b]`) of batch row
+    b in `layers` (all heads) during the body.
 
     A forward pre-hook (with kwargs) on each chosen layer's attention module replaces its
     `attention_mask` by `knockout_mask` of the model's own mask (a plain causal one when the

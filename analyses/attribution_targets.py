@@ -107,9 +107,11 @@ def score_ids(loaded: LoadedModel, sequences: Sequence[Sequence[int]], target: T
               ) -> np.ndarray:
     """f(target) for each prompt id sequence (any lengths, at least one token each).
 
-    Each option's tokens are appended to each sequence and scored by teacher forcing; rows
-    (sequence x option, so a contrast's two options share batches) are right-padded with an
-    attention mask, which keeps every real token at its unpadded position. No graph is built.
+    Each option's tokens are appended to each sequence and scored by teacher forcing; when
+    every option is one token (a greedy target, a contrast of one-token answers) a sequence
+    is one row and its options are read from the same next-token distribution. Rows are
+    left-padded with an attention mask and position ids that count real tokens only, so each
+    scores as its unpadded self, and only the last positions' logits are computed. No graph.
 
     Args:
         loaded: a `tokenprobe.load()` result.
@@ -128,25 +130,35 @@ def score_ids(loaded: LoadedModel, sequences: Sequence[Sequence[int]], target: T
     model, device = loaded.model, input_device(loaded.model)
     pad = loaded.tokenizer.pad_token_id
     pad = 0 if pad is None else int(pad)
-    jobs = [(i, s, list(opt), sign) for i, s in enumerate(seqs) for opt, sign in target.options()]
+    options = target.options()
+    if all(len(opt) == 1 for opt, _ in options):  # one row: all options at its last position
+        jobs = [(i, s, [], options) for i, s in enumerate(seqs)]
+    else:
+        jobs = [(i, s, list(opt), [(opt, sign)]) for i, s in enumerate(seqs)
+                for opt, sign in options]
     out = np.zeros(len(seqs), dtype=np.float64)
     update = getattr(progress, "update", progress)
     with torch.inference_mode():
         for a in range(0, len(jobs), batch_size):
             chunk = jobs[a:a + batch_size]
-            rows = [s + opt for _, s, opt, _ in chunk]
+            rows = [s + tail for _, s, tail, _ in chunk]
             width = max(len(r) for r in rows)
+            keep = max(len(tail) for _, _, tail, _ in chunk) + 1
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, row in enumerate(rows):
-                ids[r, :len(row)] = torch.tensor(row)
-                mask[r, :len(row)] = 1
+                ids[r, width - len(row):] = torch.tensor(row)
+                mask[r, width - len(row):] = 1
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           use_cache=False).logits  # (b, T, V)
-            for r, (i, s, opt, sign) in enumerate(chunk):
-                pred = logits[r, len(s) - 1:len(s) - 1 + len(opt)]  # (m, V)
-                want = torch.tensor(opt, device=pred.device)
-                out[i] += sign * float(target_logprob(pred[None], want)[0])
+                           position_ids=pos.to(device), use_cache=False,
+                           logits_to_keep=keep).logits  # (b, keep, V), row ends aligned
+            for r, (i, _, tail, scored) in enumerate(chunk):
+                for opt, sign in scored:
+                    m = len(opt)
+                    pred = logits[r, keep - 1 - len(tail):keep - 1 - len(tail) + m]  # (m, V)
+                    want = torch.tensor(list(opt), device=pred.device)
+                    out[i] += sign * float(target_logprob(pred[None], want)[0])
             if update is not None:
                 update(len(chunk))
     return out
