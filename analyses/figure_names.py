@@ -24,6 +24,10 @@ MEASURES = {
                  "the fraction of rollouts that succeed"),
     "tip": ("TIP plane: student entropy against the two models' JSD, by quadrant",
             "H / ln V and JSD / ln 2, fractions of 1"),
+    "attribution": ("Attribution of the target to prompt units (95% error bars where "
+                    "sampled)", "nats, positive: the unit raises the target"),
+    "compression": ("Target value with the top, bottom or random k% of units kept",
+                    "nats"),
     "spans_scatter": ("Surprisal per character span of the two models", "nats"),
     "sink_rate_curve": ("Sink rate against context length T (Gu et al.)",
                         "% of layer x head pairs with sink mass above eps"),

@@ -86,6 +86,8 @@ def run_section(index: int, label: str, run: Run, *, curve: pd.DataFrame | None 
         _spans_views(sec, run, p, max_prompts)
     if "jsd" in run.tables.get("tokens", pd.DataFrame()).columns:
         _two_model_views(sec, run, p, max_prompts)
+    if "unit_attributions" in run.tables:
+        _unit_views(sec, run, p, max_prompts)
     for pid in run.prompts.prompt_id[:max_prompts]:
         _prompt_views(sec, run, int(pid), f"{p}_p{pid}", n_layers, figures)
     for card in replication_cards(run, curve=curve):
@@ -172,6 +174,35 @@ def _two_model_views(sec: Section, run: Run, p: str, max_prompts: int) -> None:
         frame = views.token_metric_frame(run, int(pid), "jsd")
         sec.text(f"<p>Prompt {int(pid)}, coloured by JSD:</p>"
                  + figures.token_html(frame, spec.label, kind=spec.kind, log=spec.log))
+
+
+def _unit_views(sec: Section, run: Run, p: str, max_prompts: int) -> None:
+    """A unit-attribution run (`tokenprobe attribute --method shapley ...`): the targets,
+    then per first prompt every method's value per unit, the units coloured and as bars (95%
+    error bars where sampled) by the first of Shapley / IG / ..., and the compression curve."""
+    from tokenprobe.analyses import figures, unit_views
+    from tokenprobe.analyses.unit_attribution import RANK_ORDER
+
+    model, methods = views.model_of(run), unit_views.methods(run)
+    shown = next(m for m in RANK_ORDER if m in methods)
+    sec.text("<h3>Attribution to prompt units</h3><p>Each method's value per unit, positive "
+             "when the unit raises the target (saliency: a gradient norm); definitions in "
+             "docs/methods.md#unit-attribution.</p>")
+    sec.table(f"{p}_unit_targets", unit_views.targets_frame(run),
+              f"Attribution targets per prompt, {model} (values in nats)")
+    for pid in run.prompts.prompt_id[:max_prompts]:
+        pid = int(pid)
+        rows = run.unit_attributions[run.unit_attributions.prompt_id == pid]
+        wide = rows.pivot(index=["unit_id", "text"], columns="method", values="value")
+        sec.table(f"{p}_p{pid}_units", wide[[m for m in methods]].reset_index(),
+                  f"Unit attributions of prompt {pid} by method, {model}")
+        frame = unit_views.unit_token_frame(run, pid, shown)
+        sec.text(f"<p>Prompt {pid}, units coloured by {html.escape(shown)}:</p>"
+                 + figures.token_html(frame, unit_views.LABELS[shown],
+                                      diverging=shown != "saliency"))
+        sec.figure(f"{p}_p{pid}_attribution", unit_views.unit_bars(run, pid, shown))
+        if "attribution_curves" in run.tables:
+            sec.figure(f"{p}_p{pid}_compression", unit_views.curve_figure(run, pid))
 
 
 def curve_section(curve: pd.DataFrame) -> Section:

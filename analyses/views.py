@@ -36,7 +36,7 @@ class MissingProbe(LookupError):
 
     def __init__(self, what: str, probe: str, model: str = "MODEL") -> None:
         self.probe, self.command = probe, probe_command(probe, model)
-        writer = WRITERS.get(probe, f"the {probe.split()[0]} probe")
+        writer = WRITERS.get(probe.split()[0], f"the {probe.split()[0]} probe")
         self.reason = f"This run has no {what}: it is written by {writer}."
         super().__init__(self.reason + (f" Make a run with it: {self.command}"
                                         if self.command else ""))
@@ -46,8 +46,9 @@ def probe_command(probe: str, model: str = "MODEL") -> str | None:
     """The CLI command that writes `probe`'s columns ("entropy --lens", "critical", ...)."""
     if probe == "critical":
         return CRITICAL_COMMAND.format(model=model)
-    if probe == "attribution":
-        return ATTRIBUTION_COMMAND.format(model=model)
+    if probe.split()[0] == "attribution":  # "attribution --compression": with its flags
+        return ATTRIBUTION_COMMAND.format(model=model).replace(
+            " --out", "".join(f" {f}" for f in probe.split()[1:]) + " --out")
     if probe == "spans":
         return SPANS_COMMAND.format(model=model)
     name, *flags = probe.split()

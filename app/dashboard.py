@@ -102,8 +102,12 @@ def show_run(name: str, run: Run, key: str) -> None:
     run_header(name, run)
     prompt_id = pick_prompt(run, key)
     whole, run = run, run.select([prompt_id])
-    names = (["Spans"] if "spans" in run.tables else []) + TABS  # a two-model span run
+    names = ((["Spans"] if "spans" in run.tables else [])  # a two-model span run
+             + (["Attribution"] if "unit_attributions" in run.tables else []) + TABS)
     tabs = dict(zip(names, st.tabs(names)))
+    if "Attribution" in tabs:
+        with tabs["Attribution"]:
+            panels.unit_attribution_view(run, prompt_id, f"{key}-units")
     if "Spans" in tabs:
         with tabs["Spans"]:
             panels.spans_view(run, prompt_id, f"{key}-spans")

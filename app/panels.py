@@ -298,6 +298,34 @@ def span_difference_view(run_a: Run, run_b: Run, prompt_id: int, metric: str,
     downloads(table, f"span_difference_p{prompt_id}", key)
 
 
+def unit_attribution_view(run: Run, prompt_id: int, key: str) -> None:
+    """A unit-attribution run: the target, the prompt's units coloured by a chosen method,
+    the bar chart with 95% error bars, the compression curve and the table."""
+    from tokenprobe.analyses import unit_views
+
+    try:
+        methods = unit_views.methods(run)
+    except MissingProbe as err:
+        return empty_state(err)
+    item = unit_views.summary(run, prompt_id)
+    st.caption(f"Target: {plain(item.get('target', '?'))} = {item.get('target_value', 0):.3f} "
+               f"nats over {item.get('n_units', '?')} {plain(item.get('units', ''))} unit(s)."
+               + (f" IG completeness gap {item['ig_gap']:+.4f} nats." if "ig_gap" in item
+                  else "") + " Positive: the unit raises the target.")
+    method = st.selectbox("Method", methods, key=f"{key}-method")
+    frame = unit_views.unit_token_frame(run, prompt_id, method)
+    st.html(figures.token_html(frame, unit_views.LABELS.get(method, method),
+                               diverging=method != "saliency"))
+    st.plotly_chart(unit_views.unit_bars(run, prompt_id, method), key=f"{key}-bars")
+    try:
+        st.plotly_chart(unit_views.curve_figure(run, prompt_id), key=f"{key}-curve")
+    except MissingProbe as err:
+        empty_state(err)
+    table = unit_views.unit_rows(run, prompt_id, method).drop(columns="shown")
+    st.dataframe(table, hide_index=True)
+    downloads(table, f"unit_attributions_p{prompt_id}_{method}", key)
+
+
 def tables_view(run: Run, key: str, whole: int = 200_000) -> None:
     """Every table of the run: its size, first rows and downloads (the whole table up to
     `whole` rows, else the rows shown), and its run.json. Reads no table whole."""

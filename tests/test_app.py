@@ -514,3 +514,27 @@ def test_compare_page_across_tokenisers_goes_per_word(tmp_path, monkeypatch, tin
     table = next(d.value for d in at.dataframe if "value_a" in d.value.columns)
     np.testing.assert_allclose(table.value_a, span_difference(a, b, 0, "entropy", agg="max")
                                .value_a)
+
+
+def test_a_unit_attribution_run_has_its_tab(tmp_path, monkeypatch, tiny_llama):
+    from tokenprobe.analyses import unit_views
+    from tokenprobe.analyses.unit_attribution import UnitAttributionConfig, unit_attribution_run
+
+    run = unit_attribution_run(tiny_llama, ["The cat sat on the mat"], UnitAttributionConfig(
+        methods=("shapley", "removal"), permutations=8, compression=True, draws=2),
+        options=(" and", " but"), out=tmp_path / "units")
+    at = app(tmp_path, monkeypatch, run="units")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="run-units-method").options == ["shapley", "removal"]
+    units = unit_views.unit_rows(run, 0, "shapley")
+    boxes = html.unescape("".join(re.findall(r'class="tp-tok"[^>]*>([^<]*)</span>',
+                                             at.html[0].value)))
+    assert boxes == "".join(units.shown)  # one box per unit, the whole text
+    assert "± " in at.html[0].value  # the sampled values' standard errors on hover
+    assert charts(at) >= 2 and "units kept" not in texts(at.info)
+    bars = unit_views.unit_bars(run, 0, "shapley")
+    np.testing.assert_allclose(bars.data[0].error_y.array, 1.96 * units.se)
+    assert unit_views.unit_bars(run, 0, "removal").data[0].error_y.array is None
+    curve = unit_views.curve_figure(run, 0)
+    top = run.attribution_curves[run.attribution_curves.order == "top"]
+    np.testing.assert_allclose(curve.data[0].y, top.sort_values("keep_fraction").value)
