@@ -20,14 +20,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = subparsers.add_parser(
         "attribute", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="attribution by ablation: how much each prompt token matters to a target",
+        help="how much each prompt token or unit matters to a target (ablation, gradients, "
+             "Shapley values)",
         description="Attribution by ablation: per prompt token, the change in the target's\n"
                     "log-prob (delta_logprob, nats; negative: the token supported it) when\n"
                     "the token is removed from the input (removal) or its key is masked for\n"
                     "every head of the chosen layers (knockout; Geva et al. 2023). The target\n"
                     "is --target (scored under teacher forcing), else the greedy next token.\n"
                     "Writes the tables prompts, tokens (prompt then target tokens) and\n"
-                    "attributions; the dashboard's Tokens tab colours by it.",
+                    "attributions; the dashboard's Tokens tab colours by it.\n\n"
+                    "With a gradient or Shapley --method, --units, --options or --compression,\n"
+                    "it attributes the target to prompt units instead (table\n"
+                    "unit_attributions; values in nats, positive when the unit raises the\n"
+                    "target): saliency, input x gradient, integrated gradients, Shapley values\n"
+                    "(exact up to 10 units, else sampled with standard errors), and removal or\n"
+                    "knockout of a whole unit; --compression adds the curve of the target with\n"
+                    "only the top / bottom / random k% of units (table attribution_curves).\n"
+                    "The dashboard's Attribution tab and the report show them.",
         epilog="examples:\n"
                '  tokenprobe attribute --prompt "The capital of France is" --target " Paris" '
                "--out runs/paris\n"

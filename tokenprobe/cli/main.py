@@ -28,7 +28,8 @@ LAZY = {
     "critical": ("tokenprobe.analyses.critical.cli",
                  "critical tokens of wrong answers by rollout search with a verifier (cDPO)"),
     "attribute": ("tokenprobe.analyses.attribution_cli",
-                  "attribution by ablation: how much each prompt token matters to a target"),
+                  "how much each prompt token or unit matters to a target (ablation, gradients, "
+                  "Shapley values)"),
     "counterfactual": ("tokenprobe.analyses.counterfactual_cli",
                        "counterfactual generation with a Gumbel-max causal model (Chatzi et al.)"),
     "spans": ("tokenprobe.analyses.spans_cli",
