@@ -147,24 +147,39 @@ class ActivationsProbe(Probe):
                                       **{k: v.cpu().numpy() for k, v in found.items()}})
 
     def collect(self) -> dict[str, pd.DataFrame]:
-        stats = self._stats
-        token_layers = pd.concat(
-            [_frame({"prompt_id": prompt_id, "layer": layer,
-                     **{name: array[layer, row, :n] for name, array in stats.arrays.items()}},
-                    pos=np.arange(n))
-             for layer in stats.layers for row, prompt_id, n in self.batch.rows()],
-            ignore_index=True)
-        massive = (pd.concat([_frame(m) for m in self._massive], ignore_index=True)
-                   if self._massive else None)
+        """The batch's tables, each built once: `token_layers` from the (L, B, T) buffers (rows:
+        layer, prompt, position), `massive` from the entries found in the hooks."""
+        stats, batch = self._stats, self.batch
+        layers = np.array(stats.layers, dtype=np.int64)
+        lengths = np.array(batch.lengths, dtype=np.int64)
+        real = np.arange(max(batch.lengths)) < lengths[:, None]  # (B, T): not padding
+        values = {name: array[layers] for name, array in stats.arrays.items()}  # (L, B, T)
+        n = int(real.sum())
+        token_layers = pd.DataFrame({
+            "prompt_id": np.tile(np.repeat(np.array(batch.prompt_ids, dtype=np.int64), lengths),
+                                 len(layers)),
+            "layer": np.repeat(layers, n),
+            **{name: value[:, real].reshape(-1) for name, value in values.items()},
+            "pos": np.tile(np.nonzero(real)[1], len(layers))})
         checked = ("resid_norm", "max_abs", "median_abs", "cos_to_first")
-        nonfinite = nonfinite_frame([
-            nonfinite_row(self.name, "resid_post", prompt_id, layer,
-                          {name: stats[name][layer, row, :n] for name in checked})
-            for layer in stats.layers for row, prompt_id, n in self.batch.rows()])
+        bad = np.zeros((len(layers), len(lengths)), dtype=bool)  # (L, B)
+        for name in checked:
+            bad |= (~np.isfinite(values[name]) & real).any(-1)
+        nonfinite = nonfinite_frame([  # only where a value is not finite
+            nonfinite_row(self.name, "resid_post", batch.prompt_ids[row], int(layers[i]),
+                          {name: values[name][i, row, :lengths[row]] for name in checked})
+            for i, row in zip(*np.nonzero(bad))])
+        massive = _massive_frame(self._massive) if self._massive else None
         self._stats, self._massive = LayerBuffers(self.batch.n_layers), []
         return {"token_layers": token_layers, "massive": massive, "nonfinite": nonfinite}
 
 
-def _frame(parts: dict, **extra) -> pd.DataFrame:
-    """Broadcast scalar keys over the array columns of one (prompt, layer) block."""
-    return pd.DataFrame({**parts, **extra})
+def _massive_frame(found: list[dict]) -> pd.DataFrame:
+    """Table `massive` from the hooks' finds: one dict per (prompt, layer) with entries, its
+    arrays (N,) each."""
+    counts = [len(f["pos"]) for f in found]
+    return pd.DataFrame({
+        "prompt_id": np.repeat(np.array([f["prompt_id"] for f in found], dtype=np.int64), counts),
+        "layer": np.repeat(np.array([f["layer"] for f in found], dtype=np.int64), counts),
+        **{key: np.concatenate([f[key] for f in found])
+           for key in ("pos", "dim", "value", "ratio_to_median")}})

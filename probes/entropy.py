@@ -250,10 +250,10 @@ class EntropyProbe(Probe):
             raise RuntimeError("the entropy probe saw no residual of the last block")
         tokens = self._frame(self._columns)
         source = "topk_entropy" if cfg.window_topk else "entropy"
+        ends = np.cumsum(self.batch.lengths)[:-1]  # each prompt's rows, in batch order
         tokens["window_entropy"] = np.concatenate([
-            window_entropy(g[source].to_numpy(float), cfg.window, start=cfg.window_from,
-                           partial=cfg.window_partial)
-            for _, g in tokens.groupby("prompt_id", sort=False)])
+            window_entropy(h, cfg.window, start=cfg.window_from, partial=cfg.window_partial)
+            for h in np.split(tokens[source].to_numpy(float), ends)])
         if self.compare is not None:
             h, jsd, v = tokens.entropy.to_numpy(float), tokens.jsd.to_numpy(float), ue.weight.shape[0]
             if cfg.tip_thresholds == "fixed":  # else at the run's quantiles (finalize)
@@ -262,27 +262,31 @@ class EntropyProbe(Probe):
                     divergence_threshold=cfg.tip_divergence), dtype="string")
             tokens["tip_weight"] = tip_weight(h, jsd, v, alpha=cfg.tip_alpha, gamma=cfg.tip_gamma)
         out = {"tokens": tokens}
-        bad = self._nonfinite(tokens, "logits", ue.n_layers - 1, CHECKED)
+        bad = self._nonfinite(tokens, "logits", [ue.n_layers - 1], CHECKED)
         if cfg.lens:
-            frames = []
-            for layer in sorted(self._lens):
-                frame = self._frame(self._lens[layer])
-                frame.insert(1, "layer", layer)
-                frames.append(frame)
-                bad += self._nonfinite(frame, "lens", layer, ("lens_entropy",
-                                                              "lens_kl_to_final"))
-            out["token_layers"] = pd.concat(frames, ignore_index=True)
+            layers = sorted(self._lens)
+            lens = self._frame({name: np.concatenate([self._lens[layer][name] for layer in layers])
+                                for name in self._lens[layers[0]]}, layers)
+            bad += self._nonfinite(lens, "lens", layers, ("lens_entropy", "lens_kl_to_final"))
+            out["token_layers"] = lens
         out["nonfinite"] = nonfinite_frame(bad)
         self._forget()
         return out
 
-    def _nonfinite(self, frame: pd.DataFrame, site: str, layer: int,
+    def _nonfinite(self, frame: pd.DataFrame, site: str, layers: list[int],
                    columns: tuple[str, ...]) -> list[dict | None]:
-        """`nonfinite` rows of the scored positions (pos >= 1) of each prompt in `frame`."""
-        present = [c for c in columns if c in frame]
-        return [nonfinite_row(self.name, site, int(prompt_id), layer,
-                              {c: g[c].to_numpy(float)[1:] for c in present}, offset=1)
-                for prompt_id, g in frame.groupby("prompt_id", sort=False) if len(g) > 1]
+        """`nonfinite` rows of the scored positions (pos >= 1) of each prompt in `frame`, a
+        `_frame` of `layers` (its rows: layer, prompt, position)."""
+        lengths = self.batch.lengths
+        starts = np.cumsum(lengths) - np.asarray(lengths)
+        values = {c: frame[c].to_numpy(float).reshape(len(layers), -1)  # (L, N)
+                  for c in columns if c in frame}
+        bad = np.logical_or.reduce([~np.isfinite(v) for v in values.values()]) \
+            & (frame.pos.to_numpy().reshape(len(layers), -1) > 0)
+        return [nonfinite_row(self.name, site, self.batch.prompt_ids[row], layers[i],
+                              {c: v[i, starts[row] + 1:starts[row] + lengths[row]]
+                               for c, v in values.items()}, offset=1)
+                for i, row in zip(*np.nonzero(np.logical_or.reduceat(bad, starts, axis=1)))]
 
     def _compare_hidden(self) -> torch.Tensor:
         """The compare model's final-normed residual rows on the batch, (N, D_q): its forward
@@ -321,19 +325,23 @@ class EntropyProbe(Probe):
         t = self.config.temperature
         return bias if bias is None or t == 1.0 else bias / t
 
-    def _frame(self, values: dict[str, np.ndarray]) -> pd.DataFrame:
-        """Rows (prompt_id, pos) for every real position; pos 0 (no prediction) gets NA."""
-        parts, start = [], 0
-        for _, prompt_id, n in self.batch.rows():
-            part = {"prompt_id": np.full(n, prompt_id), "pos": np.arange(n)}
-            for k, v in values.items():
-                col = np.full(n, None if v.dtype == object else np.nan, dtype=v.dtype
-                              if v.dtype == object else float)
-                col[1:] = v[start:start + n - 1]
-                part[k] = col
-            parts.append(pd.DataFrame(part))
-            start += n - 1
-        frame = pd.concat(parts, ignore_index=True)
+    def _frame(self, values: dict[str, np.ndarray], layers: list[int] | None = None
+               ) -> pd.DataFrame:
+        """Rows (prompt_id, pos) for every real position, in batch order; pos 0 (no prediction)
+        gets NA. With `layers`, those rows for each layer in turn, with column `layer`, and
+        each of `values` holds the layers' (N,) arrays one after another."""
+        lengths, repeat = np.array(self.batch.lengths), 1 if layers is None else len(layers)
+        pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (N,)
+        part = {"prompt_id": np.tile(np.repeat(np.array(self.batch.prompt_ids, dtype=np.int64),
+                                               lengths), repeat)}
+        if layers is not None:
+            part["layer"] = np.repeat(np.array(layers, dtype=np.int64), len(pos))
+        part["pos"] = pos = np.tile(pos, repeat)
+        for k, v in values.items():
+            text = v.dtype == object
+            part[k] = np.full(len(pos), None if text else np.nan, dtype=object if text else float)
+            part[k][pos > 0] = v  # p_pos was computed at pos - 1
+        frame = pd.DataFrame(part)
         for k in ("rank", "top1_id"):
             if k in frame:
                 frame[k] = frame[k].astype("Int64")

@@ -231,15 +231,15 @@ class SinksProbe(Probe):
             "layer": np.repeat(layers, mean.shape[1]),
             "pos": np.tile(np.nonzero(real)[1], n_layers),
             "attn_received": mean.reshape(-1), "attn_received_norm": (mean / uniform).reshape(-1)})
-        applies = {"sink_mass": True, "attn_entropy": True, "value_drain_sink": k < lengths,
-                   "value_drain_rest": lengths > 1}  # the drains are NaN by definition else
+        every = np.ones(rows, dtype=bool)
+        applies = {"sink_mass": every, "attn_entropy": every, "value_drain_sink": k < lengths,
+                   "value_drain_rest": lengths > 1}  # (B,): the drains are NaN by definition else
         bad = np.zeros((n_layers, rows), dtype=bool)  # (L, B)
         for name, where in applies.items():
             bad |= ~np.isfinite(stats[name]).all(-1) & where
-        nonfinite = [nonfinite_row(self.name, "attention", batch.prompt_ids[row], layers[i],
-                                   {c: stats[c][i, row] for c, w in applies.items()
-                                    if np.all(w) or w[row]})
-                     for i, row in zip(*np.nonzero(bad))]  # rare: only where a value is bad
+        nonfinite = [nonfinite_row(self.name, "attention", batch.prompt_ids[row], int(layers[i]),
+                                   {c: stats[c][i, row] for c, w in applies.items() if w[row]})
+                     for i, row in zip(*np.nonzero(bad))]  # only where a value is not finite
         return heads, received, nonfinite
 
     def _residual_tables(self) -> tuple[pd.DataFrame | None, pd.DataFrame | None,

@@ -214,3 +214,22 @@ def test_no_probe_keeps_activations_past_its_hook(tiny_llama):
     assert len(lens) == 2 * n_layers  # two passes over every block
     assert [n for p, n in lens if p == 0][:-1] == [0] * (n_layers - 1)
     assert max(n for _, n in lens) == 1 and lens[-1][1] == 0  # dropped after the last layer
+
+
+def test_tables_built_per_batch_equal_those_of_single_prompts(tiny_llama):
+    """The probes build each table once per batch from padded (L, B, T) buffers: a batch of
+    prompts of different lengths gives the rows of running them one at a time."""
+    import pandas as pd
+
+    prompts = ["a", "The cat sat on the mat.", "Hi there\n\tfriend! " * 4, "x y z"]
+    from tokenprobe.probes import ActivationsConfig, ActivationsProbe
+
+    probes = [ActivationsProbe(ActivationsConfig(abs_threshold=1.0, median_ratio=3.0)),
+              "sinks", "entropy"]  # thresholds low enough for the tiny model's massive rows
+    batched, single = (tokenprobe.run(tiny_llama, prompts, probes, batch_size=b,
+                                      progress=False) for b in (3, 1))
+    assert set(batched.tables) == set(single.tables)
+    for name in batched.tables:
+        a, b = batched.tables[name], single.tables[name]
+        assert len(a) == len(b) and len(a) or name == "nonfinite", name
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-5, obj=name)
