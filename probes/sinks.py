@@ -31,7 +31,7 @@ import torch
 from tokenprobe.kernels.attention import IMPLS
 from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
                               register)
-from tokenprobe.probes.sink_labels import (  # sink_levels_of: re-exported, its old home
+from tokenprobe.probes.sink_labels import (  # noqa: F401 (re-exported: sink_levels_of, ...)
     centered_cosines, label_columns, label_notes, lifetimes, nomassive_cosines, primary_of,
     secondary_sinks, sink_columns, sink_levels_of, sink_rows, token_labels)
 from tokenprobe.probes.sink_measures import (  # re-exported: received_per_key, uniform_received
