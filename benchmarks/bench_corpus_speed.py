@@ -13,7 +13,11 @@ Providers:
                             torch.inference_mode(), logits at every position (HF's default
                             forward; no logits_to_keep), the same padded batches as the run
   tokenprobe_run            tokenprobe.run(loaded, texts, batch_size=B, max_tokens=T,
-                            progress=False): activations + sinks + entropy, tables in memory
+                            progress=False): activations + sinks + entropy, tables in memory,
+                            TOKENPROBE_COMPILE=0 (the entropy sweep's plain tile step)
+  tokenprobe_run_compiled   the same with TOKENPROBE_COMPILE=1: full tiles through the
+                            torch.compile'd step; its first compile happens in the warm-up and
+                            is reported on its own (compile_seconds)
 
 Time: one child process per setting loads the model once, warms both providers up, then runs
 them interleaved (their order alternating from repeat to repeat) and reports the medians.
@@ -44,8 +48,8 @@ from harness import PARAGRAPHS, machine, peak_rss_mb, rss_mb, write_csv  # noqa:
 
 NAME = "corpus_speed"
 MODEL = "smollm2-135m"
-PLAIN, RUN = "plain_forward_all_logits", "tokenprobe_run"
-PROVIDERS = (PLAIN, RUN)
+PLAIN, RUN, COMPILED = "plain_forward_all_logits", "tokenprobe_run", "tokenprobe_run_compiled"
+PROVIDERS = (PLAIN, RUN, COMPILED)
 SETTINGS = {"8x128": (8, 128, 16), "32x64": (32, 64, 64), "1x2048": (1, 2048, 1)}  # B, T, n
 
 
@@ -89,9 +93,12 @@ class Setting:
                 self.loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return self.n_tokens
 
-    def run(self) -> int:
+    def run(self, compiled: bool = False) -> int:
+        import os
+
         import tokenprobe
 
+        os.environ["TOKENPROBE_COMPILE"] = "1" if compiled else "0"
         run = tokenprobe.run(self.loaded, self.texts, batch_size=self.batch,
                              max_tokens=self.tokens, progress=False)
         return len(run.tokens)
@@ -127,9 +134,12 @@ def timed_sections() -> dict[str, float]:
 def time_worker(key: str, repeats: int, threads: int) -> dict:
     setting = Setting(key, threads)
     spent = timed_sections()
-    calls = {PLAIN: setting.plain, RUN: setting.run}
+    calls = {PLAIN: setting.plain, RUN: setting.run, COMPILED: lambda: setting.run(True)}
     counts = {p: calls[p]() for p in PROVIDERS}  # warm-up, and the tokens each one saw
-    if counts[PLAIN] != counts[RUN]:
+    from tokenprobe.kernels.linear_entropy import COMPILE_SECONDS
+
+    compile_seconds = sum(COMPILE_SECONDS.values())
+    if len(set(counts.values())) > 1:
         raise RuntimeError(f"the providers saw different tokens: {counts}")
     seconds = {p: [] for p in PROVIDERS}
     sections = {s: [] for s in spent}
@@ -142,13 +152,14 @@ def time_worker(key: str, repeats: int, threads: int) -> dict:
             if provider == RUN:
                 for s in spent:
                     sections[s].append(spent[s] - before[s])
-    return {"tokens": counts[RUN], "seconds": seconds, "sections": sections}
+    return {"tokens": counts[RUN], "seconds": seconds, "sections": sections,
+            "compile_seconds": compile_seconds}
 
 
 def memory_worker(key: str, provider: str, threads: int) -> dict:
     setting = Setting(key, threads)
     loaded = rss_mb()
-    getattr(setting, "plain" if provider == PLAIN else "run")()
+    setting.plain() if provider == PLAIN else setting.run(provider == COMPILED)
     return {"rss_loaded_mb": loaded, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -183,6 +194,7 @@ def rows_of(key: str, timing: dict, memory: dict[str, dict], where: str) -> list
     add(RUN, "runner_tables_seconds", sections["runner_tables"], 4)
     add(RUN, "runner_tables_share", shares["runner_tables"], 4)
     add(RUN, "repeats", len(timing["seconds"][RUN]), 0)
+    add(COMPILED, "compile_seconds", timing["compile_seconds"], 2)
     return out
 
 

@@ -172,41 +172,130 @@ def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tens
     return tanh_cap(logits, softcap, inplace=True)
 
 
-def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk) -> dict[str, Tensor]:
-    """One pass over the vocabulary for the token chunk h (Tc, D): the running accumulators."""
+def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, best_v: Tensor,
+          best_i: Tensor, v0: int | Tensor, tgt: Tensor | None, ref: Tensor | None, hit: Tensor,
+          count: Tensor, above: Tensor, below: Tensor) -> tuple[Tensor, ...]:
+    """Fold one (Tc, Vc) tile of logits (vocabulary ids v0..) into the running accumulators;
+    returns them updated, in the argument order after `logits`. Pure, so torch.compile can
+    fuse it into a few passes over the tile (`compiled_step`)."""
+    vc, k = logits.shape[1], best_v.shape[1]
+    m_new = torch.maximum(m, logits.amax(1))
+    d = logits - m_new[:, None]  # (Tc, Vc)
+    e = d.exp()
+    alpha = (m - m_new).exp()
+    u = alpha * (u + s * (m - m_new)) + (d * e).sum(1)
+    s = alpha * s + e.sum(1)
+    total = total + logits.sum(1)
+    tv, ti = logits.topk(min(k, vc), dim=1)  # (Tc, k')
+    cand_v, cand_i = torch.cat([best_v, tv], 1), torch.cat([best_i, ti + v0], 1)
+    order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
+    if tgt is not None:
+        inside = (tgt >= v0) & (tgt < v0 + vc)
+        col = (tgt - v0).clamp(0, vc - 1)[:, None]  # (Tc, 1)
+        hit = torch.where(inside, logits.gather(1, col)[:, 0], hit)
+        other = (torch.arange(vc, device=logits.device) + v0)[None, :] != tgt[:, None]
+        gt = (logits > ref[:, None]) & other  # (Tc, Vc)
+        count = count + gt.sum(1)
+        above = torch.minimum(above, torch.where(gt, logits, math.inf).amin(1))
+        below = torch.maximum(below, torch.where(other & ~gt, logits, -math.inf).amax(1))
+    return m_new, s, u, total, best_v, best_i, hit, count, above, below
+
+
+def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: int = 0,
+           compiled: bool = False) -> dict[str, Tensor]:
+    """One pass over the vocabulary for the token chunk h (Tc, D): the running accumulators.
+    With `compiled`, full tiles (token_chunk x vocab_chunk) go through `compiled_step`; a last
+    chunk of at least half token_chunk rows is padded with zero rows (no target) to one."""
+    rows = h.shape[0]
+    if compiled and token_chunk // 2 <= rows < token_chunk:
+        pad = token_chunk - rows
+        h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        if tgt is not None:
+            tgt = torch.cat([tgt, tgt.new_full((pad,), -1)])
+            ref = torch.cat([ref, ref.new_zeros(pad)])
+        return {key: value[:rows] for key, value in _sweep(
+            h, weight, bias, softcap, tgt, ref, k, vocab_chunk, token_chunk=token_chunk,
+            compiled=True).items()}
     tc, v, work, dev = h.shape[0], weight.shape[0], h.dtype, h.device
-    m = torch.full((tc,), NEG, dtype=work, device=dev)
-    s, u, total, hit = (torch.zeros(tc, dtype=work, device=dev) for _ in range(4))
-    best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # (Tc, k) running top-k
-    best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
-    count = torch.zeros(tc, dtype=torch.long, device=dev)
-    above = torch.full((tc,), math.inf, dtype=work, device=dev)
-    below = torch.full((tc,), -math.inf, dtype=work, device=dev)
+    state = (torch.full((tc,), NEG, dtype=work, device=dev),  # m
+             *(torch.zeros(tc, dtype=work, device=dev) for _ in range(3)),  # s, u, total
+             torch.full((tc, k), -math.inf, dtype=work, device=dev),  # best_v: running top-k
+             torch.zeros(tc, k, dtype=torch.long, device=dev),  # best_i
+             torch.zeros(tc, dtype=work, device=dev),  # hit
+             torch.zeros(tc, dtype=torch.long, device=dev),  # count
+             torch.full((tc,), math.inf, dtype=work, device=dev),  # above
+             torch.full((tc,), -math.inf, dtype=work, device=dev))  # below
+    full = compiled and tc == token_chunk
     for v0 in range(0, v, vocab_chunk):
         v1 = min(v0 + vocab_chunk, v)
         logits = _tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], softcap)
-        m_new = torch.maximum(m, logits.amax(1))
-        d = logits - m_new[:, None]  # (Tc, Vc)
-        e = d.exp()
-        alpha = (m - m_new).exp()
-        u = alpha * (u + s * (m - m_new)) + d.mul_(e).sum(1)
-        s, m = alpha * s + e.sum(1), m_new
-        total += logits.sum(1)
-        tv, ti = logits.topk(min(k, v1 - v0), dim=1)  # (Tc, k')
-        cand_v, cand_i = torch.cat([best_v, tv], 1), torch.cat([best_i, ti + v0], 1)
-        order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
-        if tgt is not None:
-            inside = (tgt >= v0) & (tgt < v1)
-            col = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]  # (Tc, 1)
-            hit = torch.where(inside, logits.gather(1, col)[:, 0], hit)
-            other = torch.arange(v0, v1, device=dev)[None, :] != tgt[:, None]  # (Tc, Vc)
-            gt = (logits > ref[:, None]) & other
-            count += gt.sum(1)
-            above = torch.minimum(above, torch.where(gt, logits, math.inf).amin(1))
-            below = torch.maximum(below, torch.where(other & ~gt, logits, -math.inf).amax(1))
-    return {"m": m, "s": s, "u": u, "total": total, "best_v": best_v, "best_i": best_i,
-            "hit": hit, "count": count, "above": above, "below": below}
+        if full and v1 - v0 == vocab_chunk:  # v0 as a tensor: one compiled graph for all tiles
+            state = compiled_step(tgt is not None)(logits, *state[:6], torch.tensor(v0, device=dev),
+                                                   tgt, ref, *state[6:])
+        else:
+            state = _step(logits, *state[:6], v0, tgt, ref, *state[6:])
+    return dict(zip(("m", "s", "u", "total", "best_v", "best_i", "hit", "count", "above",
+                     "below"), state))
+
+
+_COMPILED: dict[bool, object] = {}
+COMPILE_SECONDS: dict[str, float] = {}  # first-use compile time per variant, this process
+COMPILE_ENV = "TOKENPROBE_COMPILE"
+
+
+COMPILE_AFTER = 4e9  # auto: logits of full tiles swept plainly before the step is compiled
+_PLAIN_LOGITS = [0]  # logits of full tiles this process swept with the plain step, eligible
+
+
+def compile_eligible(device: torch.device, work: torch.dtype, n_tokens: int,
+                     token_chunk: int) -> bool:
+    """The compiled step can serve this call: CPU, float32, at least one full token chunk."""
+    return device.type == "cpu" and work == torch.float32 and n_tokens >= token_chunk
+
+
+def compile_wanted(device: torch.device, work: torch.dtype, n_tokens: int,
+                   token_chunk: int) -> bool:
+    """Whether the torch path compiles its tile step: $TOKENPROBE_COMPILE "1" always, "0"
+    never, else ("auto") for an eligible call once this process has swept `COMPILE_AFTER`
+    logits of full tiles plainly (about 2,000 tiles of 512 x 4096, some 20 s of tile
+    epilogues on a 2-core CPU, against a first compile of about 11 s): a short run never
+    compiles, a long one pays the compile once, after it has shown it is long."""
+    import os
+
+    wanted = os.environ.get(COMPILE_ENV, "auto")
+    if wanted in ("0", "1"):
+        return wanted == "1"
+    return (compile_eligible(device, work, n_tokens, token_chunk)
+            and _PLAIN_LOGITS[0] >= COMPILE_AFTER)
+
+
+def compiled_step(with_targets: bool):
+    """`_step` through torch.compile (Inductor: fused, vectorised C++ on CPU), compiled once
+    per process and variant for fixed tile shapes; the first call's time goes to
+    `COMPILE_SECONDS`. If compiling fails (no C++ compiler), a warning, and the plain `_step`
+    runs from then on."""
+    if with_targets not in _COMPILED:
+        compiled = torch.compile(_step, dynamic=False)
+
+        def first(*args):
+            import time
+            import warnings
+
+            start = time.perf_counter()
+            try:
+                out = compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any failure means: run the plain step
+                warnings.warn(f"linear_entropy: torch.compile failed ({type(err).__name__}: "
+                              f"{err}); the plain torch path runs", stacklevel=2)
+                _COMPILED[with_targets] = _step
+                return _step(*args)
+            COMPILE_SECONDS["targets" if with_targets else "plain"] = time.perf_counter() - start
+            _COMPILED[with_targets] = compiled
+            return out
+
+        _COMPILED[with_targets] = first
+    return _COMPILED[with_targets]
 
 
 def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
@@ -221,10 +310,14 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     out["topk_probs"] = torch.empty(t, k, dtype=work, device=dev)
     if targets is not None:
         estimate = _target_estimate(hidden, weight, bias, softcap, targets, work, token_chunk)
+    compiled = compile_wanted(hidden.device, work, t, token_chunk)
+    if not compiled and compile_eligible(hidden.device, work, t, token_chunk):
+        _PLAIN_LOGITS[0] += (t // token_chunk) * token_chunk * (v // vocab_chunk) * vocab_chunk
     for a in range(0, t, token_chunk):
         b = min(a + token_chunk, t)
         tgt, ref = (targets[a:b], estimate[a:b]) if targets is not None else (None, None)
-        acc = _sweep(hidden[a:b].to(work), weight, bias, softcap, tgt, ref, k, vocab_chunk)
+        acc = _sweep(hidden[a:b].to(work), weight, bias, softcap, tgt, ref, k, vocab_chunk,
+                     token_chunk=token_chunk, compiled=compiled)
         log_s = acc["s"].log()
         lse = acc["m"] + log_s
         out["lse"][a:b], out["entropy"][a:b] = lse, log_s - acc["u"] / acc["s"]
@@ -243,7 +336,8 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
             b = min(a + token_chunk, t)
             if bool(bad[a:b].any()):  # the same tiles again, so the same bits
                 count[a:b] = _sweep(hidden[a:b].to(work), weight, bias, softcap, targets[a:b],
-                                    exact[a:b], k, vocab_chunk)["count"]
+                                    exact[a:b], k, vocab_chunk, token_chunk=token_chunk,
+                                    compiled=compiled)["count"]
     return out | _target_outputs(targets, hit, count, out["lse"])
 
 

@@ -300,3 +300,55 @@ def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     got = linear_entropy(hidden, weight, targets=targets, impl=impl, token_chunk=64,
                          vocab_chunk=128)
     assert torch.equal(got["target_rank"], want)
+
+
+def test_compiled_tile_step_matches_the_oracle_and_keeps_ranks_exact(monkeypatch):
+    """The torch path with its tile step through torch.compile (TOKENPROBE_COMPILE=1; on by
+    default for CPU runs of a full token chunk or more): full tiles go through the compiled
+    step, the rest through the plain one, with the same results."""
+    import tokenprobe.kernels.linear_entropy as le
+
+    monkeypatch.setenv(le.COMPILE_ENV, "1")
+    monkeypatch.setattr(le, "_COMPILED", {})
+    monkeypatch.setattr(le, "COMPILE_SECONDS", {})
+    hidden, weight, b, targets = make_case(130, 999, 64, torch.float32, bias=True, softcap=10.0)
+    got = linear_entropy(hidden, weight, bias=b, softcap=10.0, targets=targets, topk=3,
+                         impl="torch", token_chunk=47, vocab_chunk=128)
+    assert "targets" in le.COMPILE_SECONDS  # the compiled step ran (a fallback would not)
+    assert_matches(got, explicit(hidden, weight, b, 10.0, targets, 3), tol=1e-4)
+    check_no_worse_than_plain("torch", torch.float32, (130, 999, 64), token_chunk=47,
+                              vocab_chunk=128)
+    g = torch.Generator().manual_seed(0)  # the exact tie of test_rank_is_exact_on_an_exact_tie
+    hidden = torch.randint(-8, 9, (64, 256), generator=g).float() / 8
+    weight = torch.randint(-8, 9, (300, 256), generator=g).float() / 64
+    targets = torch.randint(0, 300, (64,), generator=g)
+    weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
+    z = logits64(hidden, weight, None, None)
+    want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
+    got = linear_entropy(hidden, weight, targets=targets, impl="torch", token_chunk=64,
+                         vocab_chunk=128)
+    assert torch.equal(got["target_rank"], want)
+    plain = linear_entropy(hidden, weight, impl="torch", token_chunk=64, vocab_chunk=128)
+    assert "plain" in le.COMPILE_SECONDS and torch.equal(plain["topk_ids"], got["topk_ids"])
+
+
+def test_compile_is_automatic_only_for_long_runs_on_cpu(monkeypatch):
+    from tokenprobe.kernels.linear_entropy import COMPILE_ENV, compile_wanted
+
+    import tokenprobe.kernels.linear_entropy as le
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.setattr(le, "_PLAIN_LOGITS", [0])
+    assert not compile_wanted(cpu, torch.float32, 512, 512)  # a short run never compiles
+    hidden, weight = torch.randn(64, 8), torch.randn(40, 8)
+    for _ in range(3):  # 2 x 4 full tiles of 32 x 10 a call, counted while plain
+        linear_entropy(hidden, weight, token_chunk=32, vocab_chunk=10)
+    assert le._PLAIN_LOGITS == [3 * 8 * 320]
+    monkeypatch.setattr(le, "COMPILE_AFTER", 3 * 8 * 320)
+    assert compile_wanted(cpu, torch.float32, 512, 512)  # it has shown it is long
+    assert not compile_wanted(cpu, torch.float32, 511, 512)  # no full chunk to compile for
+    assert not compile_wanted(cpu, torch.float64, 4096, 512)
+    assert not compile_wanted(torch.device("cuda"), torch.float32, 4096, 512)
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not compile_wanted(cpu, torch.float32, 4096, 512)
