@@ -131,6 +131,14 @@ def knockout_mask(base: torch.Tensor, knocked: torch.Tensor, queries: torch.Tens
     return base.expand(bsz, 1, t, s) & ~cut[:, None]
 
 
+def target_queries(n_prompt: int, t: int) -> torch.Tensor:
+    """(T,) bool: the queries that predict the target's tokens (positions n_prompt - 1 ..
+    T - 2 of a prompt of n_prompt tokens followed by the target), for knockout `to="target"`."""
+    queries = torch.zeros(t, dtype=torch.bool)
+    queries[n_prompt - 1:t - 1] = True
+    return queries
+
+
 @contextlib.contextmanager
 def attention_knockout(model: torch.nn.Module, layers: Iterable[int], knocked: torch.Tensor,
                        queries: torch.Tensor | None = None) -> Iterator[None]:
@@ -273,10 +281,7 @@ def attribute(loaded: LoadedModel, prompt: str | Sequence[int], continuation: st
             short = ids.expand(len(pos), t)[keep].view(len(pos), t - 1)  # (b, T - 1)
             emit("removal", "", pos, _score(model, short, m))
     if "knockout" in config.methods:
-        queries = None
-        if config.to == "target":
-            queries = torch.zeros(t, dtype=torch.bool)
-            queries[n_p - 1:t - 1] = True
+        queries = target_queries(n_p, t) if config.to == "target" else None
         for layers in _layer_sets(config, model.config.num_hidden_layers):
             for pos in _batches(chosen, config.batch_size):
                 with attention_knockout(model, layers, torch.tensor(pos), queries):

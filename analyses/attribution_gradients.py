@@ -70,6 +70,21 @@ def ig_parameters(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray
     raise ValueError(f"unknown method {method!r}; use one of {IG_METHODS}")
 
 
+def fill_token_id(tokenizer, kind: str, what: str) -> int:
+    """The token that stands in for absent input: "pad" (the pad token, else eos) or "mask"
+    (the mask token, else unk); ValueError naming `what` (baseline, filler) without one."""
+    if kind == "pad":
+        fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+    else:
+        fill = getattr(tokenizer, "mask_token_id", None)
+        fill = fill if fill is not None else tokenizer.unk_token_id
+    if fill is None:
+        raise ValueError(f"the tokenizer has no {kind} token for the {kind!r} {what}"
+                         + (" (nor unk)" if kind == "mask" else " (nor eos)"))
+    return int(fill)
+
+
 def baseline_ids(loaded: LoadedModel, prompt_ids: Sequence[int], baseline: str
                  ) -> list[int] | None:
     """The baseline's token ids (None for "zero"), special positions kept as in the prompt.
@@ -84,15 +99,8 @@ def baseline_ids(loaded: LoadedModel, prompt_ids: Sequence[int], baseline: str
     if baseline == "zero":
         return None
     if baseline in ("pad", "mask"):
-        if baseline == "pad":
-            fill = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        else:
-            fill = getattr(tok, "mask_token_id", None)
-            fill = fill if fill is not None else tok.unk_token_id
-        if fill is None:
-            raise ValueError(f"the tokenizer has no {baseline} token for the {baseline!r} "
-                             "baseline" + (" (nor unk)" if baseline == "mask" else " (nor eos)"))
-        return [i if i in special else int(fill) for i in ids]
+        fill = fill_token_id(tok, baseline, "baseline")
+        return [i if i in special else fill for i in ids]
     other = list(tok(baseline)["input_ids"])
     if len(other) != len(ids):
         raise ValueError(f"the baseline text has {len(other)} tokens, the prompt {len(ids)}; "

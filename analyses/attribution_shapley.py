@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tokenprobe.analyses.attribution_gradients import fill_token_id
 from tokenprobe.analyses.attribution_targets import Target, score_ids
 from tokenprobe.analyses.attribution_units import Unit
 from tokenprobe.analyses.spans_segment import start_token_id
@@ -19,28 +20,20 @@ ValueFn = Callable[[np.ndarray], np.ndarray]  # (k, n) bool coalitions -> (k,) v
 
 
 def filler_id(tokenizer, filler: str) -> int:
-    """The token that stands in for an absent unit's tokens: "pad" (the pad token, else eos)
-    and "mask" (the mask token, else unk) as `attribution_gradients.baseline_ids` fills its
-    baselines, or any other text that tokenises (add_special_tokens=False) to exactly one token.
+    """The token that stands in for an absent unit's tokens: "pad" and "mask" as
+    `attribution_gradients.fill_token_id` chooses them for baselines, or any other text that
+    tokenises (add_special_tokens=False) to exactly one token.
 
     Raises:
         ValueError: no such special token, or a text of other than one token.
     """
-    if filler == "pad":
-        fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
-    elif filler == "mask":
-        fill = getattr(tokenizer, "mask_token_id", None)
-        fill = fill if fill is not None else tokenizer.unk_token_id
-    else:
-        ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"the filler text {filler!r} is {len(ids)} tokens; it must be "
-                             "exactly one (or use 'pad' / 'mask')")
-        fill = ids[0]
-    if fill is None:
-        raise ValueError(f"the tokenizer has no {filler} token for the {filler!r} filler")
-    return int(fill)
+    if filler in ("pad", "mask"):
+        return fill_token_id(tokenizer, filler, "filler")
+    ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the filler text {filler!r} is {len(ids)} tokens; it must be "
+                         "exactly one (or use 'pad' / 'mask')")
+    return int(ids[0])
 
 
 class UnitGame:

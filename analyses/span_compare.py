@@ -26,7 +26,8 @@ import pandas as pd
 
 from tokenprobe.analyses.spans import assign, edges_of, straddled
 from tokenprobe.analyses.spans_segment import segment
-from tokenprobe.analyses.views import metric_spec, readable_token, token_metric_frame
+from tokenprobe.analyses.views import (metric_spec, readable_token, text_boxes,
+                                       token_metric_frame)
 from tokenprobe.store import Run
 
 __all__ = ["AGGREGATIONS", "default_aggregation", "exact_spans", "span_difference",
@@ -159,9 +160,7 @@ def span_difference(run_a: Run, run_b: Run, prompt_id: int, metric: str, *,
             out[f"{col}_{side}"] = frame[col].to_numpy()
     out["exact"] = out.pop("exact_a") & out.pop("exact_b")
     out["value"] = out.value_b - out.value_a
-    out["shown"] = [readable_token(t) for t in out.text]
-    out["pos"], out["token_id"], out["is_special"] = out.span_id, -1, False
-    out["token"], out["raw"] = out.shown, out.text
+    out = text_boxes(out, "span_id")
     agg = agg or default_aggregation(metric)
     out["tip"] = [f"span {r.span_id} {r.shown!r} | A: {r.value_a:.4g} over {r.tokens_a or '-'}"
                   f" | B: {r.value_b:.4g} over {r.tokens_b or '-'} | B - A {r.value:+.4g} "

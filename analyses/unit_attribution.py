@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from tokenprobe.analyses import attribution_gradients as grads
-from tokenprobe.analyses.attribution import KNOCKOUT_TO, _score, attention_knockout
+from tokenprobe.analyses.attribution import (KNOCKOUT_TO, _score, attention_knockout,
+                                             target_queries)
 from tokenprobe.analyses.attribution_compression import FRACTIONS, compression_curve
 from tokenprobe.analyses.attribution_shapley import ABSENT, UnitGame, shapley
 from tokenprobe.analyses.attribution_targets import Target, resolve_target
@@ -137,10 +138,7 @@ def knockout_units(loaded: LoadedModel, prompt_ids: Sequence[int], units: Sequen
             ids = torch.tensor([list(prompt_ids) + list(opt)], device=device)  # (1, T)
             t, m = ids.shape[1], len(opt)
             base = float(_score(model, ids, m)[0])
-            queries = None
-            if to == "target":
-                queries = torch.zeros(t, dtype=torch.bool)
-                queries[n_p - 1:t - 1] = True
+            queries = target_queries(n_p, t) if to == "target" else None
             for a in range(0, len(units), batch_size):
                 chunk = units[a:a + batch_size]
                 knocked = torch.zeros(len(chunk), t, dtype=torch.bool)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tokenprobe.analyses.views import MissingProbe, model_of, readable_token
+from tokenprobe.analyses.views import MissingProbe, model_of, readable_token, text_boxes
 from tokenprobe.store import Run
 
 LABELS = {"saliency": "saliency: gradient norm over the unit's embeddings",
@@ -56,12 +56,10 @@ def unit_rows(run: Run, prompt_id: int, method: str) -> pd.DataFrame:
 def unit_token_frame(run: Run, prompt_id: int, method: str) -> pd.DataFrame:
     """The prompt's units as boxes for `figures.token_html` (pos = unit_id, one box per unit,
     tooltip with value, standard error and token positions)."""
-    rows = unit_rows(run, prompt_id, method)
-    tips = [f"unit {r.unit_id} {r.shown!r} (tokens {r.positions}) | {method}: {r.value:+.4g}"
-            + (f" ± {r.se:.3g} (SE)" if r.se > 0 else "") for r in rows.itertuples()]
-    return pd.DataFrame({"pos": rows.unit_id, "token_id": -1, "token": rows.shown,
-                         "is_special": False, "shown": rows.shown, "raw": rows.text,
-                         "value": rows.value, "tip": tips})
+    rows = text_boxes(unit_rows(run, prompt_id, method), "unit_id")
+    return rows.assign(tip=[
+        f"unit {r.unit_id} {r.shown!r} (tokens {r.positions}) | {method}: {r.value:+.4g}"
+        + (f" ± {r.se:.3g} (SE)" if r.se > 0 else "") for r in rows.itertuples()])
 
 
 def unit_bars(run: Run, prompt_id: int, method: str, title: str | None = None) -> go.Figure:

@@ -193,6 +193,15 @@ def readable_token(token: str, is_special: bool = False) -> str:
     return display_text(token)
 
 
+def text_boxes(frame: pd.DataFrame, ids: str) -> pd.DataFrame:
+    """`frame` with the columns `figures.token_html` reads, for boxes that are stretches of
+    text (words, prompt units) rather than tokens: pos = the `ids` column, token_id -1, not
+    special, token and shown = `text` with whitespace visible, raw = `text`."""
+    shown = [readable_token(t) for t in frame.text]
+    return frame.assign(pos=frame[ids], token_id=-1, is_special=False, token=shown, shown=shown,
+                        raw=frame.text)
+
+
 def prompt_tokens(run: Run, prompt_id: int) -> pd.DataFrame:
     """The prompt's tokens: pos, token_id, token (readable), raw (exact text), is_special,
     shown (whitespace made visible)."""

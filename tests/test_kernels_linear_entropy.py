@@ -258,19 +258,31 @@ def test_no_tokens_gives_empty_outputs():
     assert got["target_rank"].shape == (0,)
 
 
+def twin_targets(hidden: torch.Tensor, weight: torch.Tensor, g: torch.Generator):
+    """Targets of which every 4th has a twin column (its weight row copied 150 ids on, in
+    another vocab tile of 128), and their exact ranks (float64 logits, strictly larger)."""
+    targets = torch.randint(0, weight.shape[0], (hidden.shape[0],), generator=g)
+    weight[(targets[::4] + 150) % weight.shape[0]] = weight[targets[::4]]
+    z = logits64(hidden, weight, None, None)
+    return targets, 1 + (z > z.gather(1, targets[:, None])).sum(-1)
+
+
+def exact_tie_case():
+    """(hidden, weight, targets, ranks) whose twin logits are equal under any BLAS: entries are
+    multiples of 1/8 and 1/64 with small numerators, so every product and sum is exact."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randint(-8, 9, (64, 256), generator=g).float() / 8
+    weight = torch.randint(-8, 9, (300, 256), generator=g).float() / 64
+    return (hidden, weight, *twin_targets(hidden, weight, g))
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_rank_is_exact_on_an_exact_tie(impl):
     # Every 4th row's target has a twin column (an identical weight row) in another vocab tile.
     # Entries are multiples of 1/8 and 1/64 with small numerators, so every product and partial
     # sum is exact in float32: the two logits are equal under any BLAS and any blocking, and the
     # twin must not count (a ">=" in the rank comparison counts it).
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randint(-8, 9, (64, 256), generator=g).float() / 8
-    weight = torch.randint(-8, 9, (300, 256), generator=g).float() / 64
-    targets = torch.randint(0, 300, (64,), generator=g)
-    weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
-    z = logits64(hidden, weight, None, None)
-    want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
+    hidden, weight, targets, want = exact_tie_case()
     got = linear_entropy(hidden, weight, targets=targets, impl=impl, token_chunk=64,
                          vocab_chunk=128)
     assert torch.equal(got["target_rank"], want)
@@ -291,10 +303,7 @@ def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     # gets some of those ranks wrong by one; the kernel must recount against the tile's value.
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(64, 256, generator=g), torch.randn(300, 256, generator=g) / 16
-    targets = torch.randint(0, 300, (64,), generator=g)
-    weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
-    z = logits64(hidden, weight, None, None)
-    want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
+    targets, want = twin_targets(hidden, weight, g)
     # Where a BLAS rounds the separate dot product exactly like the matmul, no recount is
     # needed; the rank must be exact either way.
     got = linear_entropy(hidden, weight, targets=targets, impl=impl, token_chunk=64,
@@ -318,13 +327,7 @@ def test_compiled_tile_step_matches_the_oracle_and_keeps_ranks_exact(monkeypatch
     assert_matches(got, explicit(hidden, weight, b, 10.0, targets, 3), tol=1e-4)
     check_no_worse_than_plain("torch", torch.float32, (130, 999, 64), token_chunk=47,
                               vocab_chunk=128)
-    g = torch.Generator().manual_seed(0)  # the exact tie of test_rank_is_exact_on_an_exact_tie
-    hidden = torch.randint(-8, 9, (64, 256), generator=g).float() / 8
-    weight = torch.randint(-8, 9, (300, 256), generator=g).float() / 64
-    targets = torch.randint(0, 300, (64,), generator=g)
-    weight[(targets[::4] + 150) % 300] = weight[targets[::4]]
-    z = logits64(hidden, weight, None, None)
-    want = 1 + (z > z.gather(1, targets[:, None])).sum(-1)
+    hidden, weight, targets, want = exact_tie_case()
     got = linear_entropy(hidden, weight, targets=targets, impl="torch", token_chunk=64,
                          vocab_chunk=128)
     assert torch.equal(got["target_rank"], want)
