@@ -71,7 +71,7 @@ class SinksConfig:
     secondary_min: int = 4
     massive_top_k: int = 2
     sink_like_min: int = 5
-    block: int = 256
+    block: int = 64
     impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:

@@ -112,6 +112,7 @@ BREAKS = {  # (op, asked impl, the fast impl, module, launcher, spoil, call)
 def test_a_broken_fast_path_is_caught_and_torch_runs_for_the_rest_of_the_process(
         which, monkeypatch):
     op, asked, fast, module, launcher, spoil, call, output = BREAKS[which]
+    monkeypatch.setattr(attention, "FLASH_FROM", 0)  # "auto" on CPU: flash past FLASH_FROM tokens
     calls = broken(monkeypatch, module, launcher, spoil)
     want = call("torch")
     with pytest.warns(SelfCheckWarning, match=rf"^self-check of {op} impl='{fast}' failed on "
@@ -180,19 +181,25 @@ def test_a_passing_check_is_recorded_and_cached(monkeypatch):
                                                  "passed": True, "error": None}
     assert len(checks) == 1  # the trust outlives the record
     state = torch.get_rng_state()
+    monkeypatch.setattr(attention, "FLASH_FROM", 0)
     call_attention("auto")  # the flash check: its own generator, never the global one
     assert selfcheck.ran()["attention_with_stats"]["checked"]
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_a_run_records_what_each_op_ran(tiny_llama):
+@pytest.mark.parametrize("flash_from", [None, 0])
+def test_a_run_records_what_each_op_ran(tiny_llama, flash_from, monkeypatch):
+    if flash_from is not None:  # "auto" on CPU: flash past FLASH_FROM tokens, torch up to it
+        monkeypatch.setattr(attention, "FLASH_FROM", flash_from)
     call_attention("torch")  # before the run: not in its record
     call_two_model("torch")
     run = tokenprobe.run(tiny_llama, PROMPTS, ["sinks", EntropyProbe(EntropyConfig(impl="triton",
                                                                                   lens=True))],
                          progress=False)
     ok = {"checked": True, "passed": True, "error": None}
-    assert run.meta["kernels"] == {"attention_with_stats": {"impl": "flash", **ok},
+    attended = ({"impl": "flash", **ok} if flash_from == 0 else
+                {"impl": "torch", "checked": False, "passed": None, "error": None})
+    assert run.meta["kernels"] == {"attention_with_stats": attended,
                                    "linear_entropy": {"impl": "triton", **ok},
                                    "two_model_divergence": {"impl": "triton", **ok}}
 
@@ -309,7 +316,9 @@ def test_rank_and_ids_errors_allow_near_ties_and_nothing_else():
 
 
 @pytest.mark.embedded
-def test_the_model_shapes_are_the_embedded_models():
+def test_the_model_shapes_are_the_embedded_models(smollm2, gemma3):
+    """Against the cached configs (the fixtures build both caches: an uncached Gemma GGUF
+    gives describe() no facts)."""
     from tokenprobe.models import describe
 
     for name, shape in cases.MODELS.items():
