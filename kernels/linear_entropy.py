@@ -22,7 +22,9 @@ The rank is exact in the tiles' own arithmetic: the target's logit is picked out
 never taken from a separately rounded dot product. Tiles are compared with an estimate t~ of it
 (computed up front) while the nearest other logits on either side of t~ are tracked; when one
 lies between t~ and the tile's value (a tie at rounding level), the block is recounted against
-the tile's value, whose recomputation is bitwise the same.
+the tile's value, whose recomputation is bitwise the same. On the torch path such tokens (about
+one in a thousand in real text) are first taken out and run again on their own, every statistic
+of theirs from that smaller run, so that a near-tie recounts a few rows, not a token chunk.
 
 Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (token_chunk x
 vocab_chunk tiles, float32 logits even for bf16/fp16 inputs; the CPU path and CUDA fallback),
@@ -298,8 +300,12 @@ def compiled_step(with_targets: bool):
     return _COMPILED[with_targets]
 
 
-def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
-    """Token chunks x vocabulary chunks, float32 (float64 for float64 inputs) tiles."""
+def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk, *,
+             alone: bool = True):
+    """Token chunks x vocabulary chunks, float32 (float64 for float64 inputs) tiles. With
+    `alone`, tokens whose rank the estimate left unresolved are run again by themselves (all
+    their statistics from that run, itself recounted in place); else their chunks are recounted
+    against the tile values."""
     t, v, dev = hidden.shape[0], weight.shape[0], hidden.device
     work = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     out = {key: torch.empty(t, dtype=work, device=dev)
@@ -330,7 +336,15 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
         return out
     hit, count = side["hit"], side["count"]
     bad = ~_resolved(estimate, hit, side["above"], side["below"]) & (targets >= 0)
-    if bool(bad.any()):  # a near-tie at rounding level: recount those blocks against the tile value
+    if alone and bool(bad.any()):  # a near-tie at rounding level: those tokens by themselves
+        rows = bad.nonzero()[:, 0]
+        again = _chunked(hidden[rows], weight, bias, softcap, targets[rows], k, token_chunk,
+                         vocab_chunk, alone=False)
+        out = out | _target_outputs(targets, hit, count, out["lse"])
+        for key, value in again.items():
+            out[key][rows] = value
+        return out
+    if bool(bad.any()):  # recount those blocks against the tile value
         exact = torch.where(targets >= 0, hit, estimate)
         for a in range(0, t, token_chunk):
             b = min(a + token_chunk, t)

@@ -7,6 +7,7 @@ whose last entry is after the final norm.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,19 +51,49 @@ def lower_median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.array(picked)).to(x.dtype)  # np.array: a 0-d array for a scalar
 
 
+def batch_medians(a: torch.Tensor, lengths: list[int], nan: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lower_median`s of a right-padded batch of |h|, as the probe takes them in its hook.
+
+    Args:
+        a: (B, W, D) absolute residuals.
+        lengths: real tokens per row.
+        nan: (B, W) True where a token's values hold a NaN (its max is NaN).
+
+    Returns:
+        (B, W) the median over D of each token, (B,) the median over each prompt's real tokens
+        and dims; NaN where a NaN is among the values (torch.median's rule). On CPU by
+        np.partition (two threads bought nothing inside the forward: torch's own threads
+        still hold the cores).
+    """
+    if a.device.type != "cpu":
+        return a.median(-1).values, torch.stack([a[r, :n].median() for r, n in enumerate(lengths)])
+    x, mid = a.detach().numpy(), (a.shape[-1] - 1) // 2
+    token = torch.from_numpy(np.partition(x, mid, axis=-1)[..., mid])
+    flat = [x[r, :n].reshape(-1) for r, n in enumerate(lengths)]
+    prompt = torch.tensor([np.partition(f, (f.size - 1) // 2)[(f.size - 1) // 2] for f in flat],
+                          dtype=a.dtype)
+    real = torch.arange(nan.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    return (token.masked_fill(nan, math.nan),
+            prompt.masked_fill((nan & real).any(-1), math.nan))
+
+
 def _widen(h: torch.Tensor) -> torch.Tensor:
     """At least fp32 for the reductions (bf16/fp16 residuals are upcast, fp64 kept)."""
     return h if h.dtype == torch.float64 else h.float()
 
 
-def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token magnitude statistics of one sequence's residual stream at one layer.
+def residual_stats(h: torch.Tensor, lengths: list[int] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Per-token magnitude statistics of the residual stream at one layer.
 
     Args:
-        h: (T, D) residual after a block, real tokens only (no padding).
+        h: (T, D) residual after a block, or (B, T, D) for a right-padded batch.
+        lengths: with a batch, each row's real tokens: adds `layer_median` (B,), the lower
+            median of |h| over the row's real tokens and dims (the massive criterion's).
 
     Returns:
-        dict of (T,) tensors: `resid_norm` = ||h[t]||_2, `max_abs` = max_d |h[t, d]|,
+        dict of (T,) or (B, T) tensors: `resid_norm` = ||h[t]||_2, `max_abs` = max_d |h[t, d]|,
         `max_abs_dim` its argmax (int64), `median_abs` = lower median_d |h[t, d]|,
         `cos_to_first` = cos(h[t], h[0]).
     """
@@ -70,12 +101,19 @@ def residual_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
     a = h.abs()
     max_abs, max_dim = a.max(dim=-1)
     norm = torch.linalg.vector_norm(h, dim=-1)
+    if lengths is None:
+        medians = {"median_abs": lower_median(a, dim=-1)}
+    else:
+        medians = dict(zip(("median_abs", "layer_median"),
+                           batch_medians(a, lengths, max_abs.isnan())))
     return {
         "resid_norm": norm,
         "max_abs": max_abs,
         "max_abs_dim": max_dim,
-        "median_abs": lower_median(a, dim=-1),
-        "cos_to_first": (h @ h[0]) / (norm * norm[0]).clamp_min(1e-30),
+        "median_abs": medians.pop("median_abs"),
+        "cos_to_first": torch.linalg.vecdot(h, h[..., :1, :])
+        / (norm * norm[..., :1]).clamp_min(1e-30),
+        **medians,
     }
 
 
@@ -134,17 +172,30 @@ class ActivationsProbe(Probe):
         self._stats = LayerBuffers(batch.n_layers)
 
     def observe(self, site: str, layer: int, tensor: torch.Tensor) -> None:
-        width = max(self.batch.lengths)
-        for row, prompt_id, length in self.batch.rows():
-            h = tensor[row, :length]  # (T, D) real tokens of this prompt
-            for name, value in residual_stats(h).items():
-                self._stats.put(name, layer, (row, slice(0, length)), value,
-                                (len(self.batch.lengths), width))
-            found = massive_activations(h, abs_threshold=self.config.abs_threshold,
-                                        median_ratio=self.config.median_ratio)
-            if len(found["pos"]):
-                self._massive.append({"prompt_id": prompt_id, "layer": layer,
-                                      **{k: v.cpu().numpy() for k, v in found.items()}})
+        """The batch's statistics at once over (B, W, D) (padding positions are reduced too
+        and dropped in `collect`); the layer medians of the massive criterion per prompt."""
+        lengths = self.batch.lengths
+        width = max(lengths)
+        h = _widen(tensor[:, :width])  # (B, W, D)
+        stats = residual_stats(h, lengths)
+        median = stats.pop("layer_median")
+        for name, value in stats.items():
+            self._stats.put(name, layer, (), value, (len(lengths), width))
+        # |h| > abs_threshold and > median_ratio x median: above the larger (NaN median: none)
+        bound = torch.clamp(self.config.median_ratio * median, min=self.config.abs_threshold)
+        real = (torch.arange(width, device=h.device)[None, :]
+                < torch.tensor(lengths, device=h.device)[:, None])  # (B, W)
+        row, pos = ((stats["max_abs"] > bound[:, None]) & real).nonzero(as_tuple=True)
+        value = h[row, pos]  # (K, D): the tokens with an entry above the bound
+        hit, dim = (value.abs() > bound[row, None]).nonzero(as_tuple=True)
+        if len(hit):
+            row, pos, value = row[hit], pos[hit], value[hit, dim]
+            ids = np.array(self.batch.prompt_ids, dtype=np.int64)
+            self._massive.append({
+                "prompt_id": ids[row.cpu().numpy()], "layer": np.full(len(pos), layer, np.int64),
+                **{key: column.cpu().numpy() for key, column in (
+                    ("pos", pos), ("dim", dim), ("value", value),
+                    ("ratio_to_median", value.abs() / median[row]))}})
 
     def collect(self) -> dict[str, pd.DataFrame]:
         """The batch's tables, each built once: `token_layers` from the (L, B, T) buffers (rows:
@@ -175,11 +226,5 @@ class ActivationsProbe(Probe):
 
 
 def _massive_frame(found: list[dict]) -> pd.DataFrame:
-    """Table `massive` from the hooks' finds: one dict per (prompt, layer) with entries, its
-    arrays (N,) each."""
-    counts = [len(f["pos"]) for f in found]
-    return pd.DataFrame({
-        "prompt_id": np.repeat(np.array([f["prompt_id"] for f in found], dtype=np.int64), counts),
-        "layer": np.repeat(np.array([f["layer"] for f in found], dtype=np.int64), counts),
-        **{key: np.concatenate([f[key] for f in found])
-           for key in ("pos", "dim", "value", "ratio_to_median")}})
+    """Table `massive` from the hooks' finds: one dict of (N,) arrays per layer with entries."""
+    return pd.DataFrame({key: np.concatenate([f[key] for f in found]) for key in found[0]})

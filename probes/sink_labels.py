@@ -163,13 +163,16 @@ def sink_columns(stats: dict[str, np.ndarray], primary: np.ndarray, start: np.nd
             "max_cos": np.where(is_primary, 1.0, stats["max_cos"].astype(np.float64))[rows]}
 
 
-def _cosines(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """(T, D) and (C, D) -> (C, T) cosines; 0 where either vector is zero."""
-    norms = torch.linalg.vector_norm(ref, dim=-1)[:, None] * torch.linalg.vector_norm(x, dim=-1)
-    return (ref @ x.T) / norms.clamp_min(EPS)
+def cosines(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(..., T, D) and (..., C, D) -> (..., C, T) cosines by one matmul; 0 where either vector
+    is zero (the raw criterion: Wong et al.'s cosine of the residuals)."""
+    norms = (torch.linalg.vector_norm(ref, dim=-1)[..., :, None]
+             * torch.linalg.vector_norm(x, dim=-1)[..., None, :])
+    return (ref @ x.transpose(-1, -2)) / norms.clamp_min(EPS)
 
 
-def centered_cosines(x: torch.Tensor, candidates: list[int]) -> torch.Tensor:
+def centered_cosines(x: torch.Tensor, candidates: list[int],
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine of every token's centred residual to each candidate's (tokenprobe's variant).
 
     The centre is the mean of x over the positions that are not candidates (none left: no
@@ -177,27 +180,31 @@ def centered_cosines(x: torch.Tensor, candidates: list[int]) -> torch.Tensor:
     shares (Gemma 3's dim 163) decides the cosine.
 
     Args:
-        x: (T, D) residuals of one prompt at one layer.
-        candidates: the C candidate positions (< T).
+        x: (T, D) residuals of one prompt at one layer, or (B, T, D) of a right-padded batch.
+        candidates: the C candidate positions (< T, and < every length).
+        lengths: (B,) real tokens per row of a batch (the centre is over those); None: all.
 
     Returns:
-        (C, T) cos(x_t - mu, x_c - mu).
+        (C, T) or (B, C, T) cos(x_t - mu, x_c - mu).
     """
-    others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    others = torch.ones(x.shape[-2], dtype=torch.bool, device=x.device)
     others[candidates] = False
-    mu = x[others].mean(0) if bool(others.any()) else torch.zeros_like(x[0])  # (D,)
-    centred = x - mu  # (T, D)
-    return _cosines(centred, centred[candidates])
+    others = others.expand(x.shape[:-1]) if lengths is None else others & (
+        torch.arange(x.shape[-2], device=x.device) < lengths.to(x.device)[:, None])  # (B, T)
+    count = others.sum(-1, keepdim=True)  # (..., 1)
+    mu = (x * others[..., None]).sum(-2) / count.clamp_min(1)  # (..., D); 0 when none left
+    centred = x - mu[..., None, :]
+    return cosines(centred, centred[..., candidates, :])
 
 
 def massive_dims(ref: torch.Tensor, top_k: int) -> torch.Tensor:
     """The `top_k` dims of largest |h| of each candidate's residual.
 
     Args:
-        ref: (C, D) candidate residuals.
+        ref: (..., C, D) candidate residuals.
 
     Returns:
-        (C, min(top_k, D)) int64 dim indices.
+        (..., C, min(top_k, D)) int64 dim indices.
     """
     return ref.abs().topk(min(top_k, ref.shape[-1]), dim=-1).indices
 
@@ -209,20 +216,20 @@ def nomassive_cosines(x: torch.Tensor, candidates: list[int], *, top_k: int = 2
     dropped from both vectors of its cosines; top_k = 0 is the raw cosine.
 
     Args:
-        x: (T, D) residuals of one prompt at one layer.
+        x: (T, D) residuals of one prompt at one layer, or (B, T, D).
         candidates: the C candidate positions (< T).
         top_k: dims removed per candidate.
 
     Returns:
-        (C, T) cosines over the remaining dims.
+        (C, T) or (B, C, T) cosines over the remaining dims.
     """
-    ref = x[candidates]  # (C, D)
+    ref = x[..., candidates, :]  # (..., C, D)
     keep = torch.ones_like(ref)
-    keep.scatter_(1, massive_dims(ref, top_k), 0.0)  # (C, D): 0 at the dropped dims
+    keep.scatter_(-1, massive_dims(ref, top_k), 0.0)  # (..., C, D): 0 at the dropped dims
     kept = ref * keep
-    x_norms = ((x * x) @ keep.T).clamp_min(0).sqrt().T  # (C, T): ||x_t|| over c's kept dims
-    norms = torch.linalg.vector_norm(kept, dim=-1)[:, None] * x_norms
-    return (kept @ x.T) / norms.clamp_min(EPS)
+    x_norms = ((x * x) @ keep.transpose(-1, -2)).clamp_min(0).sqrt().transpose(-1, -2)
+    norms = torch.linalg.vector_norm(kept, dim=-1)[..., :, None] * x_norms  # (..., C, T)
+    return (kept @ x.transpose(-1, -2)) / norms.clamp_min(EPS)
 
 
 def longest_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@ attention received and its uniform-causal baseline, Gu et al.'s sink rate per pr
 run, and the late-peak note on attention received. Registers no probe."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -31,18 +33,23 @@ def value_norms(w_o: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Ten
     return quad.clamp_min(0).sqrt()
 
 
-def received_per_key(received: torch.Tensor, heads: int) -> torch.Tensor:
+def received_per_key(received: torch.Tensor, heads: int,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
     """`attn_received` from the attention kernel's column sums.
 
     Args:
-        received: (T,) sum over heads and real queries of A[i, k] for one prompt's T real keys.
+        received: (T,) sum over heads and real queries of A[i, k] for one prompt's T real keys,
+            or (B, W) for a right-padded batch.
         heads: number of query heads H.
+        lengths: (B,) real tokens per row of a batch (NaN past them); None: T.
 
     Returns:
-        (T,) the mean over heads and over the queries i >= k: received / (H (T - k)).
+        (T,) or (B, W): the mean over heads and over the queries i >= k: received / (H (T - k)).
     """
-    t = received.shape[0]
-    return received / (heads * (t - torch.arange(t, device=received.device)))
+    t = received.shape[-1]
+    n = torch.tensor(t) if lengths is None else lengths.to(received.device)[:, None]
+    later = n - torch.arange(t, device=received.device)  # queries i >= k
+    return torch.where(later > 0, received / (heads * later.clamp_min(1)), math.nan)
 
 
 def uniform_received(n: int) -> np.ndarray:

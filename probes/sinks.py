@@ -32,8 +32,8 @@ from tokenprobe.kernels.attention import IMPLS
 from tokenprobe.probe import (Batch, LayerBuffers, Probe, nonfinite_frame, nonfinite_row,
                               register)
 from tokenprobe.probes.sink_labels import (  # noqa: F401 (re-exported: sink_levels_of, ...)
-    centered_cosines, label_columns, label_notes, lifetimes, nomassive_cosines, primary_of,
-    secondary_sinks, sink_columns, sink_levels_of, sink_rows, token_labels)
+    centered_cosines, cosines, label_columns, label_notes, lifetimes, nomassive_cosines,
+    primary_of, secondary_sinks, sink_columns, sink_levels_of, sink_rows, token_labels)
 from tokenprobe.probes.sink_measures import (  # re-exported: received_per_key, uniform_received
     RUN_SINK_RATE, received_notes, received_per_key, uniform_received, value_norms)
 from tokenprobe.tables import Column, Table
@@ -166,38 +166,46 @@ class SinksProbe(Probe):
             self._residual(layer, payload)
 
     def _attention(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
-        k = self.config.k_pos
+        k, lengths = self.config.k_pos, self.batch.lengths
         rows, heads = stats["sink_mass"].shape
-        width = max(self.batch.lengths)
-        norms = value_norms(stats["w_o"], stats["value"], heads)  # (B, H, S)
-        for row, _, n in self.batch.rows():
-            vn = norms[row, :, :n]  # (H, T)
-            rest = torch.cat([vn[:, :k], vn[:, k + 1:]], dim=1)
-            nan = torch.full((heads,), float("nan"))
-            for name, value in {
-                    "sink_mass": stats["sink_mass"][row],
-                    "attn_entropy": stats["attn_entropy"][row],
-                    "value_drain_sink": vn[:, k] if k < n else nan,
-                    "value_drain_rest": rest.mean(-1) if rest.shape[1] else nan}.items():
-                self._attn.put(name, layer, (row,), value, (rows, heads))
-            self._attn.put("attn_received", layer, (row, slice(0, n)),
-                           received_per_key(stats["received"][row, :n], heads), (rows, width))
+        width = max(lengths)
+        norms = value_norms(stats["w_o"], stats["value"], heads)[..., :width]  # (B, H, W)
+        pos = torch.arange(width, device=norms.device)
+        real = pos < torch.tensor(lengths, device=norms.device)[:, None]  # (B, W)
+        rest = real & (pos != k)  # the drains' other tokens; none left: 0 / 0 = NaN
+        sink = (norms[..., k] if k < width else norms.new_full((rows, heads), math.nan))
+        for name, value in {
+                "sink_mass": stats["sink_mass"], "attn_entropy": stats["attn_entropy"],
+                "value_drain_sink": torch.where(real[:, k:k + 1], sink, math.nan)
+                if k < width else sink,
+                "value_drain_rest": torch.where(rest[:, None], norms, 0).sum(-1)
+                / rest.sum(-1, keepdim=True)}.items():
+            self._attn.put(name, layer, (), value, (rows, heads))
+        self._attn.put("attn_received", layer, (), received_per_key(
+            stats["received"][:, :width], heads, torch.tensor(lengths)), (rows, width))
 
     def _residual(self, layer: int, h: torch.Tensor) -> None:
-        rows, width = len(self.batch.lengths), max(self.batch.lengths)
-        most = len(self.config.candidates)
-        for row, _, n in self.batch.rows():
-            cands = [c for c in self.config.candidates if c < n]
-            x = h[row, :n].float()  # (T, D)
-            ref = x[cands]  # (C, D)
-            self._resid.put("norms", layer, (row, slice(0, len(cands))),
-                            torch.linalg.vector_norm(ref, dim=-1), (rows, most))
-            for name, cos in zip(CRITERIA, (  # (C, T) each
-                    torch.nn.functional.cosine_similarity(x[None], ref[:, None], dim=-1),
-                    centered_cosines(x, cands),
+        """Candidate norms and the three cosines, for the rows holding every candidate at once,
+        for shorter rows (fewer candidates) one at a time."""
+        lengths, candidates = self.batch.lengths, list(self.config.candidates)
+        full = [row for row, n in enumerate(lengths) if n > max(candidates)]
+        groups = [(full, candidates)] if full else []
+        groups += [([row], [c for c in candidates if c < n])
+                   for row, n in enumerate(lengths) if n <= max(candidates)]
+        shape = (len(lengths), len(candidates))
+        for rows, cands in groups:
+            width = max(lengths[row] for row in rows)
+            n = torch.tensor([lengths[row] for row in rows])
+            x = h[rows, :width].float()  # (R, W, D)
+            ref = x[:, cands]  # (R, C, D)
+            self._resid.put("norms", layer, (rows, slice(0, len(cands))),
+                            torch.linalg.vector_norm(ref, dim=-1), shape)
+            for name, cos in zip(CRITERIA, (  # (R, C, W) each (padding: dropped in collect)
+                    cosines(x, ref),
+                    centered_cosines(x, cands, n),
                     nomassive_cosines(x, cands, top_k=self.config.massive_top_k))):
-                self._resid.put(name, layer, (row, slice(0, len(cands)), slice(0, n)), cos,
-                                (rows, most, width))
+                self._resid.put(name, layer, (rows, slice(0, len(cands)), slice(0, width)),
+                                cos, (*shape, max(lengths)))
 
     def collect(self) -> dict[str, pd.DataFrame]:
         """The batch's tables, each built once from the layer buffers (rows: layer, prompt,

@@ -126,8 +126,11 @@ def test_massive_table_equals_reference_with_low_thresholds(tiny_llama):
         expected = reference_massive(h, 0.5, 4.0)
         mine = m[m.prompt_id == prompt_id]
         assert set(zip(mine.layer, mine.pos, mine.dim)) == expected
+        medians = [np.sort(np.abs(hl).ravel())[(hl.size - 1) // 2] for hl in h.numpy()]
         for row in mine.itertuples():
             np.testing.assert_allclose(row.value, h[row.layer, row.pos, row.dim], rtol=1e-5)
+            np.testing.assert_allclose(row.ratio_to_median, abs(row.value) / medians[row.layer],
+                                       rtol=1e-5)  # this prompt's own layer median
 
 
 def test_bos_model_records_special_first_token(tiny_gemma3, tiny_llama):
@@ -151,3 +154,21 @@ def test_layer_buffers_fill_per_layer_and_keep_dtypes():
     assert norm[2, 1, :2].tolist() == [1.5, 2.5] and np.isnan(norm[2, 1, 2:]).all()
     assert norm[0, 0].tolist() == [0, 1, 2, 3] and np.isnan(norm[1]).all()
     assert buffers["dim"].dtype == np.int64 and buffers["dim"][2].tolist() == [0, 7]
+
+
+def test_batch_medians_are_torch_medians_with_padding_and_nan():
+    """The hook's medians of a right-padded batch: per token and per prompt (its real tokens
+    only) the same element as torch.median, NaN where a NaN is."""
+    from tokenprobe.probes.activations import batch_medians
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, 10, generator=g).abs()
+    lengths = [7, 4, 2]
+    a[0, 2, 3] = float("nan")
+    a[1, 5, 0] = float("nan")  # padding: must not touch prompt 1
+    a[2, 1, 4] = float("inf")
+    token, prompt = batch_medians(a, lengths, a.amax(-1).isnan())
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(token[row, :n], a[row, :n].median(-1).values, equal_nan=True)
+        torch.testing.assert_close(prompt[row], a[row, :n].median(), equal_nan=True)
+    assert prompt.isnan().tolist() == [True, False, False]

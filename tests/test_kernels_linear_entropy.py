@@ -311,6 +311,22 @@ def test_rank_is_exact_when_a_tie_hides_behind_rounding(impl):
     assert torch.equal(got["target_rank"], want)
 
 
+def test_a_near_tie_runs_only_its_own_tokens_again(monkeypatch):
+    """The unresolved tokens (here the twins' rows) are swept again by themselves, not their
+    whole token chunk: a near-tie in one token of 512 must not double the op's time."""
+    import tokenprobe.kernels.linear_entropy as le
+
+    swept, sweep = [], le._sweep
+    monkeypatch.setattr(le, "_sweep", lambda h, *a, **k: swept.append(len(h)) or sweep(h, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(64, 256, generator=g), torch.randn(300, 256, generator=g) / 16
+    targets, want = twin_targets(hidden, weight, g)
+    got = linear_entropy(hidden, weight, targets=targets, impl="torch", token_chunk=64,
+                         vocab_chunk=128)
+    assert torch.equal(got["target_rank"], want)
+    assert swept[0] == 64 and len(swept) > 1 and max(swept[1:]) <= 16  # 16 twin rows
+
+
 def test_compiled_tile_step_matches_the_oracle_and_keeps_ranks_exact(monkeypatch):
     """The torch path with its tile step through torch.compile (TOKENPROBE_COMPILE=1; on by
     default for CPU runs of a full token chunk or more): full tiles go through the compiled

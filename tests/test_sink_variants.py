@@ -303,3 +303,19 @@ def test_the_sink_and_the_last_key_both_exceed_uniform(fixture, request):
     assert mean.drop([0, 1]).idxmax() >= 0.9 * last  # the late peak the diagnostic names
     assert "attn_received_norm (ratio to uniform causal attention) peaks there too" in notes(run)
     assert isinstance(run.sink_labels, pd.DataFrame)
+
+
+def test_a_padded_batch_labels_as_each_prompt_alone(tiny_llama):
+    """The hooks reduce a right-padded batch at once: padding stays out of every cosine and of
+    the centre, and a prompt too short for every candidate is reduced on its own."""
+    texts = ["the cat sat on the mat and the dog sat on the rug", "a b c d e", "x"]
+    config = SinksConfig(cos_threshold=0.3, primary_margin=1, secondary_min=0)
+    together = tokenprobe.run(tiny_llama, texts, [SinksProbe(config)], batch_size=3,
+                              progress=False)
+    alone = tokenprobe.run(tiny_llama, texts, [SinksProbe(config)], batch_size=1,
+                           progress=False)
+    assert together.prompts.n_tokens.min() <= max(config.candidates)  # the short-row path
+    for table in ("sink_labels", "sinks", "token_layers", "heads"):
+        got, want = getattr(together, table), getattr(alone, table)
+        assert len(got) == len(want) > 0, table
+        pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-6)

@@ -116,11 +116,16 @@ class PartsSQL:
             listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in found)
             self._con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
                               f"read_parquet([{listed}], union_by_name = true)")
-        for name, frame in (frames or {}).items():
-            self._con.register(name, frame)
-        for name in [*(files or {}), *(frames or {})]:
+        for name in files or {}:
             self._columns[name] = [r[0] for r in self._con.execute(
                 f'DESCRIBE "{name}"').fetchall()]
+        self.register(frames or {})
+
+    def register(self, frames: dict[str, pd.DataFrame]) -> None:
+        """Views over tables held in memory (a name registered before now reads the new one)."""
+        for name, frame in frames.items():
+            self._con.register(name, frame)
+            self._columns[name] = [str(c) for c in frame.columns]
 
     def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
         return self._con.execute(query, params).df()
@@ -323,11 +328,10 @@ class RunWriter:
             stats = statistics(sql) if statistics else {}
             if finalize is not None and rewrites:
                 if memory:
-                    frames.update(finalize({n: frames[n] for n in rewrites if n in frames},
-                                           stats))
-                    frames = {n: conform(n, f) for n, f in frames.items()}
-                    sql.close()
-                    sql = PartsSQL(frames=frames)
+                    rewritten = {n: conform(n, f) for n, f in finalize(
+                        {n: frames[n] for n in rewrites if n in frames}, stats).items()}
+                    frames.update(rewritten)
+                    sql.register(rewritten)
                 else:
                     for index in done:
                         self._rewrite(index, rewrites, finalize, stats)
