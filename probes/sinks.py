@@ -58,7 +58,8 @@ class SinksConfig:
         sink_like_min: this many consecutive layers outside the searched ones with |cos| >
             cos_threshold make a token `sink_like` (table `sink_labels`; tokenprobe's: 5, the
             shortest lifetime Wong et al.'s defaults call secondary).
-        block: queries per block in the attention statistics.
+        block: queries per block in the attention statistics (None: 32 for prompts up to 128
+            tokens, else 64).
         impl: attention-statistics implementation ("auto", "torch", "flash", "triton",
             "reference"; see kernels/attention.py).
     """
@@ -71,14 +72,14 @@ class SinksConfig:
     secondary_min: int = 4
     massive_top_k: int = 2
     sink_like_min: int = 5
-    block: int = 64
+    block: int | None = None
     impl: str = field(default="auto", metadata={"choices": IMPLS})
 
     def __post_init__(self) -> None:
         if min(self.k_pos, self.primary_margin, self.secondary_min, self.massive_top_k) < 0 \
-                or min(self.block, self.sink_like_min) < 1:
+                or min(1 if self.block is None else self.block, self.sink_like_min) < 1:
             raise ValueError("k_pos, primary_margin, secondary_min and massive_top_k must be "
-                             ">= 0 and block and sink_like_min >= 1, got "
+                             ">= 0 and block (or None) and sink_like_min >= 1, got "
                              f"{self.k_pos}, {self.primary_margin}, {self.secondary_min}, "
                              f"{self.massive_top_k}, {self.block}, {self.sink_like_min}")
         if not (math.isfinite(self.eps) and 0 <= self.cos_threshold <= 1):

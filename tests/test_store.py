@@ -227,3 +227,29 @@ def test_save_keeps_a_resumable_run_staged_at_the_same_target(tmp_path, tiny_lla
     tokenprobe.run(tiny_llama, ["a b"], ["activations"], progress=False).save(target)
     assert (checkpoint / "part-000000.parquet").read_bytes() == b"a finished window"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.partial", "r"]
+
+
+def test_join_and_conform_keep_rows_types_and_inputs():
+    """join puts two probes' columns of one table side by side on its keys: the same rows in
+    the same order (the hooks' usual case), in another order, or only partly shared; conform
+    gives the declared dtypes and never changes its input."""
+    from tokenprobe.tables import conform, join
+
+    keys = {"prompt_id": [0, 0, 1], "layer": [0, 1, 0], "pos": [0, 0, 0]}
+    left = pd.DataFrame({**keys, "resid_norm": [1.0, 2.0, 3.0]})
+    right = pd.DataFrame({**keys, "attn_received": [0.1, 0.2, 0.3]})
+    want = pd.DataFrame({**keys, "resid_norm": [1.0, 2.0, 3.0], "attn_received": [0.1, 0.2, 0.3]})
+    want = conform("token_layers", want)
+    for other in (right, right.iloc[::-1]):
+        got = join("token_layers", left, other).sort_values(["prompt_id", "layer", "pos"],
+                                                            ignore_index=True)
+        pd.testing.assert_frame_equal(got, want)
+    partial = join("token_layers", left, right.iloc[1:]).sort_values(
+        ["prompt_id", "layer", "pos"], ignore_index=True)
+    assert partial.attn_received.isna().tolist() == [True, False, False]
+    ints = pd.DataFrame({**keys, "max_abs_dim": [1.0, 2.0, 3.0]})
+    assert str(conform("token_layers", ints).max_abs_dim.dtype) == "int64"
+    assert ints.max_abs_dim.dtype == "float64"  # the input as it was
+    empty = conform("token_layers", None)
+    empty["added"] = []  # a caller's change to an empty table stays its own
+    assert "added" not in conform("token_layers", None).columns

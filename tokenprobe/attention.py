@@ -35,7 +35,7 @@ class _Observer:
     lengths: torch.Tensor
     k_pos: int
     impl: str
-    block: int
+    block: int | None
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     out, stats = attention_with_stats(
         query, key, value, mask, lengths, scaling=scaling if scaling is not None else dh ** -0.5,
         softcap=softcap, k_pos=observer.k_pos if observer else 0, gamma=gamma,
-        block=observer.block if observer else 64, impl=observer.impl if observer else "auto")
+        block=observer.block if observer else None, impl=observer.impl if observer else "auto")
     if observer is not None:  # the value states and W_O for statistics of the values
         observer.observe("attention", layer, {**stats, "value": value,
                                               "w_o": output_weight(module)})
@@ -145,7 +145,8 @@ def _switched(model: PreTrainedModel, update: Callable[[_State], _State]) -> Ite
 
 
 def observing(model: PreTrainedModel, observe: Callable[[str, int, dict], None],
-              lengths: torch.Tensor, *, k_pos: int = 0, impl: str = "auto", block: int = 64):
+              lengths: torch.Tensor, *, k_pos: int = 0, impl: str = "auto",
+              block: int | None = None):
     """Route `model`'s attention through tokenprobe and send per-layer stats to `observe`."""
     observer = _Observer(observe, lengths, k_pos, impl, block)
     return _switched(model, lambda s: _State(observer, s.gamma))
