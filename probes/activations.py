@@ -70,9 +70,13 @@ def batch_medians(a: torch.Tensor, lengths: list[int], nan: torch.Tensor
         return a.median(-1).values, torch.stack([a[r, :n].median() for r, n in enumerate(lengths)])
     x, mid = a.detach().numpy(), (a.shape[-1] - 1) // 2
     token = torch.from_numpy(np.partition(x, mid, axis=-1)[..., mid])
-    flat = [x[r, :n].reshape(-1) for r, n in enumerate(lengths)]
-    prompt = torch.tensor([np.partition(f, (f.size - 1) // 2)[(f.size - 1) // 2] for f in flat],
-                          dtype=a.dtype)
+    prompt = torch.empty(len(lengths), dtype=a.dtype)
+    for n in set(lengths):  # the prompts of one length in one selection (often all of them)
+        rows = [r for r, m in enumerate(lengths) if m == n]
+        same = x[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else x[rows]
+        mid_n = (n * x.shape[-1] - 1) // 2
+        prompt[rows] = torch.from_numpy(np.partition(
+            same[:, :n].reshape(len(rows), -1), mid_n, axis=-1)[:, mid_n])
     real = torch.arange(nan.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     return (token.masked_fill(nan, math.nan),
             prompt.masked_fill((nan & real).any(-1), math.nan))

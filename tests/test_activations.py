@@ -156,14 +156,15 @@ def test_layer_buffers_fill_per_layer_and_keep_dtypes():
     assert buffers["dim"].dtype == np.int64 and buffers["dim"][2].tolist() == [0, 7]
 
 
-def test_batch_medians_are_torch_medians_with_padding_and_nan():
+@pytest.mark.parametrize("lengths", [[7, 4, 2, 7, 4], [7, 4, 4, 4, 2]])
+def test_batch_medians_are_torch_medians_with_padding_and_nan(lengths):
     """The hook's medians of a right-padded batch: per token and per prompt (its real tokens
-    only) the same element as torch.median, NaN where a NaN is."""
+    only; prompts of one length together, adjacent or not) the same element as torch.median,
+    NaN where a NaN is."""
     from tokenprobe.probes.activations import batch_medians
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 7, 10, generator=g).abs()
-    lengths = [7, 4, 2]
+    a = torch.randn(5, 7, 10, generator=g).abs()
     a[0, 2, 3] = float("nan")
     a[1, 5, 0] = float("nan")  # padding: must not touch prompt 1
     a[2, 1, 4] = float("inf")
@@ -171,4 +172,4 @@ def test_batch_medians_are_torch_medians_with_padding_and_nan():
     for row, n in enumerate(lengths):
         torch.testing.assert_close(token[row, :n], a[row, :n].median(-1).values, equal_nan=True)
         torch.testing.assert_close(prompt[row], a[row, :n].median(), equal_nan=True)
-    assert prompt.isnan().tolist() == [True, False, False]
+    assert prompt.isnan().tolist() == [True, False, False, False, False]
