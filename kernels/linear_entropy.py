@@ -174,24 +174,22 @@ def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tens
     return tanh_cap(logits, softcap, inplace=True)
 
 
-def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, best_v: Tensor,
-          best_i: Tensor, v0: int | Tensor, tgt: Tensor | None, ref: Tensor | None, hit: Tensor,
-          count: Tensor, above: Tensor, below: Tensor) -> tuple[Tensor, ...]:
+def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, v0: int | Tensor,
+          tgt: Tensor | None, ref: Tensor | None, hit: Tensor, count: Tensor, above: Tensor,
+          below: Tensor) -> tuple[Tensor, ...]:
     """Fold one (Tc, Vc) tile of logits (vocabulary ids v0..) into the running accumulators;
-    returns them updated, in the argument order after `logits`. Pure, so torch.compile can
-    fuse it into a few passes over the tile (`compiled_step`)."""
-    vc, k = logits.shape[1], best_v.shape[1]
-    m_new = torch.maximum(m, logits.amax(1))
+    returns them updated, in the argument order after `logits` (without v0, tgt, ref), then
+    the tile's row max. Pure, so torch.compile can fuse it into a few passes over the tile
+    (`compiled_step`); the top-k merge is `_merge_topk`'s."""
+    vc = logits.shape[1]
+    tile_max = logits.amax(1)
+    m_new = torch.maximum(m, tile_max)
     d = logits - m_new[:, None]  # (Tc, Vc)
     e = d.exp()
     alpha = (m - m_new).exp()
     u = alpha * (u + s * (m - m_new)) + (d * e).sum(1)
     s = alpha * s + e.sum(1)
     total = total + logits.sum(1)
-    tv, ti = logits.topk(min(k, vc), dim=1)  # (Tc, k')
-    cand_v, cand_i = torch.cat([best_v, tv], 1), torch.cat([best_i, ti + v0], 1)
-    order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
     if tgt is not None:
         inside = (tgt >= v0) & (tgt < v0 + vc)
         col = (tgt - v0).clamp(0, vc - 1)[:, None]  # (Tc, 1)
@@ -201,7 +199,30 @@ def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, best_v
         count = count + gt.sum(1)
         above = torch.minimum(above, torch.where(gt, logits, math.inf).amin(1))
         below = torch.maximum(below, torch.where(other & ~gt, logits, -math.inf).amax(1))
-    return m_new, s, u, total, best_v, best_i, hit, count, above, below
+    return m_new, s, u, total, hit, count, above, below, tile_max
+
+
+def _merge_topk(logits: Tensor, best_v: Tensor, best_i: Tensor, tile_max: Tensor, v0: int
+                ) -> tuple[Tensor, Tensor]:
+    """The running top-k (Tc, k) merged with a tile's, for the rows where the tile has a logit
+    above their k-th best (or a NaN): after the first tiles most rows have none, and
+    torch.topk costs about a quarter of the tile's matmul. Ties keep the earlier id."""
+    k = best_v.shape[1]
+    need = ~(tile_max <= best_v[:, -1])  # NaN: merged, as topk orders it
+    if not bool(need.any()):
+        return best_v, best_i
+    rows = None if bool(need.all()) else need.nonzero()[:, 0]
+    tile = logits if rows is None else logits[rows]
+    tv, ti = tile.topk(min(k, tile.shape[1]), dim=1)  # (R, k')
+    old_v, old_i = (best_v, best_i) if rows is None else (best_v[rows], best_i[rows])
+    cand_v, cand_i = torch.cat([old_v, tv], 1), torch.cat([old_i, ti + v0], 1)
+    order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    new_v, new_i = cand_v.gather(1, order), cand_i.gather(1, order)
+    if rows is None:
+        return new_v, new_i
+    best_v, best_i = best_v.clone(), best_i.clone()
+    best_v[rows], best_i[rows] = new_v, new_i
+    return best_v, best_i
 
 
 def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: int = 0,
@@ -222,23 +243,24 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
     tc, v, work, dev = h.shape[0], weight.shape[0], h.dtype, h.device
     state = (torch.full((tc,), NEG, dtype=work, device=dev),  # m
              *(torch.zeros(tc, dtype=work, device=dev) for _ in range(3)),  # s, u, total
-             torch.full((tc, k), -math.inf, dtype=work, device=dev),  # best_v: running top-k
-             torch.zeros(tc, k, dtype=torch.long, device=dev),  # best_i
              torch.zeros(tc, dtype=work, device=dev),  # hit
              torch.zeros(tc, dtype=torch.long, device=dev),  # count
              torch.full((tc,), math.inf, dtype=work, device=dev),  # above
              torch.full((tc,), -math.inf, dtype=work, device=dev))  # below
+    best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # the running top-k
+    best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
     full = compiled and tc == token_chunk
     for v0 in range(0, v, vocab_chunk):
         v1 = min(v0 + vocab_chunk, v)
         logits = _tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], softcap)
         if full and v1 - v0 == vocab_chunk:  # v0 as a tensor: one compiled graph for all tiles
-            state = compiled_step(tgt is not None)(logits, *state[:6], torch.tensor(v0, device=dev),
-                                                   tgt, ref, *state[6:])
+            *state, tile_max = compiled_step(tgt is not None)(
+                logits, *state[:4], torch.tensor(v0, device=dev), tgt, ref, *state[4:])
         else:
-            state = _step(logits, *state[:6], v0, tgt, ref, *state[6:])
-    return dict(zip(("m", "s", "u", "total", "best_v", "best_i", "hit", "count", "above",
-                     "below"), state))
+            *state, tile_max = _step(logits, *state[:4], v0, tgt, ref, *state[4:])
+        best_v, best_i = _merge_topk(logits, best_v, best_i, tile_max, v0)
+    return dict(zip(("m", "s", "u", "total", "hit", "count", "above", "below", "best_v",
+                     "best_i"), (*state, best_v, best_i)))
 
 
 _COMPILED: dict[bool, object] = {}
