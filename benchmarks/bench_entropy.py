@@ -13,7 +13,10 @@ and time <= 1.1x the bare matmul.
 The inputs are real: a `--prepare` subprocess runs the model once on the benchmark text and
 saves the final-normed hidden states, the unembedding and the target ids as safetensors; every
 measurement then runs in a fresh process that loads only those, so its peak RSS is the op's own
-(plus the inputs, reported as `loaded_rss_mb`). Long CSV like bench_sinks.py (see README).
+(plus the inputs, reported as `loaded_rss_mb`). The time ratio to the matmul comes from one
+more process that loads the inputs once and runs the providers interleaved (their order
+alternating from repeat to repeat; medians, `time_interleaved_s`), so that the machine's drift
+between processes stays out of it. Long CSV like bench_sinks.py (see README).
 
     python benchmarks/bench_entropy.py --model gemma3-270m --T 512 4096 --out /tmp/bench_entropy.csv
 """
@@ -61,19 +64,21 @@ def prepare(model_name: str, tokens: int, path: Path) -> None:
                "targets": torch.tensor(ids[1:])}, str(path))
 
 
-def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
-    import gc
-
-    import torch
+def load_inputs(path: Path, device: str):
+    """hidden (T, D), weight (V, D), targets (T,) on `device`, paged in."""
     from safetensors.torch import load_file
-
-    from tokenprobe.kernels.linear_entropy import linear_entropy
 
     inputs = {k: v.to(device) for k, v in load_file(str(path)).items()}
     for v in inputs.values():  # page the memory-mapped inputs in before `loaded_rss_mb` (a
         v.sum()                # copy would put them in memory twice and set a false peak)
-    hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
-    cuda = device.startswith("cuda")
+    return inputs["hidden"], inputs["weight"], inputs["targets"]
+
+
+def provider_calls(hidden, weight, targets) -> dict:
+    """Each provider's call on the inputs."""
+    import torch
+
+    from tokenprobe.kernels.linear_entropy import linear_entropy
 
     def materialised():
         logits = hidden @ weight.T  # (T, V)
@@ -93,6 +98,40 @@ def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
                                                         impl="triton"),
     }
     calls["linear_entropy_torch_grad_weight"] = calls["linear_entropy_torch"]
+    return calls
+
+
+def interleaved(providers: list[str], path: Path, repeats: int, device: str) -> dict:
+    """Median seconds of each provider, all in this process, interleaved (the grad provider,
+    which changes the weight, is left out)."""
+    import torch
+
+    hidden, weight, targets = load_inputs(path, device)
+    calls = provider_calls(hidden, weight, targets)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    order = [p for p in providers if not p.endswith("_grad_weight")]
+    times = {p: [] for p in order}
+    with torch.inference_mode():
+        for p in order:  # warm-up
+            calls[p]()
+        sync()
+        for rep in range(repeats):
+            for p in order if rep % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                calls[p]()
+                sync()
+                times[p].append(time.perf_counter() - start)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def measure(provider: str, path: Path, repeats: int, device: str) -> dict:
+    import gc
+
+    import torch
+
+    hidden, weight, targets = load_inputs(path, device)
+    cuda = device.startswith("cuda")
+    calls = provider_calls(hidden, weight, targets)
     grad = provider.endswith("_grad_weight")
     if grad:
         weight.requires_grad_(True)
@@ -153,13 +192,21 @@ def rows_for(results: list[dict], where: str) -> list[list]:
             add("extra_gpu_mb", round(r["peak_gpu_mb"] - r["loaded_gpu_mb"], 3))
         same = {p["provider"]: p for p in results if p.get("model") == r["model"]
                 and p["T"] == r["T"] and "failed" not in p}
+        if "time_interleaved_s" in r:
+            add("time_interleaved_s", round(r["time_interleaved_s"], 6))
         if TIME_BASE in same and r["provider"] != TIME_BASE:
-            add("time_ratio_to_matmul", round(r["time_median_s"] / same[TIME_BASE]["time_median_s"], 4))
+            key = "time_interleaved_s" if "time_interleaved_s" in r else "time_median_s"
+            add("time_ratio_to_matmul", round(r[key] / same[TIME_BASE][key], 4))
         if MEMORY_BASE in same and r["provider"] != MEMORY_BASE:
             base = same[MEMORY_BASE]
             add("extra_rss_ratio_to_materialised",
                 round(extra / max(base["peak_rss_mb"] - base["loaded_rss_mb"], 1e-9), 4))
     return rows
+
+
+def providers_of(args) -> list[str]:
+    return [p for p in args.providers
+            if p != "linear_entropy_triton" or args.device.startswith("cuda")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.prepare, args.T[0], Path(args.inputs))
         Path(args.result).write_text("{}")
         return 0
+    if args.worker == "interleaved":
+        result = interleaved(providers_of(args), Path(args.inputs), args.repeats, args.device)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
     if args.worker:
         result = measure(args.worker, Path(args.inputs), args.repeats, args.device)
         Path(args.result).write_text(json.dumps(result))
         return 0
-    providers = [p for p in args.providers
-                 if p != "linear_entropy_triton" or args.device.startswith("cuda")]
+    providers = providers_of(args)
     where, results = machine(), []
     with tempfile.TemporaryDirectory(prefix="bench_entropy_inputs.") as tmp:
         for model in args.model:
@@ -210,7 +260,15 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"median {r['time_median_s']:.3f} s, extra peak "
                               f"{r['peak_rss_mb'] - r['loaded_rss_mb']:.0f} MB", flush=True)
                     results.append({**r, "model": model, "T": t})
-                    write_csv(rows_for(results, where), Path(args.out))
+                timed, log = worker(["--worker", "interleaved", "--inputs", str(inputs),
+                                     "--repeats", str(args.repeats), "--device", args.device,
+                                     "--providers", *providers], args.timeout)
+                if timed is None:
+                    print(f"interleaved timing FAILED\n{log}", flush=True)
+                for r in results:
+                    if timed and r["model"] == model and r["T"] == t and r["provider"] in timed:
+                        r["time_interleaved_s"] = timed[r["provider"]]
+                write_csv(rows_for(results, where), Path(args.out))
     print(f"\n{where}")
     for r in results:
         if "failed" not in r:
