@@ -341,7 +341,9 @@ def test_embedded_word_logprob_agrees_with_the_token_logprob(fixture, request):
         positions = len(start) - 1 + torch.arange(k)
         token_lp = float(logp[positions, torch.tensor(ids[:k], dtype=torch.long)].sum())
         ext = extension_mass(logp[len(start) + k - 2], vocab.pieces, ids[k - 1])
-        assert byte_lp >= token_lp + ext - 1e-5, n  # float32 logits: sums of ~30 nats agree to ~4e-6
+        # fp32 forwards of different shapes differ by ~5e-7 relative (below): ~1.5e-5 on ~30
+        # nats (1.0e-5 measured on one host; 4e-6 on another)
+        assert byte_lp >= token_lp + ext - 5e-5, n
         covers = bl.cover_encodings(data[skip:n], tok, prune="canonical", vocab=vocab)
         ref = canonical_reference(lm, start, covers)
         canonical = bl.prefix_logprob(lm.model, tok, data[skip:n], prune="canonical",
