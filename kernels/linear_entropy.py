@@ -20,11 +20,13 @@ H = log s - u/s, with no cancellation against a large lse.
 
 The rank is exact in the tiles' own arithmetic: the target's logit is picked out of its tile,
 never taken from a separately rounded dot product. Tiles are compared with an estimate t~ of it
-(computed up front) while the nearest other logits on either side of t~ are tracked; when one
-lies between t~ and the tile's value (a tie at rounding level), the block is recounted against
-the tile's value, whose recomputation is bitwise the same. On the torch path such tokens (about
-one in a thousand in real text) are first taken out and run again on their own, every statistic
-of theirs from that smaller run, so that a near-tie recounts a few rows, not a token chunk.
+(computed up front). On the torch path each tile counts the other logits above t~ + b and above
+t~ - b (b = BAND (|t~| + 1), a few float32 ulps): when the two counts agree and the tile's value
+lies within the band, the first count is exact. Otherwise (a tie at rounding level, about one
+token in a thousand in real text) those tokens are run again by themselves, every statistic of
+theirs from that smaller run, which is recounted against its tiles' own values (bitwise the
+same on recomputation). The Triton kernel tracks the nearest other logits on either side of t~
+instead and recounts its block.
 
 Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (token_chunk x
 vocab_chunk tiles, float32 logits even for bf16/fp16 inputs; the CPU path and CUDA fallback),
@@ -44,6 +46,7 @@ from tokenprobe.kernels.common import IMPLS, NO_FLOAT64, check_impl, resolve_imp
 
 TRITON_MAX_TOPK = 4
 NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
+BAND = 1e-6  # the target-rank band: estimate +- BAND (|estimate| + 1), a few float32 ulps
 
 
 @torch.no_grad()  # a measurement: never a graph, whatever the weight requires
@@ -175,8 +178,8 @@ def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tens
 
 
 def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, v0: int | Tensor,
-          tgt: Tensor | None, ref: Tensor | None, hit: Tensor, count: Tensor, above: Tensor,
-          below: Tensor) -> tuple[Tensor, ...]:
+          tgt: Tensor | None, ref: Tensor | None, hit: Tensor, count: Tensor, near: Tensor
+          ) -> tuple[Tensor, ...]:
     """Fold one (Tc, Vc) tile of logits (vocabulary ids v0..) into the running accumulators;
     returns them updated, in the argument order after `logits` (without v0, tgt, ref), then
     the tile's row max. Pure, so torch.compile can fuse it into a few passes over the tile
@@ -194,12 +197,12 @@ def _step(logits: Tensor, m: Tensor, s: Tensor, u: Tensor, total: Tensor, v0: in
         inside = (tgt >= v0) & (tgt < v0 + vc)
         col = (tgt - v0).clamp(0, vc - 1)[:, None]  # (Tc, 1)
         hit = torch.where(inside, logits.gather(1, col)[:, 0], hit)
-        other = (torch.arange(vc, device=logits.device) + v0)[None, :] != tgt[:, None]
-        gt = (logits > ref[:, None]) & other  # (Tc, Vc)
-        count = count + gt.sum(1)
-        above = torch.minimum(above, torch.where(gt, logits, math.inf).amin(1))
-        below = torch.maximum(below, torch.where(other & ~gt, logits, -math.inf).amax(1))
-    return m_new, s, u, total, hit, count, above, below, tile_max
+        lo, hi = ref[:, 0], ref[:, 1]  # the band around the estimate; lo = hi: exact
+        own = torch.where(inside, logits.gather(1, col)[:, 0], -math.inf)  # the target's value
+        # int32 sums: a bool tensor's default sum converts it to int64 first (3x slower)
+        count = count + (logits > hi[:, None]).sum(1, dtype=torch.int32) - (own > hi).long()
+        near = near + (logits > lo[:, None]).sum(1, dtype=torch.int32) - (own > lo).long()
+    return m_new, s, u, total, hit, count, near, tile_max
 
 
 def _merge_topk(logits: Tensor, best_v: Tensor, best_i: Tensor, tile_max: Tensor, v0: int
@@ -236,7 +239,7 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
         h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         if tgt is not None:
             tgt = torch.cat([tgt, tgt.new_full((pad,), -1)])
-            ref = torch.cat([ref, ref.new_zeros(pad)])
+            ref = torch.cat([ref, ref.new_zeros(pad, 2)])
         return {key: value[:rows] for key, value in _sweep(
             h, weight, bias, softcap, tgt, ref, k, vocab_chunk, token_chunk=token_chunk,
             compiled=True).items()}
@@ -244,9 +247,8 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
     state = (torch.full((tc,), NEG, dtype=work, device=dev),  # m
              *(torch.zeros(tc, dtype=work, device=dev) for _ in range(3)),  # s, u, total
              torch.zeros(tc, dtype=work, device=dev),  # hit
-             torch.zeros(tc, dtype=torch.long, device=dev),  # count
-             torch.full((tc,), math.inf, dtype=work, device=dev),  # above
-             torch.full((tc,), -math.inf, dtype=work, device=dev))  # below
+             torch.zeros(tc, dtype=torch.long, device=dev),  # count: other logits > hi
+             torch.zeros(tc, dtype=torch.long, device=dev))  # near: other logits > lo
     best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # the running top-k
     best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
     full = compiled and tc == token_chunk
@@ -259,8 +261,8 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
         else:
             *state, tile_max = _step(logits, *state[:4], v0, tgt, ref, *state[4:])
         best_v, best_i = _merge_topk(logits, best_v, best_i, tile_max, v0)
-    return dict(zip(("m", "s", "u", "total", "hit", "count", "above", "below", "best_v",
-                     "best_i"), (*state, best_v, best_i)))
+    return dict(zip(("m", "s", "u", "total", "hit", "count", "near", "best_v", "best_i"),
+                    (*state, best_v, best_i)))
 
 
 _COMPILED: dict[bool, object] = {}
@@ -332,18 +334,20 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     work = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     out = {key: torch.empty(t, dtype=work, device=dev)
            for key in ("lse", "entropy", "self_certainty")}
-    side = {key: torch.zeros(t, dtype=work, device=dev) for key in ("hit", "above", "below")}
-    side["count"] = torch.zeros(t, dtype=torch.long, device=dev)  # target-rank bookkeeping
+    side = {"hit": torch.zeros(t, dtype=work, device=dev),  # target-rank bookkeeping
+            **{key: torch.zeros(t, dtype=torch.long, device=dev) for key in ("count", "near")}}
     out["topk_ids"] = torch.empty(t, k, dtype=torch.long, device=dev)
     out["topk_probs"] = torch.empty(t, k, dtype=work, device=dev)
     if targets is not None:
         estimate = _target_estimate(hidden, weight, bias, softcap, targets, work, token_chunk)
+        band = BAND * (estimate.abs() + 1)
+        bounds = torch.stack([estimate - band, estimate + band], 1)  # (T, 2)
     compiled = compile_wanted(hidden.device, work, t, token_chunk)
     if not compiled and compile_eligible(hidden.device, work, t, token_chunk):
         _PLAIN_LOGITS[0] += (t // token_chunk) * token_chunk * (v // vocab_chunk) * vocab_chunk
     for a in range(0, t, token_chunk):
         b = min(a + token_chunk, t)
-        tgt, ref = (targets[a:b], estimate[a:b]) if targets is not None else (None, None)
+        tgt, ref = (targets[a:b], bounds[a:b]) if targets is not None else (None, None)
         acc = _sweep(hidden[a:b].to(work), weight, bias, softcap, tgt, ref, k, vocab_chunk,
                      token_chunk=token_chunk, compiled=compiled)
         log_s = acc["s"].log()
@@ -357,7 +361,10 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     if targets is None:
         return out
     hit, count = side["hit"], side["count"]
-    bad = ~_resolved(estimate, hit, side["above"], side["below"]) & (targets >= 0)
+    # exact when the tile's own value is in the band and no other logit is: then the others
+    # above it are the others above the band's top
+    lo, hi = bounds.unbind(1)
+    bad = ((side["near"] != count) | (hit <= lo) | (hit > hi)) & (targets >= 0)
     if alone and bool(bad.any()):  # a near-tie at rounding level: those tokens by themselves
         rows = bad.nonzero()[:, 0]
         again = _chunked(hidden[rows], weight, bias, softcap, targets[rows], k, token_chunk,
@@ -367,7 +374,7 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
             out[key][rows] = value
         return out
     if bool(bad.any()):  # recount those blocks against the tile value
-        exact = torch.where(targets >= 0, hit, estimate)
+        exact = torch.where(targets >= 0, hit, estimate)[:, None].expand(-1, 2).contiguous()
         for a in range(0, t, token_chunk):
             b = min(a + token_chunk, t)
             if bool(bad[a:b].any()):  # the same tiles again, so the same bits
