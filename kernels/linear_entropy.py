@@ -384,47 +384,8 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     return out | _target_outputs(targets, hit, count, out["lse"])
 
 
-# ----------------------------------------------------------------------------- Triton path
+def _triton(*args):
+    """The Triton launch (its own module, so this one imports without triton)."""
+    from tokenprobe.kernels.linear_entropy_triton import launch
 
-def _triton(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
-    """Launch the kernel (twice in the rare case of a near-tie with the target's logit)."""
-    import triton
-
-    from tokenprobe.kernels.linear_entropy_triton import _kernel
-
-    (t, d), v, dev = hidden.shape, weight.shape[0], hidden.device
-    h, w = hidden.contiguous(), weight.contiguous()
-    f32 = {"dtype": torch.float32, "device": dev}
-    stats = torch.empty(6, t, **f32)  # (6, T): lse, entropy, self_certainty, hit, above, below
-    count = torch.zeros(t, dtype=torch.int32, device=dev)
-    top_p, top_i = torch.empty(t, k, **f32), torch.empty(t, k, dtype=torch.int32, device=dev)
-    if targets is not None:
-        tgt = targets.contiguous()
-        estimate = _target_estimate(hidden, weight, bias, softcap, tgt, torch.float32, 1024)
-    else:
-        tgt, estimate = count, stats[0]  # dummy pointers, never read
-    pow2 = triton.next_power_of_2
-    bt = min(64, max(16, pow2(min(token_chunk, max(t, 1)))))
-    bv = min(128, max(16, pow2(min(vocab_chunk, v))))
-    bd = min(64, max(16, pow2(d)))
-    # The interpreter cannot tl.dot bfloat16 (triton-lang/triton#11584): upcast there only.
-    upcast = (not h.is_cuda and h.dtype != torch.float32) or h.dtype != w.dtype
-
-    def launch(ref: Tensor) -> None:
-        if t:
-            _kernel[(triton.cdiv(t, bt),)](
-                h, w, bias.contiguous() if bias is not None else w, tgt, ref, stats, count,
-                top_p, top_i, t, v, d, float(softcap or 1.0), math.log(v),
-                HAS_BIAS=bias is not None, HAS_CAP=softcap is not None,
-                HAS_TGT=targets is not None, K=k, UPCAST=upcast, BLOCK_T=bt, BLOCK_V=bv,
-                BLOCK_D=bd, num_warps=8 if bt * bv >= 8192 else 4)
-
-    launch(estimate)
-    out = {"lse": stats[0].clone(), "entropy": stats[1].clone(),
-           "self_certainty": stats[2].clone(), "topk_ids": top_i.long(), "topk_probs": top_p}
-    if targets is not None:
-        hit, above, below = stats[3].clone(), stats[4], stats[5]
-        if not bool((_resolved(estimate, hit, above, below) | (tgt < 0)).all()):
-            launch(torch.where(tgt >= 0, hit, estimate))  # recount against the tile values
-        out |= _target_outputs(tgt, hit, count, out["lse"])
-    return out
+    return launch(*args)

@@ -1,7 +1,11 @@
 """The Triton kernel of `linear_entropy` (kernels/linear_entropy.py launches it; CUDA, or CPU
 tensors under TRITON_INTERPRET=1): one program per block of tokens, looping over vocabulary tiles."""
+import math
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from tokenprobe.kernels.triton_common import tanh_cap
 
@@ -99,3 +103,46 @@ def _kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, ref_ptr, stats_ptr, count_ptr, top_p_p
         tl.store(stats_ptr + 4 * T + rows, above, mask=rmask)
         tl.store(stats_ptr + 5 * T + rows, below, mask=rmask)
         tl.store(count_ptr + rows, count, mask=rmask)
+
+
+def launch(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
+    """linear_entropy's "triton" path: launch `_kernel` (twice in the rare case of a near-tie
+    with the target's logit)."""
+    from tokenprobe.kernels.linear_entropy import _resolved, _target_estimate, _target_outputs
+
+    (t, d), v, dev = hidden.shape, weight.shape[0], hidden.device
+    h, w = hidden.contiguous(), weight.contiguous()
+    f32 = {"dtype": torch.float32, "device": dev}
+    stats = torch.empty(6, t, **f32)  # (6, T): lse, entropy, self_certainty, hit, above, below
+    count = torch.zeros(t, dtype=torch.int32, device=dev)
+    top_p, top_i = torch.empty(t, k, **f32), torch.empty(t, k, dtype=torch.int32, device=dev)
+    if targets is not None:
+        tgt = targets.contiguous()
+        estimate = _target_estimate(hidden, weight, bias, softcap, tgt, torch.float32, 1024)
+    else:
+        tgt, estimate = count, stats[0]  # dummy pointers, never read
+    pow2 = triton.next_power_of_2
+    bt = min(64, max(16, pow2(min(token_chunk, max(t, 1)))))
+    bv = min(128, max(16, pow2(min(vocab_chunk, v))))
+    bd = min(64, max(16, pow2(d)))
+    # The interpreter cannot tl.dot bfloat16 (triton-lang/triton#11584): upcast there only.
+    upcast = (not h.is_cuda and h.dtype != torch.float32) or h.dtype != w.dtype
+
+    def run_kernel(ref: Tensor) -> None:
+        if t:
+            _kernel[(triton.cdiv(t, bt),)](
+                h, w, bias.contiguous() if bias is not None else w, tgt, ref, stats, count,
+                top_p, top_i, t, v, d, float(softcap or 1.0), math.log(v),
+                HAS_BIAS=bias is not None, HAS_CAP=softcap is not None,
+                HAS_TGT=targets is not None, K=k, UPCAST=upcast, BLOCK_T=bt, BLOCK_V=bv,
+                BLOCK_D=bd, num_warps=8 if bt * bv >= 8192 else 4)
+
+    run_kernel(estimate)
+    out = {"lse": stats[0].clone(), "entropy": stats[1].clone(),
+           "self_certainty": stats[2].clone(), "topk_ids": top_i.long(), "topk_probs": top_p}
+    if targets is not None:
+        hit, above, below = stats[3].clone(), stats[4], stats[5]
+        if not bool((_resolved(estimate, hit, above, below) | (tgt < 0)).all()):
+            run_kernel(torch.where(tgt >= 0, hit, estimate))  # recount against the tile values
+        out |= _target_outputs(tgt, hit, count, out["lse"])
+    return out
