@@ -173,3 +173,25 @@ def test_batch_medians_are_torch_medians_with_padding_and_nan(lengths):
         torch.testing.assert_close(token[row, :n], a[row, :n].median(-1).values, equal_nan=True)
         torch.testing.assert_close(prompt[row], a[row, :n].median(), equal_nan=True)
     assert prompt.isnan().tolist() == [True, False, False, False, False]
+
+
+def test_kth_smallest_is_the_element_np_partition_picks():
+    """The bracketed selection of the layer medians: the element np.partition puts at k, for
+    heavy-tailed rows with ties, inf and NaN, a constant row, and rows whose strided sample
+    misleads the bracket (every 16th value huge, or all the small values in the sample)."""
+    from tokenprobe.probes.activations import kth_smallest
+
+    g = np.random.default_rng(0)
+    n = 128 * 576
+    rows = [np.abs(g.standard_t(2, n)), np.round(np.abs(g.normal(0, 3, n)), 1),
+            np.full(n, 0.5), np.abs(g.normal(0, 1, n))]
+    rows[0][::997] = np.inf
+    rows[3][:1000] = np.nan
+    fooled = np.abs(g.normal(0, 1, n))
+    fooled[::17] = 1e6  # the sample (every 17th) sees only the huge values
+    low = np.abs(g.normal(0, 1, n)) + 10
+    low[::17] = 0.0  # ... or only the small ones
+    x = np.stack(rows + [fooled, low]).astype(np.float32)
+    for k in ((n - 1) // 2, 0, n - 1, 1234):
+        assert np.array_equal(kth_smallest(x, k), np.partition(x, k, axis=-1)[:, k],
+                              equal_nan=True)
