@@ -43,10 +43,10 @@ import torch
 from torch import Tensor
 
 from tokenprobe.kernels.common import IMPLS, NO_FLOAT64, check_impl, resolve_impl, tanh_cap
+from tokenprobe.kernels.target_rank import BAND, _target_estimate, _target_outputs
 
 TRITON_MAX_TOPK = 4
 NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
-BAND = 1e-6  # the target-rank band: estimate +- BAND (|estimate| + 1), a few float32 ulps
 
 
 @torch.no_grad()  # a measurement: never a graph, whatever the weight requires
@@ -122,13 +122,6 @@ def _check(hidden, weight, bias, softcap, targets, topk, impl, token_chunk, voca
                              f"{int(targets.max())}")
 
 
-def _target_outputs(targets: Tensor, hit: Tensor, count: Tensor, lse: Tensor) -> dict[str, Tensor]:
-    """log p[target] and 1 + count, NaN and 0 where there is no target."""
-    has = targets >= 0
-    return {"target_logprob": torch.where(has, hit - lse, math.nan),
-            "target_rank": torch.where(has, 1 + count.long(), 0)}
-
-
 # ----------------------------------------------------------------------------- reference
 
 def _reference(hidden, weight, bias, softcap, targets, k) -> dict[str, Tensor]:
@@ -151,24 +144,6 @@ def _reference(hidden, weight, bias, softcap, targets, k) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- torch path
-
-def _target_estimate(hidden, weight, bias, softcap, targets, work, chunk) -> Tensor:
-    """(T,) the target logits by separate dot products, the estimate t~ (token 0 where none)."""
-    out = torch.empty(hidden.shape[0], dtype=work, device=hidden.device)
-    for a in range(0, hidden.shape[0], chunk):
-        idx = targets[a:a + chunk].clamp(min=0)
-        t = (hidden[a:a + chunk].to(work) * weight[idx].to(work)).sum(-1)  # (Tc,)
-        if bias is not None:
-            t = t + bias[idx].to(work)
-        out[a:a + chunk] = tanh_cap(t, softcap)
-    return out
-
-
-def _resolved(estimate: Tensor, hit: Tensor, above: Tensor, below: Tensor) -> Tensor:
-    """(T,) True where counting against the estimate t~ equals counting against the tile's value
-    `hit`: no other logit in (t~, hit] (when hit >= t~) or in (hit, t~] (when hit < t~)."""
-    return torch.where(hit >= estimate, above > hit, below <= hit)
-
 
 def _tile(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None) -> Tensor:
     """(Tc, D) x (Vc, D) -> (Tc, Vc) logits in h's (float32 or float64) dtype."""
@@ -260,7 +235,7 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
              torch.zeros(tc, dtype=work, device=dev),  # hit
              torch.zeros(tc, dtype=work, device=dev),  # count: other logits > hi
              torch.zeros(tc, dtype=work, device=dev))  # near: other logits > lo
-    flat = torch.empty(2, tc * min(vocab_chunk, v), dtype=work, device=dev)  # eager scratch
+    flat = None  # the eager step's two scratch tiles, made at its first tile
     best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # the running top-k
     best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
     full = compiled and tc == token_chunk
@@ -271,6 +246,8 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
             *state, tile_max = compiled_step(tgt is not None)(
                 logits, *state[:4], torch.tensor(v0, device=dev), tgt, ref, *state[4:])
         else:
+            if flat is None:
+                flat = torch.empty(2, tc * min(vocab_chunk, v), dtype=work, device=dev)
             scratch = tuple(b[:logits.numel()].view(logits.shape) for b in flat)
             *state, tile_max = _step(logits, *state[:4], v0, tgt, ref, *state[4:], scratch)
         best_v, best_i = _merge_topk(logits, best_v, best_i, tile_max, v0)

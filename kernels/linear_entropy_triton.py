@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tokenprobe.kernels.target_rank import _resolved, _target_estimate, _target_outputs
 from tokenprobe.kernels.triton_common import tanh_cap
 
 
@@ -108,8 +109,6 @@ def _kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, ref_ptr, stats_ptr, count_ptr, top_p_p
 def launch(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk):
     """linear_entropy's "triton" path: launch `_kernel` (twice in the rare case of a near-tie
     with the target's logit)."""
-    from tokenprobe.kernels.linear_entropy import _resolved, _target_estimate, _target_outputs
-
     (t, d), v, dev = hidden.shape, weight.shape[0], hidden.device
     h, w = hidden.contiguous(), weight.contiguous()
     f32 = {"dtype": torch.float32, "device": dev}

@@ -63,8 +63,8 @@ def batch_medians(a: torch.Tensor, lengths: list[int], nan: torch.Tensor
     Returns:
         (B, W) the median over D of each token, (B,) the median over each prompt's real tokens
         and dims; NaN where a NaN is among the values (torch.median's rule). On CPU by
-        np.partition (two threads bought nothing inside the forward: torch's own threads
-        still hold the cores).
+        np.partition per token and `kth_smallest` per prompt (two threads bought nothing
+        inside the forward: torch's own threads still hold the cores).
     """
     if a.device.type != "cpu":
         return a.median(-1).values, torch.stack([a[r, :n].median() for r, n in enumerate(lengths)])

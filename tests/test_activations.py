@@ -178,7 +178,7 @@ def test_batch_medians_are_torch_medians_with_padding_and_nan(lengths):
 def test_kth_smallest_is_the_element_np_partition_picks():
     """The bracketed selection of the layer medians: the element np.partition puts at k, for
     heavy-tailed rows with ties, inf and NaN, a constant row, and rows whose strided sample
-    misleads the bracket (every 16th value huge, or all the small values in the sample)."""
+    misleads the bracket (every 17th value huge, or all the small values in the sample)."""
     from tokenprobe.probes.activations import kth_smallest
 
     g = np.random.default_rng(0)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tokenprobe.kernels.linear_entropy import _resolved, linear_entropy
+from tokenprobe.kernels.linear_entropy import linear_entropy
+from tokenprobe.kernels.target_rank import _resolved
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
