@@ -10,26 +10,40 @@ import pandas as pd
 import torch
 
 
-def value_norms(w_o: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+def head_grams(w_o: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H, Dh, Dh) float32 Gram matrices W_O^(h)T W_O^(h) of the attention output projection
+    w_o (D, H * Dh), per query head: `value_norms`' quadratic forms (they depend only on the
+    weights, so the sinks probe keeps them between batches)."""
+    w = w_o.float().view(w_o.shape[0], heads, -1)  # (D, H, Dh)
+    return torch.einsum("dhi,dhj->hij", w, w)
+
+
+def value_norms(w_o: torch.Tensor, value: torch.Tensor, heads: int,
+                gram: torch.Tensor | None = None) -> torch.Tensor:
     """Guo et al.'s value-state drain: ||W_O^(h) v_t^(h)|| per head and token.
 
     Computed as sqrt(v^T (W_O^(h)T W_O^(h)) v): a (Dh, Dh) Gram matrix per head instead of a
-    projection to the model width, the same number with D / Dh times fewer multiplications.
+    projection to the model width, the same number with D / Dh times fewer multiplications;
+    the query heads sharing a value head in one matrix product (no repeated values).
 
     Args:
         w_o: (D, H * Dh) the attention output projection.
         value: (B, KVH, S, Dh) value states.
         heads: number of query heads H (value head of head h is h // (H / KVH)).
+        gram: `head_grams(w_o, heads)`, if already at hand.
 
     Returns:
         (B, H, S) float32 norms.
     """
     bsz, kvh, s, dh = value.shape
     groups = heads // kvh
-    w = w_o.float().view(-1, heads, dh)  # (D, H, Dh)
-    gram = torch.einsum("dhi,dhj->hij", w, w)  # (H, Dh, Dh)
-    v = value.float().repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-    quad = (torch.matmul(v, gram) * v).sum(-1)  # (B, H, S)
+    gram = head_grams(w_o, heads) if gram is None else gram
+    v = value.float().transpose(0, 1).reshape(kvh, bsz * s, dh)  # (KVH, B S, Dh)
+    # a value head's G query heads side by side: (KVH, Dh, G Dh)
+    side = gram.view(kvh, groups, dh, dh).permute(0, 2, 1, 3).reshape(kvh, dh, groups * dh)
+    vg = torch.bmm(v, side).view(kvh, bsz * s, groups, dh)  # v^T G per query head
+    quad = torch.linalg.vecdot(vg, v[:, :, None])  # (KVH, B S, G)
+    quad = quad.view(kvh, bsz, s, groups).permute(1, 0, 3, 2).reshape(bsz, heads, s)
     return quad.clamp_min(0).sqrt()
 
 

@@ -35,7 +35,8 @@ from tokenprobe.probes.sink_labels import (  # noqa: F401 (re-exported: sink_lev
     centered_cosines, cosines, label_columns, label_notes, lifetimes, nomassive_cosines,
     primary_of, secondary_sinks, sink_columns, sink_levels_of, sink_rows, token_labels)
 from tokenprobe.probes.sink_measures import (  # re-exported: received_per_key, uniform_received
-    RUN_SINK_RATE, received_notes, received_per_key, uniform_received, value_norms)
+    RUN_SINK_RATE, head_grams, received_notes, received_per_key, uniform_received,
+    value_norms)
 from tokenprobe.tables import Column, Table
 
 
@@ -170,7 +171,8 @@ class SinksProbe(Probe):
         k, lengths = self.config.k_pos, self.batch.lengths
         rows, heads = stats["sink_mass"].shape
         width = max(lengths)
-        norms = value_norms(stats["w_o"], stats["value"], heads)[..., :width]  # (B, H, W)
+        norms = value_norms(stats["w_o"], stats["value"], heads,
+                            self._gram(layer, stats["w_o"], heads))[..., :width]  # (B, H, W)
         pos = torch.arange(width, device=norms.device)
         real = pos < torch.tensor(lengths, device=norms.device)[:, None]  # (B, W)
         rest = real & (pos != k)  # the drains' other tokens; none left: 0 / 0 = NaN
@@ -184,6 +186,17 @@ class SinksProbe(Probe):
             self._attn.put(name, layer, (), value, (rows, heads))
         self._attn.put("attn_received", layer, (), received_per_key(
             stats["received"][:, :width], heads, torch.tensor(lengths)), (rows, width))
+
+    def _gram(self, layer: int, w_o: torch.Tensor, heads: int) -> torch.Tensor:
+        """The layer's `head_grams`, computed again only when its W_O is another tensor or was
+        changed in place (its version counter; an inference tensor has none: not kept)."""
+        if w_o.is_inference():
+            return head_grams(w_o, heads)
+        grams = self.__dict__.setdefault("_grams", {})
+        key = (w_o.data_ptr(), w_o._version, w_o.device, w_o.dtype, tuple(w_o.shape))
+        if layer not in grams or grams[layer][0] != key:
+            grams[layer] = (key, head_grams(w_o, heads))
+        return grams[layer][1]
 
     def _residual(self, layer: int, h: torch.Tensor) -> None:
         """Candidate norms and the three cosines, for the rows holding every candidate at once,

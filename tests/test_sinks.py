@@ -85,6 +85,27 @@ def test_sink_at_another_position(tiny_llama):
     check_against_eager(tiny_llama, PROMPTS[::2], batch_size=2, k=2)
 
 
+def test_value_drains_follow_an_output_projection_changed_in_place(tiny_llama):
+    # the probe keeps each layer's W_O Gram matrices between batches and runs; an edit of the
+    # weights in place (an ablation) must reach the drains of the next run
+    model, probe = copy.deepcopy(tiny_llama.model), SinksProbe()
+    prompts = ["The cat sat on the mat.", "A dog ran."]
+
+    def drains():
+        run = tokenprobe.run(model, prompts, [probe], tokenizer=tiny_llama.tokenizer,
+                             progress=False)
+        return run.heads.set_index(["prompt_id", "layer", "head"])[
+            ["value_drain_sink", "value_drain_rest"]]
+
+    before = drains()
+    with torch.no_grad():
+        model.model.layers[-1].self_attn.o_proj.weight.mul_(2)  # the values stay as they were
+    after = drains()
+    last = before.index.get_level_values("layer") == len(model.model.layers) - 1
+    np.testing.assert_allclose(after[last], 2 * before[last], rtol=1e-5)
+    np.testing.assert_array_equal(after[~last], before[~last])
+
+
 def test_sink_rate_summary_counts_heads_over_eps(tiny_gemma3):
     run = tokenprobe.run(tiny_gemma3, PROMPTS, ["sinks"], progress=False)
     summary = run.meta["summary"]["sinks"]
