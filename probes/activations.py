@@ -56,7 +56,7 @@ def batch_medians(a: torch.Tensor, lengths: list[int], nan: torch.Tensor
     """`lower_median`s of a right-padded batch of |h|, as the probe takes them in its hook.
 
     Args:
-        a: (B, W, D) absolute residuals.
+        a: (B, W, D) absolute residuals (>= 0 or NaN), float32 or float64.
         lengths: real tokens per row.
         nan: (B, W) True where a token's values hold a NaN (its max is NaN).
 
@@ -68,14 +68,18 @@ def batch_medians(a: torch.Tensor, lengths: list[int], nan: torch.Tensor
     """
     if a.device.type != "cpu":
         return a.median(-1).values, torch.stack([a[r, :n].median() for r, n in enumerate(lengths)])
-    x, mid = a.detach().numpy(), (a.shape[-1] - 1) // 2
-    token = torch.from_numpy(np.partition(x, mid, axis=-1)[..., mid])
+    values, mid = a.detach().numpy(), (a.shape[-1] - 1) // 2
+    # the values are >= 0 (or NaN, masked below): their bit patterns as signed integers order
+    # as they do, and integers select faster (np.partition: 2.7 vs 3.3 ms a real 8x128 layer)
+    x = values.view(np.int32 if values.dtype == np.float32 else np.int64)
+    token = torch.from_numpy(np.partition(x, mid, axis=-1)[..., mid].view(values.dtype))
     prompt = torch.empty(len(lengths), dtype=a.dtype)
     for n in set(lengths):  # the prompts of one length in one selection (often all of them)
         rows = [r for r, m in enumerate(lengths) if m == n]
         same = x[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else x[rows]
         mid_n = (n * x.shape[-1] - 1) // 2
-        prompt[rows] = torch.from_numpy(kth_smallest(same[:, :n].reshape(len(rows), -1), mid_n))
+        picked = kth_smallest(same[:, :n].reshape(len(rows), -1), mid_n)
+        prompt[rows] = torch.from_numpy(picked.view(values.dtype))
     real = torch.arange(nan.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     return (token.masked_fill(nan, math.nan),
             prompt.masked_fill((nan & real).any(-1), math.nan))

@@ -156,23 +156,26 @@ def test_layer_buffers_fill_per_layer_and_keep_dtypes():
     assert buffers["dim"].dtype == np.int64 and buffers["dim"][2].tolist() == [0, 7]
 
 
-@pytest.mark.parametrize("lengths", [[7, 4, 2, 7, 4], [7, 4, 4, 4, 2]])
-def test_batch_medians_are_torch_medians_with_padding_and_nan(lengths):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lengths", [[7, 4, 2, 7, 4], [7, 4, 4, 4, 2], [130, 3]])
+def test_batch_medians_are_torch_medians_with_padding_and_nan(lengths, dtype):
     """The hook's medians of a right-padded batch: per token and per prompt (its real tokens
     only; prompts of one length together, adjacent or not) the same element as torch.median,
     NaN where a NaN is."""
     from tokenprobe.probes.activations import batch_medians
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(5, 7, 10, generator=g).abs()
+    a = torch.randn(len(lengths), max(lengths), 10, generator=g, dtype=dtype).abs()
     a[0, 2, 3] = float("nan")
     a[1, 5, 0] = float("nan")  # padding: must not touch prompt 1
-    a[2, 1, 4] = float("inf")
+    a[-1, 1, 4] = float("inf")
+    a[0, 6, :3] = 0.0
     token, prompt = batch_medians(a, lengths, a.amax(-1).isnan())
+    assert token.dtype == prompt.dtype == dtype
     for row, n in enumerate(lengths):
         torch.testing.assert_close(token[row, :n], a[row, :n].median(-1).values, equal_nan=True)
         torch.testing.assert_close(prompt[row], a[row, :n].median(), equal_nan=True)
-    assert prompt.isnan().tolist() == [True, False, False, False, False]
+    assert prompt.isnan().tolist() == [True] + [False] * (len(lengths) - 1)
 
 
 def test_kth_smallest_is_the_element_np_partition_picks():
