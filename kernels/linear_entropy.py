@@ -21,12 +21,14 @@ H = log s - u/s, with no cancellation against a large lse.
 The rank is exact in the tiles' own arithmetic: the target's logit is picked out of its tile,
 never taken from a separately rounded dot product. Tiles are compared with an estimate t~ of it
 (computed up front). On the torch path each tile counts the other logits above t~ + b and above
-t~ - b (b = BAND (|t~| + 1), a few float32 ulps): when the two counts agree and the tile's value
-lies within the band, the first count is exact. Otherwise (a tie at rounding level, about one
-token in a thousand in real text) those tokens are run again by themselves, every statistic of
-theirs from that smaller run, which is recounted against its tiles' own values (bitwise the
-same on recomputation). The Triton kernel tracks the nearest other logits on either side of t~
-instead and recounts its block.
+t~ - b (b = BAND (|t~| + 1), about ten float32 ulps; the estimate has been within a quarter of
+it on real text). A tile whose two counts differ by more than its target has other logits in
+the band (a near-tie or an equal unembedding row: 2-4% of real tokens); those few values are
+kept, and after the sweep the ones above the target's tile value are added to the first count,
+which is then exact. A token whose tile value lies outside its band is run again by itself,
+every statistic of it from that smaller run, which is recounted against its tiles' own values
+(bitwise the same on recomputation). The Triton kernel tracks the nearest other logits on
+either side of t~ instead and recounts its block.
 
 Implementations (`impl`): "reference" (full float64 logits; tests only), "torch" (token_chunk x
 vocab_chunk tiles, float32 logits even for bf16/fp16 inputs; the CPU path and CUDA fallback),
@@ -43,7 +45,8 @@ import torch
 from torch import Tensor
 
 from tokenprobe.kernels.common import IMPLS, NO_FLOAT64, check_impl, resolve_impl, tanh_cap
-from tokenprobe.kernels.target_rank import BAND, _target_estimate, _target_outputs
+from tokenprobe.kernels.target_rank import (BAND, _keep_band, _target_estimate,
+                                             _target_outputs)
 
 TRITON_MAX_TOPK = 4
 NEG = -1e30  # finite "minus infinity" for the running max: s * (NEG - m) = 0, never NaN
@@ -239,9 +242,11 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
     best_v = torch.full((tc, k), -math.inf, dtype=work, device=dev)  # the running top-k
     best_i = torch.zeros(tc, k, dtype=torch.long, device=dev)
     full = compiled and tc == token_chunk
+    band = []  # (rows, values): other logits inside their row's band, where a tile had any
     for v0 in range(0, v, vocab_chunk):
         v1 = min(v0 + vocab_chunk, v)
         logits = _tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], softcap)
+        counted = state[5:7]  # count, near before this tile
         if full and v1 - v0 == vocab_chunk:  # v0 as a tensor: one compiled graph for all tiles
             *state, tile_max = compiled_step(tgt is not None)(
                 logits, *state[:4], torch.tensor(v0, device=dev), tgt, ref, *state[4:])
@@ -250,7 +255,12 @@ def _sweep(h, weight, bias, softcap, tgt, ref, k, vocab_chunk, *, token_chunk: i
                 flat = torch.empty(2, tc * min(vocab_chunk, v), dtype=work, device=dev)
             scratch = tuple(b[:logits.numel()].view(logits.shape) for b in flat)
             *state, tile_max = _step(logits, *state[:4], v0, tgt, ref, *state[4:], scratch)
+        if tgt is not None:
+            _keep_band(band, logits, tgt, ref, state[5] - counted[0], state[6] - counted[1])
         best_v, best_i = _merge_topk(logits, best_v, best_i, tile_max, v0)
+    if band:  # count the kept logits above the target's own value: the count is then exact
+        rows, values = (torch.cat(x) for x in zip(*band))
+        state[5] = state[5].index_add(0, rows, (values > state[4][rows]).to(work))
     return dict(zip(("m", "s", "u", "total", "hit", "count", "near", "best_v", "best_i"),
                     (*state, best_v, best_i)))
 
@@ -351,11 +361,11 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     if targets is None:
         return out
     hit, count = side["hit"], side["count"]
-    # exact when the tile's own value is in the band and no other logit is: then the others
-    # above it are the others above the band's top
+    # exact when the tile's own value is in the band: the others above the band's top, plus
+    # those kept from inside it that are above the value (`_keep_band`)
     lo, hi = bounds.unbind(1)
-    bad = ((side["near"] != count) | (hit <= lo) | (hit > hi)) & (targets >= 0)
-    if alone and bool(bad.any()):  # a near-tie at rounding level: those tokens by themselves
+    bad = ((hit <= lo) | (hit > hi)) & (targets >= 0)  # the estimate missed its band
+    if alone and bool(bad.any()):  # those tokens by themselves
         rows = bad.nonzero()[:, 0]
         again = _chunked(hidden[rows], weight, bias, softcap, targets[rows], k, token_chunk,
                          vocab_chunk, alone=False)
