@@ -40,8 +40,9 @@ from tokenprobe.kernels.common import check_impl, resolve_impl, tanh_cap
 
 IMPLS = ("auto", "torch", "flash", "triton", "reference")
 OP = "attention_with_stats"  # its name in the self-check (kernels/selfcheck.py)
-SHORT = 128  # block=None: 32 queries a block up to this many tokens, else 64 (2-core CPU: 32
-# ran 1.2-1.4x faster at T = 64 and 128 and 64 faster from T = 256 on)
+BLOCK = 32  # block=None: queries a block (2-core CPU, interleaved with sdpa: 32 was as fast as
+# 64 or faster at every T from 64 to 8192, 1.1-1.6x less time at T = 128-512; 16 was faster
+# only at T = 64, 1.46x sdpa's time against 1.6x)
 # "auto" on CPU: the blockwise torch path up to this many tokens (about 2x faster than two
 # flash calls at T <= 2048 on 2 cores, even at 8192), flash beyond (never a block of [H, Bq, T]).
 FLASH_FROM = 8192
@@ -66,7 +67,7 @@ def attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         softcap: attention logit soft-capping (Gemma 2), None for none.
         k_pos: key position whose received mass is `sink_mass`.
         gamma: (H,) ZeroTuning factor per head (1 = unchanged), or None.
-        block: queries per block (torch impl); None: 32 up to SHORT tokens, else 64.
+        block: queries per block (torch impl); None: BLOCK.
         impl: "auto", "torch", "flash", "triton" or "reference" ("flash" and "triton" raise
             where they do not apply).
 
@@ -120,7 +121,7 @@ def _mask_block(s: torch.Tensor, mask: torch.Tensor | None, a: int, b: int) -> N
 
 def _blockwise(q, k, v, mask, lengths, *, scaling, softcap, k_pos, gamma, block):
     bsz, heads, t, dh = q.shape
-    block = block or (32 if t <= SHORT else 64)
+    block = block or BLOCK
     kvh = k.shape[1]
     groups = heads // kvh
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -59,8 +59,7 @@ class SinksConfig:
         sink_like_min: this many consecutive layers outside the searched ones with |cos| >
             cos_threshold make a token `sink_like` (table `sink_labels`; tokenprobe's: 5, the
             shortest lifetime Wong et al.'s defaults call secondary).
-        block: queries per block in the attention statistics (None: 32 for prompts up to 128
-            tokens, else 64).
+        block: queries per block in the attention statistics (None: 32).
         impl: attention-statistics implementation ("auto", "torch", "flash", "triton",
             "reference"; see kernels/attention.py).
     """
