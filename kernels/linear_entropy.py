@@ -335,7 +335,7 @@ def _chunked(hidden, weight, bias, softcap, targets, k, token_chunk, vocab_chunk
     out = {key: torch.empty(t, dtype=work, device=dev)
            for key in ("lse", "entropy", "self_certainty")}
     side = {"hit": torch.zeros(t, dtype=work, device=dev),  # target-rank bookkeeping
-            **{key: torch.zeros(t, dtype=torch.long, device=dev) for key in ("count", "near")}}
+            "count": torch.zeros(t, dtype=torch.long, device=dev)}
     out["topk_ids"] = torch.empty(t, k, dtype=torch.long, device=dev)
     out["topk_probs"] = torch.empty(t, k, dtype=work, device=dev)
     if targets is not None:
