@@ -13,6 +13,9 @@ name. Files map to module names through pyproject's `package-dir`. The package f
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,6 +213,25 @@ def test_the_name_check_can_fail(tmp_path):
         "tokenprobe.cli.args imports tokenprobe.cli.gone, which is no module, at "
         f"{tmp_path / 'cli/args.py'}:1",
     ]
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """Started in the clone's root, Python sees the folder kernels/ as a top-level `kernels`,
+    the name of Hugging Face's package that transformers (>= 5.25) imports with its models.
+    There, `import kernels` gives Hugging Face's package and tokenprobe's kernels still load."""
+    code = ("import kernels, transformers.modeling_utils, tokenprobe.kernels.common as ours\n"
+            "print(kernels.__file__); print(ours.__file__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:  # no Hugging Face kernels: a clear error
+        assert done.returncode != 0 and "tokenprobe.kernels" in done.stderr, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    theirs, ours = done.stdout.split()
+    assert Path(theirs).resolve() != ROOT / "kernels" / "__init__.py"
+    assert Path(ours).resolve() == ROOT / "kernels" / "common.py"
 
 
 def bound_names(package: str, source: str) -> set[str]:
