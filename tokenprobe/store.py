@@ -88,13 +88,13 @@ def prompt_tables(tokenizer, rows: list[tuple], doc_ids: list[str | None] | None
         columns=["prompt_id", "text", "n_tokens", "truncated", "first_is_special"])
     if doc_ids is not None:
         prompts["doc_id"] = pd.Series(doc_ids, dtype="string")
-    frames = [token_rows(tokenizer, row[0], row[2]) for row in rows]
+    tokens = token_rows(tokenizer, [(row[0], row[2]) for row in rows])
     if any(start is not None for start in starts):
         prompts["response_start"] = pd.array(starts, dtype="Int64")
-        for frame, start in zip(frames, starts):
-            frame["in_response"] = pd.array(
-                [pd.NA] * len(frame) if start is None else frame.pos >= start, dtype="boolean")
-    tokens = pd.concat(frames, ignore_index=True)
+        tokens["in_response"] = pd.array([
+            pd.NA if start is None else pos >= start
+            for (_, _, ids, *_), start in zip(rows, starts) for pos in range(len(ids))],
+            dtype="boolean")
     return {"prompts": conform("prompts", prompts), "tokens": conform("tokens", tokens)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -64,14 +65,21 @@ def raw_token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return piece
 
 
-def token_rows(tokenizer: PreTrainedTokenizerBase, prompt_id: int, ids: list[int]) -> pd.DataFrame:
-    """The `tokens` rows of one sequence: prompt_id, pos, token_id, token (readable),
-    token_raw (exact), is_special."""
+def token_rows(tokenizer: PreTrainedTokenizerBase, prompts: list[tuple[int, list[int]]]
+               ) -> pd.DataFrame:
+    """The `tokens` rows of sequences given as (prompt_id, token ids), in that order, as one
+    table: prompt_id, pos, token_id, token (readable), token_raw (exact), is_special. Each
+    distinct id is decoded once."""
+    ids = [i for _, seq in prompts for i in seq]
+    raw = {i: raw_token_text(tokenizer, i) for i in set(ids)}
     special = set(tokenizer.all_special_ids)
-    raw = [raw_token_text(tokenizer, i) for i in ids]
-    return pd.DataFrame({"prompt_id": prompt_id, "pos": range(len(ids)), "token_id": ids,
-                         "token": [display_text(t) for t in raw], "token_raw": raw,
-                         "is_special": [i in special for i in ids]})
+    shown = {i: display_text(text) for i, text in raw.items()}
+    lengths = [len(seq) for _, seq in prompts]
+    return pd.DataFrame({
+        "prompt_id": np.repeat(np.array([p for p, _ in prompts], dtype=np.int64), lengths),
+        "pos": np.concatenate([np.arange(n, dtype=np.int64) for n in lengths] or [[]]),
+        "token_id": ids, "token": [shown[i] for i in ids], "token_raw": [raw[i] for i in ids],
+        "is_special": [i in special for i in ids]})
 
 
 def check_nonempty(prompts: list[str], ids: list[int] | None = None) -> None:
