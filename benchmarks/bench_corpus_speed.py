@@ -24,13 +24,18 @@ them interleaved (their order alternating from repeat to repeat) and reports the
 time_ratio_to_plain is the median over repeats of each repeat's ratio (its runs are next to
 each other, so a slow spell of the machine moves both).
 Table building is the time inside the probes' `collect` (the per-batch tables), timed in the
-same runs; `runner_tables` adds the runner's conform / join / merge_parts of those tables.
+same runs; `runner_tables` adds the runner's conform / join / merge_parts of those tables and
+its `prompts` and `tokens` tables (prompt_tables). `finish` is the run's end, once a run
+whatever its size: the run-level statistics and summaries in DuckDB, the run-level columns,
+the parts merged (RunWriter.finish).
 Peak memory: one fresh child process per (setting, provider) runs the provider once over the
 setting's prompts and reports its ru_maxrss (model loading included, the same for both).
 
 Metrics (long CSV, name corpus_speed): seconds, tokens_per_s, time_ratio_to_plain (goal
-1.25), collect_seconds, table_share (collect / run; goal < 0.03), runner_tables_seconds,
-runner_tables_share, peak_rss_mb, rss_loaded_mb, peak_rss_ratio_to_plain.
+1.25), collect_seconds, table_share (collect / run), runner_tables_seconds,
+runner_tables_share, all_tables_share (collect + runner tables, the per-batch table building;
+goal < 0.03), finish_seconds, finish_share, peak_rss_mb, rss_loaded_mb,
+peak_rss_ratio_to_plain.
 
     python benchmarks/bench_corpus_speed.py --repeats 5
 """
@@ -107,12 +112,14 @@ class Setting:
 
 
 def timed_sections() -> dict[str, float]:
-    """Accumulate the seconds spent in the probes' `collect` and in the runner's table
-    assembly (conform, join, merge_parts as the runner calls them) into the returned dict."""
+    """Accumulate the seconds spent in the probes' `collect`, in the runner's table assembly
+    (conform, join, merge_parts and prompt_tables as the runner calls them) and in the run's
+    finish into the returned dict."""
     from tokenprobe import runner
     from tokenprobe.probes import ActivationsProbe, EntropyProbe, SinksProbe
+    from tokenprobe.store import RunWriter
 
-    spent = {"collect": 0.0, "runner_tables": 0.0}
+    spent = {"collect": 0.0, "runner_tables": 0.0, "finish": 0.0}
 
     def wrap(owner, attr: str, section: str) -> None:
         inner = getattr(owner, attr)
@@ -128,8 +135,9 @@ def timed_sections() -> dict[str, float]:
 
     for probe_class in (ActivationsProbe, SinksProbe, EntropyProbe):  # the default suite
         wrap(probe_class, "collect", "collect")
-    for attr in ("conform", "join", "merge_parts"):
+    for attr in ("conform", "join", "merge_parts", "prompt_tables"):
         wrap(runner, attr, "runner_tables")
+    wrap(RunWriter, "finish", "finish")  # calls the store's own merge_parts, not the runner's
     return spent
 
 
@@ -196,6 +204,12 @@ def rows_of(key: str, timing: dict, memory: dict[str, dict], where: str) -> list
     add(RUN, "table_share", shares["collect"], 4)
     add(RUN, "runner_tables_seconds", sections["runner_tables"], 4)
     add(RUN, "runner_tables_share", shares["runner_tables"], 4)
+    add(RUN, "all_tables_share", statistics.median(
+        (c + t) / r for c, t, r in zip(timing["sections"]["collect"],
+                                       timing["sections"]["runner_tables"],
+                                       timing["seconds"][RUN])), 4)
+    add(RUN, "finish_seconds", sections["finish"], 4)
+    add(RUN, "finish_share", shares["finish"], 4)
     add(RUN, "repeats", len(timing["seconds"][RUN]), 0)
     add(COMPILED, "compile_seconds", timing["compile_seconds"], 2)
     return out

@@ -204,3 +204,39 @@ def test_a_shorter_stream_does_not_resume_a_longer_run(tiny_llama, tmp_path):
     with pytest.raises(FileExistsError, match="past the end"):
         tokenprobe.run(tiny_llama, iter(PROMPTS[:4]), [StopAfter(KeyError("x"))], window=2,
                        out=target, progress=False)
+
+
+def test_parts_sql_views_are_private_to_each_instance():
+    """Two PartsSQL open at once (one process database, a connection each) see only their own
+    tables registered from memory."""
+    from tokenprobe.store import PartsSQL
+
+    first = PartsSQL(frames={"tokens": pd.DataFrame({"x": [1, 2]})})
+    second = PartsSQL(frames={"tokens": pd.DataFrame({"x": [10, 20, 30]})})
+    try:
+        assert first.sql("SELECT sum(x) AS s FROM tokens").s.iloc[0] == 3
+        assert second.sql("SELECT sum(x) AS s FROM tokens").s.iloc[0] == 60
+    finally:
+        first.close(), second.close()
+
+
+def test_parts_sql_file_views_do_not_collide(tmp_path):
+    """The same for views over part files: each instance's are temporary, its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenprobe.store import PartsSQL
+
+    paths = []
+    for i, values in enumerate(([1, 2], [10, 20, 30])):
+        paths.append(tmp_path / f"{i}.parquet")
+        pq.write_table(pa.table({"x": values}), paths[-1])
+    first, second = PartsSQL(files={"tokens": [paths[0]]}), PartsSQL(files={"tokens": [paths[1]]})
+    try:
+        assert first.sql("SELECT sum(x) AS s FROM tokens").s.iloc[0] == 3
+        assert second.sql("SELECT sum(x) AS s FROM tokens").s.iloc[0] == 60
+        assert first.columns("tokens") == ["x"]
+    finally:
+        first.close(), second.close()
+    again = PartsSQL(files={"tokens": [paths[1]]})  # a closed instance's views are gone
+    again.close()
