@@ -92,16 +92,14 @@ def prompt_tables(tokenizer, rows: list[tuple], doc_ids: list[str | None] | None
     tokens = token_rows(tokenizer, [(row[0], row[2]) for row in rows])
     if any(start is not None for start in starts):
         prompts["response_start"] = pd.array(starts, dtype="Int64")
-        tokens["in_response"] = pd.array([
-            pd.NA if start is None else pos >= start
-            for (_, _, ids, *_), start in zip(rows, starts) for pos in range(len(ids))],
-            dtype="boolean")
+        start = prompts["response_start"].repeat(prompts["n_tokens"]).array  # per token
+        tokens["in_response"] = pd.array(tokens["pos"].to_numpy() >= start, dtype="boolean")
     return {"prompts": conform("prompts", prompts), "tokens": conform("tokens", tokens)}
 
 
 
 
-_DATABASE: dict[int, object] = {}  # process id -> its in-memory DuckDB database
+_DATABASE: tuple[int, object] | None = None  # (process id, its in-memory DuckDB database)
 _DATABASE_LOCK = threading.Lock()
 
 
@@ -110,12 +108,11 @@ def _database():
     which must not use its parent's)."""
     import duckdb
 
+    global _DATABASE
     with _DATABASE_LOCK:
-        pid = os.getpid()
-        if pid not in _DATABASE:
-            _DATABASE.clear()
-            _DATABASE[pid] = duckdb.connect()
-        return _DATABASE[pid]
+        if _DATABASE is None or _DATABASE[0] != os.getpid():
+            _DATABASE = (os.getpid(), duckdb.connect())
+        return _DATABASE[1]
 
 
 class PartsSQL:

@@ -77,7 +77,7 @@ def token_rows(tokenizer: PreTrainedTokenizerBase, prompts: list[tuple[int, list
     lengths = [len(seq) for _, seq in prompts]
     return pd.DataFrame({
         "prompt_id": np.repeat(np.array([p for p, _ in prompts], dtype=np.int64), lengths),
-        "pos": np.concatenate([np.arange(n, dtype=np.int64) for n in lengths] or [[]]),
+        "pos": [pos for n in lengths for pos in range(n)],
         "token_id": ids, "token": [shown[i] for i in ids], "token_raw": [raw[i] for i in ids],
         "is_special": [i in special for i in ids]})
 
